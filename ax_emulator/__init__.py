@@ -1,0 +1,1 @@
+"""The virtual AX-M1 card: an emulator of the card's runner programs."""

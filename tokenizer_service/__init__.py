@@ -1,0 +1,1 @@
+"""Tokenizer service (:8101) and our tokenizer server speaking the card's protocol."""
