@@ -1,0 +1,409 @@
+"""Our tokenizer server: the card's uid and stateless tokenizer protocols, plus extensions.
+
+    python -m tokenizer_service.server --host 127.0.0.1 --port 12345 --tokenizer DIR_OR_GGUF
+
+One process speaks both stock protocols on the stock paths: a request carrying `uid` (query or
+body) is the session protocol of B runners, one without is the stateless protocol of A runners.
+Bodies are the stock ones; unlike the stock scripts, errors come with a real HTTP status code
+(400, 404, 405, 500) beside the stock `{"error": "..."}` body. Extensions (see docs/design.md):
+`GET /capabilities`, `POST /config`, `POST /tokenize`, `GET /stats`.
+
+Rules this server follows:
+- Prompts are rendered with the tokenizer's chat template and encoded without adding special
+  tokens (the template writes them), as `apply_chat_template(tokenize=True)` does.
+- `/encode` text arrives newline-escaped (tokenizer_service.prompt_escape) and is restored.
+- `diff` assumes the runner holds the conversation so far as the template renders it (the
+  system prompt after `/reset`; after a turn, everything up to the end of the previous reply).
+- `thinking` from `/config` reaches the template as `enable_thinking` only when the template
+  reads that variable; otherwise it is ignored. No `/no_think` suffix is ever added.
+- `/stats`: `prompt_tokens` is the length of the last rendered prompt (all ids), `reply_tokens`
+  the number of ids sent to `/decode` since that `/encode`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from tokenizer_service.conversation import IncrementalDecoder, prefill_diff, strip_think
+from tokenizer_service.prompt_escape import unescape_prompt_line
+
+CAPABILITIES = {
+    "server": "axm1-tokenizer",
+    "newline_escape": "backslash",
+    "controls": ["system_prompt", "thinking", "history"],
+}
+HISTORY_ROLES = ("user", "assistant")
+DEFAULT_SESSION_IDLE_SECONDS = 24 * 3600.0
+# Keep-alive connections idle longer than this are closed, so a vanished client frees its thread.
+CONNECTION_IDLE_SECONDS = 600
+
+
+class ApiError(Exception):
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def load_tokenizer(source: Path) -> Any:
+    """A transformers tokenizer from a tokenizer folder or a .gguf file (local files only)."""
+    from transformers import AutoTokenizer  # slow import: only where it is needed
+
+    if source.is_file():
+        return AutoTokenizer.from_pretrained(
+            str(source.parent), gguf_file=source.name, local_files_only=True
+        )
+    return AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+
+
+class ChatTokenizer:
+    """The transformers tokenizer behind one lock.
+
+    Fast tokenizers are not safe to call from several threads at once ("Already borrowed"),
+    and each call takes well under a millisecond, so serializing them costs nothing.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._lock = threading.Lock()
+        template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+        self.has_thinking_switch = "enable_thinking" in template
+
+    @property
+    def bos_id(self) -> int:
+        return -1 if self._tokenizer.bos_token_id is None else self._tokenizer.bos_token_id
+
+    @property
+    def eos_id(self) -> int:
+        return -1 if self._tokenizer.eos_token_id is None else self._tokenizer.eos_token_id
+
+    def render(self, messages: list[dict[str, str]], generation_prompt: bool, thinking: bool | None) -> list[int]:
+        """Ids of `messages` rendered with the chat template ([] for no messages)."""
+        if not messages:
+            return []
+        extra = {}
+        if thinking is not None and self.has_thinking_switch:
+            extra["enable_thinking"] = thinking
+        with self._lock:
+            text = self._tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=generation_prompt, **extra
+            )
+            return self._tokenizer.encode(text, add_special_tokens=False)
+
+    def encode_plain(self, text: str) -> list[int]:
+        with self._lock:
+            return self._tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        with self._lock:
+            return self._tokenizer.decode(ids)
+
+
+@dataclass
+class Controls:
+    """What the daemon set through `/config`; shared by all sessions of this server."""
+
+    system_prompt: str | None = None
+    thinking: bool | None = None
+    pending_history: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class Session:
+    """One runner conversation (uid protocol). Touch only while holding `lock`."""
+
+    decoder: IncrementalDecoder
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    messages: list[dict[str, str]] = field(default_factory=list)
+    held_ids: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class TokenizerServer:
+    """The protocol logic, independent of HTTP: each method answers one route."""
+
+    def __init__(self, tokenizer: ChatTokenizer, session_idle_seconds: float) -> None:
+        self.tokenizer = tokenizer
+        self.session_idle_seconds = session_idle_seconds
+        self.controls = Controls()
+        self._controls_lock = threading.Lock()
+        self._sessions: dict[str, Session] = {}
+        self._sessions_lock = threading.Lock()
+
+    # -- sessions --------------------------------------------------------------------------
+
+    def _forget_idle_sessions(self, now: float) -> None:
+        """Free sessions unused for too long (called with _sessions_lock held)."""
+        expired = [uid for uid, s in self._sessions.items() if now - s.last_used > self.session_idle_seconds]
+        for uid in expired:
+            del self._sessions[uid]
+
+    def new_session(self) -> str:
+        uid = str(uuid.uuid4())
+        now = time.monotonic()
+        with self._sessions_lock:
+            self._forget_idle_sessions(now)
+            self._sessions[uid] = Session(decoder=IncrementalDecoder(self.tokenizer.decode), last_used=now)
+        return uid
+
+    def session(self, uid: Any) -> Session:
+        now = time.monotonic()
+        with self._sessions_lock:
+            self._forget_idle_sessions(now)
+            found = self._sessions.get(uid) if isinstance(uid, str) else None
+            if found is None:
+                raise ApiError(HTTPStatus.NOT_FOUND, f"unknown uid: {uid}")
+            found.last_used = now
+            return found
+
+    def session_count(self) -> int:
+        with self._sessions_lock:
+            return len(self._sessions)
+
+    def _take_controls(self) -> tuple[bool | None, list[dict[str, str]]]:
+        """The thinking switch, and the pending history (handed out once)."""
+        with self._controls_lock:
+            history, self.controls.pending_history = self.controls.pending_history, []
+            return self.controls.thinking, history
+
+    # -- uid protocol ----------------------------------------------------------------------
+
+    def reset(self, uid: Any, system_prompt: str | None) -> list[int]:
+        session = self.session(uid)
+        with self._controls_lock:
+            system_prompt = self.controls.system_prompt if self.controls.system_prompt is not None else system_prompt
+            thinking = self.controls.thinking
+        with session.lock:
+            session.messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+            session.held_ids = self.tokenizer.render(session.messages, generation_prompt=False, thinking=thinking)
+            session.decoder = IncrementalDecoder(self.tokenizer.decode)
+            session.prompt_tokens = 0
+            return list(session.held_ids)
+
+    def encode_turn(self, uid: Any, text: str, last_reply: str | None) -> tuple[list[int], list[int]]:
+        session = self.session(uid)
+        thinking, history = self._take_controls()
+        with session.lock:
+            if last_reply is not None:
+                session.messages.append({"role": "assistant", "content": strip_think(last_reply)})
+                session.held_ids = self.tokenizer.render(session.messages, generation_prompt=False, thinking=thinking)
+            if history:
+                system_count = sum(1 for m in session.messages[:1] if m["role"] == "system")
+                session.messages[system_count:system_count] = history
+            session.messages.append({"role": "user", "content": unescape_prompt_line(text)})
+            all_ids = self.tokenizer.render(session.messages, generation_prompt=True, thinking=thinking)
+            diff = prefill_diff(all_ids, session.held_ids)
+            session.held_ids = all_ids
+            session.decoder = IncrementalDecoder(self.tokenizer.decode)
+            session.prompt_tokens = len(all_ids)
+            return all_ids, diff
+
+    def decode_turn(self, uid: Any, ids: list[int]) -> str:
+        session = self.session(uid)
+        with session.lock:
+            return session.decoder.push(ids)
+
+    def stats(self, uid: Any) -> dict[str, int]:
+        session = self.session(uid)
+        with session.lock:
+            return {"prompt_tokens": session.prompt_tokens, "reply_tokens": session.decoder.token_count}
+
+    # -- stateless protocol ----------------------------------------------------------------
+
+    def encode_stateless(self, text: str) -> list[int]:
+        with self._controls_lock:
+            system_prompt, thinking = self.controls.system_prompt, self.controls.thinking
+        messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+        messages.append({"role": "user", "content": unescape_prompt_line(text)})
+        return self.tokenizer.render(messages, generation_prompt=True, thinking=thinking)
+
+    # -- extensions ------------------------------------------------------------------------
+
+    def configure(self, body: dict[str, Any]) -> None:
+        """Apply `/config`: keys present change, keys absent stay (null clears a setting)."""
+        updates: dict[str, Any] = {}
+        if "system_prompt" in body:
+            updates["system_prompt"] = optional_field(body, "system_prompt", str)
+        if "thinking" in body:
+            updates["thinking"] = optional_field(body, "thinking", bool)
+        if "history" in body:
+            updates["pending_history"] = parse_history(body["history"])
+        with self._controls_lock:
+            for name, value in updates.items():
+                setattr(self.controls, name, value)
+
+
+def required_field(body: dict[str, Any], name: str, kind: type) -> Any:
+    if name not in body:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"missing field: {name}")
+    return optional_field(body, name, kind)
+
+
+def optional_field(body: dict[str, Any], name: str, kind: type) -> Any:
+    value = body.get(name)
+    if value is not None and not isinstance(value, kind):
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"field {name} must be {kind.__name__}")
+    return value
+
+
+def token_ids_field(body: dict[str, Any]) -> list[int]:
+    ids = required_field(body, "token_ids", list)
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ApiError(HTTPStatus.BAD_REQUEST, "token_ids must be a list of non-negative integers")
+    return ids
+
+
+def parse_history(value: Any) -> list[dict[str, str]]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ApiError(HTTPStatus.BAD_REQUEST, "history must be a list of {role, content}")
+    history = []
+    for item in value:
+        if not (isinstance(item, dict) and item.get("role") in HISTORY_ROLES and isinstance(item.get("content"), str)):
+            raise ApiError(
+                HTTPStatus.BAD_REQUEST,
+                f"history items must be {{role: {'|'.join(HISTORY_ROLES)}, content: str}} "
+                "(the system prompt goes in system_prompt)",
+            )
+        history.append({"role": item["role"], "content": item["content"]})
+    return history
+
+
+class RequestHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = CONNECTION_IDLE_SECONDS
+    server: "HTTPTokenizerServer"
+
+    def do_GET(self) -> None:
+        self._answer("GET")
+
+    def do_POST(self) -> None:
+        self._answer("POST")
+
+    def _answer(self, method: str) -> None:
+        url = urlsplit(self.path)
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        try:
+            body = self._read_body() if method == "POST" else {}
+            reply = self._route(method, url.path, query, body)
+            status = HTTPStatus.OK
+        except ApiError as exc:
+            status, reply = exc.status, {"error": exc.message}
+        except Exception as exc:  # a bug or a template failure: answer, keep serving
+            status, reply = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(exc).__name__}: {exc}"}
+        self._send(status, reply)
+
+    def _read_body(self) -> dict[str, Any]:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length > 0 else b""
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError as exc:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"invalid JSON body: {exc}") from None
+        if not isinstance(body, dict):
+            raise ApiError(HTTPStatus.BAD_REQUEST, "the JSON body must be an object")
+        return body
+
+    def _route(self, method: str, path: str, query: dict[str, str], body: dict[str, Any]) -> dict[str, Any]:
+        app = self.server.app
+        get_routes = {"/get_uid", "/bos_id", "/eos_id", "/capabilities", "/stats"}
+        post_routes = {"/reset", "/encode", "/decode", "/config", "/tokenize"}
+        if path not in get_routes | post_routes:
+            raise ApiError(HTTPStatus.NOT_FOUND, f"unknown path: {path}")
+        if (method == "GET") != (path in get_routes):
+            raise ApiError(HTTPStatus.METHOD_NOT_ALLOWED, f"{path} does not accept {method}")
+        uid = query.get("uid", body.get("uid"))
+        if path == "/get_uid":
+            return {"uid": app.new_session()}
+        if path in ("/bos_id", "/eos_id"):
+            if uid is not None:
+                app.session(uid)
+            key = path[1:]
+            return {key: app.tokenizer.bos_id if key == "bos_id" else app.tokenizer.eos_id}
+        if path == "/capabilities":
+            return CAPABILITIES
+        if path == "/stats":
+            return app.stats(uid)
+        if path == "/reset":
+            return {"token_ids": app.reset(uid, optional_field(body, "system_prompt", str))}
+        if path == "/encode":
+            text = required_field(body, "text", str)
+            if uid is None:
+                return {"token_ids": app.encode_stateless(text)}
+            # img_prompt is accepted and ignored: this server serves text-only models.
+            all_ids, diff = app.encode_turn(uid, text, optional_field(body, "last_reply", str))
+            return {"token_ids": all_ids, "diff": diff}
+        if path == "/decode":
+            ids = token_ids_field(body)
+            return {"text": app.tokenizer.decode(ids) if uid is None else app.decode_turn(uid, ids)}
+        if path == "/config":
+            app.configure(body)
+            return {"ok": True}
+        return {"token_ids": app.tokenizer.encode_plain(required_field(body, "text", str))}  # /tokenize
+
+    def _send(self, status: HTTPStatus, reply: dict[str, Any]) -> None:
+        payload = json.dumps(reply).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        # A runner decodes every 3 tokens: log failures only, not the stream of successes.
+        if isinstance(code, int) and code >= 400:
+            super().log_request(code, size)
+
+
+class HTTPTokenizerServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], app: TokenizerServer) -> None:
+        self.app = app
+        super().__init__(address, RequestHandler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Tokenizer server for AX-M1 runners (uid and stateless protocols).")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=12345)
+    parser.add_argument("--tokenizer", type=Path, required=True, help="tokenizer folder or .gguf file")
+    parser.add_argument(
+        "--session-idle-seconds",
+        type=float,
+        default=DEFAULT_SESSION_IDLE_SECONDS,
+        help="free a uid session unused for this long (default: %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    if not args.tokenizer.exists():
+        print(f"tokenizer not found: {args.tokenizer}", file=sys.stderr)
+        return 2
+    app = TokenizerServer(ChatTokenizer(load_tokenizer(args.tokenizer)), args.session_idle_seconds)
+    try:
+        httpd = HTTPTokenizerServer((args.host, args.port), app)
+    except OSError as exc:
+        print(f"cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    print(f"Server running at http://{args.host}:{args.port}", flush=True)
+    with httpd:
+        try:
+            httpd.serve_forever()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
