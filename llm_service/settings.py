@@ -1,0 +1,171 @@
+"""The daemon's configuration: CLI flags > environment (`AXM1_*`) > config file > defaults.
+
+The config file (TOML or YAML, chosen by its suffix) is named by `--config` or `AXM1_CONFIG`;
+its keys are the field names below, at the top level. Unknown keys in the file are errors, so a
+typo does not silently fall back to a default.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+class ConfigFileSource(PydanticBaseSettingsSource):
+    """Values from the TOML/YAML file named by the `config` init value or `<prefix>CONFIG`.
+
+    The path is only known when the settings are built, so it is looked up at call time.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], init_kwargs: dict[str, Any]):
+        super().__init__(settings_cls)
+        self.init_kwargs = init_kwargs
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        # Unused: __call__ returns the whole file at once.
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        prefix = self.settings_cls.model_config.get("env_prefix", "")
+        path = self.init_kwargs.get("config") or os.environ.get(f"{prefix}CONFIG")
+        if not path:
+            return {}
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file not found: {path}")
+        if path.suffix == ".toml":
+            return TomlConfigSettingsSource(self.settings_cls, toml_file=path)()
+        if path.suffix in (".yaml", ".yml"):
+            return YamlConfigSettingsSource(self.settings_cls, yaml_file=path)()
+        raise ValueError(f"config file must end in .toml, .yaml or .yml: {path}")
+
+
+class FileConfiguredSettings(BaseSettings):
+    """Base for settings that read an optional config file between the environment and defaults."""
+
+    config: Path | None = Field(
+        None, description="TOML or YAML file with settings (keys are the field names)"
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        init_kwargs = getattr(init_settings, "init_kwargs", {})
+        return init_settings, env_settings, ConfigFileSource(settings_cls, init_kwargs)
+
+    @field_validator("log_level", mode="before", check_fields=False)
+    @classmethod
+    def _known_log_level(cls, value: str) -> str:
+        value = str(value).lower()
+        if value not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return value
+
+
+def _empty_is_none(value: Any) -> Any:
+    return None if value == "" else value
+
+
+class DaemonSettings(FileConfiguredSettings):
+    model_config = SettingsConfigDict(env_prefix="AXM1_", extra="forbid")
+
+    host: str = Field(
+        "127.0.0.1",
+        description="address to listen on; 0.0.0.0 exposes the API to the network (set api_keys)",
+    )
+    port: int = Field(11535, ge=1, le=65535, description="port of the Ollama and OpenAI APIs")
+    descriptor: Path = Field(
+        Path("model/model-descriptor.json"),
+        description="model descriptor (JSON list of models); re-read when it changes",
+    )
+    metrics_dir: Path | None = Field(
+        Path("metrics"),
+        description="folder for the .prom files of node_exporter's textfile collector; empty disables",
+    )
+    tokenizer_service_url: str | None = Field(
+        None,
+        description="URL of a separate tokenizer service; unset = serve runs it in-process",
+    )
+    tokenizer_service_port: int = Field(
+        8101, ge=1, le=65535, description="port of the in-process tokenizer service (loopback)"
+    )
+    queue_size: int = Field(512, ge=1, description="pending requests per model before 503")
+    request_deadline_s: float = Field(
+        600, gt=0, description="a request fails after this long, queueing included"
+    )
+    load_stall_timeout_s: float = Field(
+        60, gt=0, description="a model load fails when it shows no progress for this long"
+    )
+    load_timeout_cap_s: float = Field(300, gt=0, description="upper bound on one model load")
+    tokenizer_timeout_s: float = Field(
+        60, gt=0, description="time for a model's tokenizer server to answer after its start"
+    )
+    hang_timeout_s: float = Field(
+        60, gt=0, description="a generation with no runner output for this long is a hang"
+    )
+    stop_grace_s: float = Field(
+        5, ge=0, description="wait after quit and after SIGTERM before the next, harder stop"
+    )
+    backoff_min_s: float = Field(1, ge=0, description="first delay before restarting a runner")
+    backoff_max_s: float = Field(60, ge=0, description="longest delay between runner restarts")
+    default_keep_alive: str = Field(
+        "5m", description="how long an idle model stays loaded (Ollama keep_alive syntax)"
+    )
+    npu_memory_mb: int = Field(
+        7040, ge=1, description="NPU memory (CMM) the loaded models may use together, in MiB"
+    )
+    descriptor_poll_s: float = Field(
+        2, gt=0, description="how often the descriptor file is checked for changes"
+    )
+    log_level: str = Field("info", description=f"one of {', '.join(LOG_LEVELS)}")
+    log_format: Literal["plain", "json"] = Field(
+        "plain", description="plain text or one JSON object per line"
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="accepted Bearer keys, comma-separated; empty = no authentication",
+    )
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1, description="largest request body accepted (413 beyond)"
+    )
+    max_prompt_chars: int = Field(
+        200_000, ge=1, description="largest prompt, all messages together, in characters"
+    )
+    runner_log_lines: int = Field(
+        500, ge=1, description="runner output lines kept per model for status and errors"
+    )
+
+    _empty_paths_are_none = field_validator("metrics_dir", "tokenizer_service_url", mode="before")(
+        _empty_is_none
+    )
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _backoff_in_order(self) -> DaemonSettings:
+        if self.backoff_max_s < self.backoff_min_s:
+            raise ValueError("backoff_max_s must not be below backoff_min_s")
+        return self

@@ -1,0 +1,47 @@
+"""Configuration of the tokenizer service (:8101): flags > environment > config file > defaults.
+
+Environment names start with `AXM1_TOKENIZER_SERVICE_`, so `AXM1_TOKENIZER_SERVICE_PORT` means
+the same port to the daemon (its `tokenizer_service_port`) and to this service.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from llm_service.settings import LOG_LEVELS, FileConfiguredSettings
+
+
+class TokenizerServiceSettings(FileConfiguredSettings):
+    model_config = SettingsConfigDict(env_prefix="AXM1_TOKENIZER_SERVICE_", extra="forbid")
+
+    host: str = Field(
+        "127.0.0.1", description="address to listen on; the service must stay on loopback"
+    )
+    port: int = Field(8101, ge=1, le=65535, description="port of the tokenizer service")
+    python: str = Field(
+        sys.executable,
+        description="Python interpreter that runs each model's tokenizer script "
+        "(needs transformers)",
+    )
+    session_idle_s: float = Field(
+        24 * 3600.0, gt=0, description="a tokenizer server frees a uid session unused for this long"
+    )
+    restart_backoff_min_s: float = Field(
+        1, ge=0, description="first delay before restarting a tokenizer server that exited"
+    )
+    restart_backoff_max_s: float = Field(
+        30, ge=0, description="longest delay between restarts of a tokenizer server"
+    )
+    log_level: str = Field("info", description=f"one of {', '.join(LOG_LEVELS)}")
+    log_format: Literal["plain", "json"] = Field(
+        "plain", description="plain text or one JSON object per line"
+    )
+
+    @model_validator(mode="after")
+    def _backoff_in_order(self) -> TokenizerServiceSettings:
+        if self.restart_backoff_max_s < self.restart_backoff_min_s:
+            raise ValueError("restart_backoff_max_s must not be below restart_backoff_min_s")
+        return self
