@@ -1,0 +1,286 @@
+"""The `axm1-llm` command: `serve`, `tokenizer-service` and `status`.
+
+Every settings field is a flag (`queue_size` is `--queue-size`). A flag overrides the environment,
+which overrides the config file, which overrides the default; only flags actually given are
+passed on, so the lower layers stay visible.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, get_args
+
+import httpx
+import pydantic
+import uvicorn
+from pydantic_settings import BaseSettings
+
+from llm_service.logging_setup import configure_logging
+from llm_service.settings import DaemonSettings
+from tokenizer_service.settings import TokenizerServiceSettings
+
+DEFAULT_URL = "http://127.0.0.1:11535"
+
+
+def _flag(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def add_settings_flags(parser: argparse.ArgumentParser, settings_cls: type[BaseSettings]) -> None:
+    """One flag per field; its help names the environment variable and the default."""
+    env_prefix = settings_cls.model_config.get("env_prefix", "")
+    for name, field in settings_cls.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, list):
+            default = ",".join(default)
+        shown_default = "unset" if default in (None, "") else default
+        choices = get_args(field.annotation) if name == "log_format" else None
+        parser.add_argument(
+            _flag(name),
+            dest=name,
+            default=argparse.SUPPRESS,  # absent flags must not hide env or file values
+            choices=choices or None,
+            metavar=name.upper() if not choices else None,
+            help=f"{field.description} [env {env_prefix}{name.upper()}; default: {shown_default}]",
+        )
+
+
+def _describe_error(error: Any) -> str:
+    if not error["loc"]:
+        return error["msg"]
+    name = str(error["loc"][0])
+    if error["type"] == "extra_forbidden":  # only a config file can hold unknown names
+        return f"unknown setting {name!r} in the config file"
+    return f"{_flag(name)}: {error['msg']}"
+
+
+def fail(parser: argparse.ArgumentParser, message: str) -> None:
+    """A usage error without the (long) usage text: exit status 2."""
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
+def build_settings(
+    parser: argparse.ArgumentParser, settings_cls: type[BaseSettings], args: argparse.Namespace
+) -> Any:
+    """Settings from the flags given (plus env, file, defaults); a bad value is a usage error."""
+    given = {name: value for name, value in vars(args).items() if name in settings_cls.model_fields}
+    try:
+        return settings_cls(**given)
+    except pydantic.ValidationError as exc:
+        fail(parser, "; ".join(_describe_error(err) for err in exc.errors()))
+    except ValueError as exc:  # the config file itself: missing, or of an unknown kind
+        fail(parser, str(exc))
+
+
+def _uvicorn_server(app: Any, host: str, port: int, log_level: str) -> uvicorn.Server:
+    # log_config=None: uvicorn's loggers go through configure_logging's handler.
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level=log_level)
+    return uvicorn.Server(config)
+
+
+async def _serve_in_order(servers: list[uvicorn.Server]) -> None:
+    """Start each server once the one before it listens; stop them in reverse order.
+
+    The reverse order comes from uvicorn itself: each server saves the signal handlers it
+    replaces and re-raises a caught signal into them when it has shut down, so SIGTERM stops
+    the daemon first (which stops its runners) and then the tokenizer service.
+    """
+    tasks = []
+    for server in servers:
+        task = asyncio.create_task(server.serve())
+        while not server.started:
+            if task.done():
+                await task  # failed to start: uvicorn has logged why and raises SystemExit
+                return
+            await asyncio.sleep(0.05)
+        tasks.append(task)
+    await asyncio.gather(*tasks)
+
+
+def _tokenizer_app(settings: TokenizerServiceSettings) -> Any:
+    from tokenizer_service.service import create_app
+
+    return create_app(settings)
+
+
+def cmd_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    settings: DaemonSettings = build_settings(parser, DaemonSettings, args)
+    if not settings.descriptor.is_file():
+        fail(
+            parser,
+            f"model descriptor not found: {settings.descriptor} "
+            "(give --descriptor or AXM1_DESCRIPTOR, or create the file)"
+        )
+    configure_logging(settings.log_level, settings.log_format)
+    from llm_service.app import create_app  # the app imports the engines; --help stays fast
+
+    servers = []
+    if settings.tokenizer_service_url is None:
+        tokenizer_settings = TokenizerServiceSettings(
+            port=settings.tokenizer_service_port,
+            log_level=settings.log_level,
+            log_format=settings.log_format,
+        )
+        servers.append(
+            _uvicorn_server(
+                _tokenizer_app(tokenizer_settings), "127.0.0.1", tokenizer_settings.port,
+                settings.log_level,
+            )
+        )
+    servers.append(
+        _uvicorn_server(create_app(settings), settings.host, settings.port, settings.log_level)
+    )
+    asyncio.run(_serve_in_order(servers))
+    return 0
+
+
+def cmd_tokenizer_service(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    settings: TokenizerServiceSettings = build_settings(parser, TokenizerServiceSettings, args)
+    configure_logging(settings.log_level, settings.log_format)
+    server = _uvicorn_server(_tokenizer_app(settings), settings.host, settings.port, settings.log_level)
+    asyncio.run(_serve_in_order([server]))
+    return 0
+
+
+def _age(value: Any) -> str:
+    """`since` as an age: epoch seconds become "42s ago"; other forms are shown as they are."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = max(0, int(time.time() - value))
+        for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+            if seconds >= size:
+                return f"{seconds // size}{unit} ago"
+        return f"{seconds}s ago"
+    return "-" if value in (None, "") else str(value)
+
+
+def _progress(value: Any) -> str:
+    if isinstance(value, dict):
+        step, total = value.get("step", value.get("done")), value.get("total")
+        if step is not None and total:
+            return f"{step}/{total}"
+        return _compact(value)
+    if isinstance(value, float) and 0 <= value <= 1:
+        return f"{value:.0%}"
+    return "-" if value is None else str(value)
+
+
+def _compact(value: Any) -> str:
+    if isinstance(value, dict):
+        return " ".join(f"{k}={v}" for k, v in value.items() if not isinstance(v, (dict, list))) or "-"
+    return "-" if value in (None, "") else str(value)
+
+
+def _context(value: Any) -> str:
+    if isinstance(value, dict):
+        used = value.get("used", value.get("precompute_len"))
+        limit = value.get("max", value.get("limit", value.get("max_tokens")))
+        if used is not None and limit:
+            return f"{used}/{limit}"
+    return _compact(value)
+
+
+def _queue(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("length", "-"))
+    return _compact(value)
+
+
+def _shorten(text: Any, width: int = 60) -> str:
+    text = _compact(text).replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def status_table(status: dict[str, Any]) -> str:
+    """The `/api/status` reply as a table for a person; missing keys show as `-`."""
+    header = ("MODEL", "STATE", "SINCE", "PROGRESS", "QUEUE", "CONTEXT", "RESTARTS", "LAST ERROR")
+    rows = [header]
+    for model in status.get("models") or []:
+        rows.append(
+            (
+                str(model.get("name", "?")),
+                str(model.get("state", "?")),
+                _age(model.get("since")),
+                _progress(model.get("progress")),
+                _queue(model.get("queue")),
+                _context(model.get("context")),
+                str(model.get("restarts", "-")),
+                _shorten(model.get("last_error")),
+            )
+        )
+    if len(rows) == 1:
+        return "no models configured"
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1]
+        for row in rows
+    ).rstrip()
+
+
+def cmd_status(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    keys = [k.strip() for k in os.environ.get("AXM1_API_KEYS", "").split(",") if k.strip()]
+    api_key = args.api_key or (keys[0] if keys else None)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    url = args.url.rstrip("/") + "/api/status"
+    try:
+        reply = httpx.get(url, headers=headers, timeout=args.timeout)
+    except httpx.HTTPError as exc:
+        print(f"axm1-llm status: cannot reach {url}: {exc}", file=sys.stderr)
+        return 1
+    if reply.status_code != 200:
+        print(f"axm1-llm status: {url} answered {reply.status_code}: {reply.text.strip()}", file=sys.stderr)
+        return 1
+    print(status_table(reply.json()))
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="axm1-llm",
+        description="LLM server for the Axera AX-M1 NPU card (Ollama and OpenAI APIs).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the daemon (and, unless tokenizer_service_url is set, the tokenizer service)",
+        description="Run the daemon. Flags override AXM1_* environment variables, which "
+        "override the config file (--config / AXM1_CONFIG, TOML or YAML), which overrides "
+        "the defaults.",
+    )
+    add_settings_flags(serve, DaemonSettings)
+    serve.set_defaults(handler=cmd_serve, command_parser=serve)
+
+    tokenizer = commands.add_parser(
+        "tokenizer-service",
+        help="run the tokenizer service alone (for a separate container or unit)",
+        description="Run the tokenizer service alone. Environment: AXM1_TOKENIZER_SERVICE_*.",
+    )
+    add_settings_flags(tokenizer, TokenizerServiceSettings)
+    tokenizer.set_defaults(handler=cmd_tokenizer_service, command_parser=tokenizer)
+
+    status = commands.add_parser("status", help="show each model's state from a running daemon")
+    status.add_argument("--url", default=DEFAULT_URL, help="daemon address (default: %(default)s)")
+    status.add_argument(
+        "--api-key", help="Bearer key (default: the first of AXM1_API_KEYS, if set)"
+    )
+    status.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds to wait (default: %(default)s)"
+    )
+    status.set_defaults(handler=cmd_status, command_parser=status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.handler(args.command_parser, args)
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after a clean shutdown
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""API keys and request body limits, as pure ASGI middleware.
+
+Pure ASGI rather than Starlette's BaseHTTPMiddleware, which runs the app in a separate task and
+so breaks the cancellation of streaming responses when a client disconnects.
+Errors are in the client's dialect: Ollama's `{"error": "..."}`, and OpenAI's envelope under `/v1`.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from llm_service.settings import DaemonSettings
+
+# Reachable without a key: liveness probes (Docker, systemd, load balancers) carry no secrets.
+OPEN_PATHS = frozenset({"/health"})
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _digest(key: str) -> bytes:
+    # Comparing fixed-length digests keeps the comparison time independent of the key's length.
+    return hashlib.sha256(key.encode()).digest()
+
+
+async def send_error(
+    send: Send, path: str, status: int, message: str, code: str, headers: Iterable[tuple[bytes, bytes]] = ()
+) -> None:
+    """Send a complete JSON error response in the dialect of the route at `path`."""
+    body: dict[str, Any]
+    if path == "/v1" or path.startswith("/v1/"):
+        body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
+    else:
+        body = {"error": message}
+    payload = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
+
+
+class SecurityMiddleware:
+    """Bearer API keys on every route but `OPEN_PATHS`, and a limit on request body size."""
+
+    def __init__(self, app: ASGIApp, *, api_keys: Iterable[str], max_body_bytes: int) -> None:
+        self.app = app
+        self.key_digests = [_digest(key) for key in api_keys]
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        headers = dict(scope["headers"])  # ASGI header names are lower-case bytes
+        if self.key_digests and path not in OPEN_PATHS and not self._authorized(headers):
+            await send_error(
+                send, path, 401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                "invalid_api_key", [(b"www-authenticate", b"Bearer")],
+            )
+            return
+        too_large = (
+            f"request body too large: the limit is {self.max_body_bytes} bytes (max_body_bytes)"
+        )
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            await send_error(send, path, 413, too_large, "request_too_large")
+            return
+        await self._call_with_body_limit(scope, receive, send, path, too_large)
+
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        scheme, _, key = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            return False
+        offered = _digest(key.strip())
+        # Check every key, so the time taken does not tell which (or how many) keys exist.
+        matches = [hmac.compare_digest(offered, known) for known in self.key_digests]
+        return any(matches)
+
+    async def _call_with_body_limit(
+        self, scope: Scope, receive: Receive, send: Send, path: str, too_large: str
+    ) -> None:
+        """Run the app, failing with 413 once a chunked body grows past the limit."""
+        received = 0
+        response_started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if response_started:
+                raise  # a response is under way: the server can only drop the connection
+            await send_error(send, path, 413, too_large, "request_too_large")
+
+
+def install_security(app: Any, settings: DaemonSettings) -> None:
+    """Add the middleware to a Starlette/FastAPI app (before it starts)."""
+    app.add_middleware(
+        SecurityMiddleware, api_keys=settings.api_keys, max_body_bytes=settings.max_body_bytes
+    )
