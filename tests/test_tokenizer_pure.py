@@ -1,0 +1,62 @@
+"""Pure logic of the tokenizer server and the prompt newline escape."""
+from __future__ import annotations
+
+import pytest
+
+from tokenizer_service.conversation import IncrementalDecoder, prefill_diff, strip_think
+from tokenizer_service.prompt_escape import escape_prompt_line, unescape_prompt_line
+
+
+@pytest.mark.parametrize("text", [
+    "", "plain", "a\nb", "\n\n", "C:\\new\\table", "ends with \\", "\\n literal", "\\\n", "mixed \\\\n\n x",
+])
+def test_escape_is_one_line_and_unescape_inverts_it(text):
+    line = escape_prompt_line(text)
+    assert "\n" not in line
+    assert unescape_prompt_line(line) == text
+
+
+def test_escape_writes_backslash_pairs():
+    assert escape_prompt_line("a\\b\nc") == "a\\\\b\\nc"
+
+
+def test_unescape_keeps_other_backslashes():
+    assert unescape_prompt_line("tab \\t and trailing \\") == "tab \\t and trailing \\"
+
+
+@pytest.mark.parametrize("reply, kept", [
+    ("no thinking here", "no thinking here"),
+    ("<think>\nhmm\n</think>\n\nAnswer", "Answer"),
+    ("hmm</think>Answer", "Answer"),
+    ("Answer<think>unfinished", "Answer"),
+    ("<think>a</think>b<think>c</think>\nfinal", "final"),
+])
+def test_strip_think(reply, kept):
+    assert strip_think(reply) == kept
+
+
+def test_prefill_diff():
+    assert prefill_diff([1, 2, 3, 4], [1, 2]) == [3, 4]
+    assert prefill_diff([1, 2, 3, 4], []) == [1, 2, 3, 4]
+    assert prefill_diff([1, 9, 3, 4], [1, 2, 3]) == [9, 3, 4]  # diverged: everything after the split
+
+
+def byte_decode(ids: list[int]) -> str:
+    """A byte-level vocabulary: token i is the byte i."""
+    return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_incremental_decoder_waits_for_whole_characters():
+    decoder = IncrementalDecoder(byte_decode)
+    euro = list("€".encode())  # three bytes
+    assert decoder.push([ord("a")]) == "a"
+    assert decoder.push([ord("b"), euro[0]]) == ""  # the whole piece waits for the character
+    assert decoder.push([euro[1]]) == ""
+    assert decoder.push([euro[2], ord("c")]) == "b€c"
+    assert decoder.token_count == 6
+
+
+def test_incremental_decoder_lets_invalid_utf8_through_eventually():
+    decoder = IncrementalDecoder(byte_decode)
+    pieces = [decoder.push([0xFF]) for _ in range(20)]
+    assert "\ufffd" in "".join(pieces)
