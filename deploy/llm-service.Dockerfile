@@ -1,0 +1,30 @@
+# The daemon's image: Ollama and OpenAI APIs on :11535, plus the emulator (ax-emulator) for the
+# virtual card. Build from the repository root (docker-compose.yaml does):
+#   docker build -f deploy/llm-service.Dockerfile -t axm1-llm/llm-service .
+# Nothing here is architecture-specific: the same file builds for arm64 (Raspberry Pi 5) and amd64.
+
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY llm_service ./llm_service
+COPY tokenizer_service ./tokenizer_service
+COPY ax_emulator ./ax_emulator
+# Wheels for the project and its dependencies, so the final stage installs without a compiler.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+FROM python:3.11-slim
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
+    && useradd --system --uid 10001 --user-group --home-dir /app --no-create-home axm1 \
+    && mkdir -p /app/metrics && chown axm1:axm1 /app/metrics
+WORKDIR /app
+# The card's runtime is mounted from the host (docker-compose.yaml): libraries and tools.
+ENV PYTHONUNBUFFERED=1 \
+    LD_LIBRARY_PATH=/usr/lib/axcl \
+    PATH=/usr/bin/axcl:$PATH \
+    AXM1_DESCRIPTOR=/app/model/model-descriptor.json \
+    AXM1_METRICS_DIR=/app/metrics
+# Non-root: the AXCL device nodes are 0666 after the card's installer; see docker-compose.yaml.
+USER axm1
+EXPOSE 11535
+CMD ["axm1-llm", "serve"]
