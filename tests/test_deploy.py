@@ -137,3 +137,13 @@ def test_systemd_units_structure() -> None:
     assert "Environment=LD_LIBRARY_PATH=/usr/lib/axcl" in daemon
     assert re.search(r"^Environment=PATH=.*:/usr/bin/axcl:", daemon, re.MULTILINE)
     assert "Requires=axm1-tokenizer-service.service" in daemon
+
+
+def test_readme_contents_list_matches_its_sections() -> None:
+    readme = (REPO_ROOT / "README.md").read_text()
+    listed = re.findall(r"^- \[[^\]]+\]\(#([\w-]+)\)$", readme, re.MULTILINE)
+    sections = [
+        re.sub(r"[^\w -]", "", title).strip().lower().replace(" ", "-")
+        for title in re.findall(r"^## (.+)$", readme.split("## Contents", 1)[1], re.MULTILINE)
+    ]
+    assert listed == sections
