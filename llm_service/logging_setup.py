@@ -14,7 +14,9 @@ from datetime import datetime, timezone
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 # Attributes every LogRecord has; anything else on a record came from `extra=` and is logged too.
-_STANDARD_RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+_STANDARD_RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {
+    "message", "asctime", "color_message",  # uvicorn adds color_message, a copy with ANSI codes
+}
 
 
 class PlainFormatter(logging.Formatter):
