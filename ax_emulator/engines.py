@@ -7,6 +7,7 @@ prefills only the rest.
 from __future__ import annotations
 
 import importlib.util
+import os
 import time
 from pathlib import Path
 
@@ -50,10 +51,17 @@ class TransformersEngine:
     """A real model on the CPU, sampling as the card does from post_config.json."""
 
     def __init__(self, gguf: Path, sampling: dict, seed: int = 0):
+        # stdout carries the runner's protocol and stderr only flag errors: no loader chatter
+        # (the GGUF loader uses tqdm directly, which honours TQDM_DISABLE).
+        os.environ["TQDM_DISABLE"] = "1"
         import torch  # only this engine needs torch; the scripted path must start fast
         from transformers import AutoModelForCausalLM, DynamicCache
+        from transformers.utils import logging as transformers_logging
 
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
         self.torch = torch
+        self.new_cache = DynamicCache
         self.model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         self.model.eval()
         self.cache = DynamicCache()
@@ -71,9 +79,11 @@ class TransformersEngine:
         limit = min(len(context_ids), len(self.context_ids)) - 1  # always feed >= 1 token
         while shared < limit and context_ids[shared] == self.context_ids[shared]:
             shared += 1
-        if shared < len(self.context_ids):
-            self.cache.crop(shared)
-            self.context_ids = self.context_ids[:shared]
+        if shared == 0:
+            self.cache = self.new_cache()
+        elif shared < len(self.context_ids):
+            self.cache.crop(shared - len(self.context_ids))  # a negative count removes tokens
+        self.context_ids = self.context_ids[:shared]
         self._forward(context_ids[shared:])
 
     def next_token(self) -> int:

@@ -56,8 +56,6 @@ def post_config() -> dict:
 class Runner:
     """Shared by both generations: start-up, the generation loop, signals and faults."""
 
-    legacy = False
-
     def __init__(self, flags: dict, out: RunnerOutput | None = None):
         self.flags = flags
         self.out = out or RunnerOutput()
@@ -104,9 +102,10 @@ class Runner:
         return 255
 
     # -- start-up ----------------------------------------------------------------------
-    def load_axmodels(self, tokenizer_ok_message: str = "tokenizer init ok") -> int | None:
-        """The progress bar from `tokenizer init ok` to `init post axmodel ok`; an exit status
-        when an injected fault makes the load fail."""
+    def load_axmodels(self, load_engine) -> int | None:
+        """The progress bar from `tokenizer init ok` to `init post axmodel ok`, with the text
+        engine loaded (`load_engine()`) while it runs; an exit status when an injected fault
+        makes the load fail."""
         layers = self.flags["axmodel_num"]
         total = layers + 3
         step_pause = self.flags["emu_init_seconds"] / total
@@ -118,7 +117,7 @@ class Runner:
             self.out.write(progress_bar(step, total, time.monotonic() - started, message))
             self.out.flush()
 
-        bar(1, tokenizer_ok_message)
+        bar(1, "tokenizer init ok")
         if self.axcl:
             status = self._start_axcl_worker()
             if status is not None:
@@ -127,6 +126,7 @@ class Runner:
             return self.fail_init("Init", 151, f'embed_selector.Init({self.flags["filename_tokens_embed"]}, '
                                                 f'{self.flags["tokens_embed_num"]}, {self.flags["tokens_embed_size"]}) failed')
         bar(2, "embed_selector init ok")
+        self.engine = load_engine()
         for layer in range(layers):
             if self.faults.hang_at_init and layer == layers // 2:
                 self.hang()
@@ -165,8 +165,8 @@ class Runner:
                               self.flags["emu_tokens_per_second"])
 
     # -- one reply ---------------------------------------------------------------------
-    def generate(self, tokenizer, context_ids: list[int], user_line: str, max_tokens: int,
-                 report_ttft: bool) -> tuple[int, str, float]:
+    def generate(self, tokenizer, context_ids: list[int], user_line: str,
+                 max_tokens: int) -> tuple[int, str, float]:
         """Run the engine until EOS, Ctrl-C or `max_tokens`; write the text in 3-token chunks.
         Returns (tokens generated, reply text, average tokens per second)."""
         self.faults = fault_config.current(self.flags["emu_faults"])
@@ -181,8 +181,7 @@ class Runner:
             token = self.engine.next_token()
             if first_token_at is None:
                 first_token_at = time.monotonic()
-                if report_ttft:
-                    self.out.log("I", "Run", 1030, f"ttft: {(first_token_at - started) * 1000:.2f} ms")
+                self.report_ttft((first_token_at - started) * 1000)
             if token == self.eos_id:
                 break
             count += 1
@@ -200,6 +199,9 @@ class Runner:
         elapsed = time.monotonic() - (first_token_at or started)
         average = count / elapsed if elapsed > 0 else 0.0
         return count, reply, average
+
+    def report_ttft(self, milliseconds: float) -> None:
+        self.out.log("I", "Run", 1030, f"ttft: {milliseconds:.2f} ms")
 
     def _pace(self, first_token_at: float, count: int) -> None:
         if self.faults.tokens_per_second > 0:
@@ -267,11 +269,10 @@ class CtxRunner(Runner):
         except TokenizerUnreachable:
             return self.fail_init("Init", 30, f"connect {tokenizer.url} failed")
         out.write(f"bos_id: {bos_id}, eos_id: {self.eos_id}\n")
-        status = self.load_axmodels()
+        sampling = post_config()
+        status = self.load_axmodels(lambda: self.make_engine(tokenizer, sampling))
         if status is not None:
             return status
-        sampling = post_config()
-        self.engine = self.make_engine(tokenizer, sampling)
         out.log("I", "Init", 237, f"max_token_len : {CTX_MAX_TOKEN_LEN}")
         out.log("I", "Init", 240, f"kv_cache_size : 1024, kv_cache_num: {CTX_MAX_TOKEN_LEN}")
         out.log("I", "Init", 248, f"prefill_token_num : {PREFILL_TOKEN_NUM}")
@@ -380,7 +381,7 @@ class CtxRunner(Runner):
         self.turn_starts.append(self.precompute_len)
         self.precompute_len += tokens
         remaining = CTX_PREFILL_GROUPS[-1] - self.precompute_len
-        count, self.last_reply, average = self.generate(tokenizer, context_ids, line, max(remaining, 0), True)
+        count, self.last_reply, average = self.generate(tokenizer, context_ids, line, max(remaining, 0))
         self.precompute_len += count
         self.write_tail(1182, average)
         self._log_kv_cache()
@@ -408,7 +409,8 @@ class CtxRunner(Runner):
 class LegacyRunner(Runner):
     """Generation A: stateless tokenizer, every turn starts fresh, `>> ` marker."""
 
-    legacy = True
+    def report_ttft(self, milliseconds: float) -> None:
+        """The legacy runner does not report the time to first token."""
 
     def run(self) -> int:
         flags, out = self.flags, self.out
@@ -423,11 +425,10 @@ class LegacyRunner(Runner):
             # The legacy runner does not check the tokenizer: it dies on the failed reply.
             self._die(signal.SIGSEGV)
         out.write(f"bos_id: {bos_id}, eos_id: {self.eos_id}\n")
-        status = self.load_axmodels()
+        sampling = post_config()
+        status = self.load_axmodels(lambda: self.make_engine(tokenizer, sampling))
         if status is not None:
             return status
-        sampling = post_config()
-        self.engine = self.make_engine(tokenizer, sampling)
         out.log("I", "Init", 226, f"max_token_len : {LEGACY_MAX_TOKEN_LEN}")
         out.log("I", "Init", 231, f"kv_cache_size : 256, kv_cache_num: {LEGACY_MAX_TOKEN_LEN}")
         self.print_config(sampling)
@@ -447,7 +448,7 @@ class LegacyRunner(Runner):
             self.out.log("E", "Encode", 394, f"input_ids({len(token_ids)}) > prefill_token_num({PREFILL_TOKEN_NUM})")
             return
         max_tokens = LEGACY_MAX_TOKEN_LEN - len(token_ids)
-        _, _, average = self.generate(tokenizer, token_ids, line, max_tokens, report_ttft=False)
+        _, _, average = self.generate(tokenizer, token_ids, line, max_tokens)
         self.write_tail(610, average)
 
 

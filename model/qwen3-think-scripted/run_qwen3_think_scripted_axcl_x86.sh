@@ -1,0 +1,15 @@
+ax-emulator \
+--emu_engine scripted \
+--emu_think 1 \
+--emu_tokens_per_second 30 \
+--system_prompt "You are Qwen, created by Alibaba Cloud. You are a helpful assistant." \
+--template_filename_axmodel "qwen3-think-ax650/qwen3_p128_l%d_together.axmodel" \
+--axmodel_num 28 \
+--url_tokenizer_model "http://127.0.0.1:12347" \
+--filename_post_axmodel "qwen3-think-ax650/qwen3_post.axmodel" \
+--filename_tokens_embed "qwen3-think-ax650/model.embed_tokens.weight.bfloat16.bin" \
+--tokens_embed_num 151936 \
+--tokens_embed_size 1024 \
+--use_mmap_load_embed 1 \
+--live_print 1 \
+--devices 0

@@ -1,0 +1,14 @@
+ax-emulator \
+--emu_engine scripted \
+--emu_dialect b_reset \
+--system_prompt "You are a helpful assistant." \
+--template_filename_axmodel "scripted-echo-ax650/echo_p128_l%d_together.axmodel" \
+--axmodel_num 24 \
+--url_tokenizer_model "http://127.0.0.1:$1" \
+--filename_post_axmodel "scripted-echo-ax650/echo_post.axmodel" \
+--filename_tokens_embed "scripted-echo-ax650/model.embed_tokens.weight.bfloat16.bin" \
+--tokens_embed_num 49152 \
+--tokens_embed_size 576 \
+--use_mmap_load_embed 1 \
+--live_print 1 \
+--devices 0

@@ -1,0 +1,13 @@
+ax-emulator \
+--emu_engine transformers \
+--system_prompt "You are a helpful AI assistant named SmolLM, trained by Hugging Face" \
+--template_filename_axmodel "smollm2-135m-ax650/llama_p128_l%d_together.axmodel" \
+--axmodel_num 30 \
+--url_tokenizer_model "http://127.0.0.1:12345" \
+--filename_post_axmodel "smollm2-135m-ax650/llama_post.axmodel" \
+--filename_tokens_embed "smollm2-135m-ax650/model.embed_tokens.weight.bfloat16.bin" \
+--tokens_embed_num 49152 \
+--tokens_embed_size 576 \
+--use_mmap_load_embed 1 \
+--live_print 1 \
+--devices 0
