@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -44,6 +45,8 @@ CAPABILITIES = {
 }
 HISTORY_ROLES = ("user", "assistant")
 DEFAULT_SESSION_IDLE_SECONDS = 24 * 3600.0
+# The tokenizer service passes its session lifetime here, since stock script command lines are fixed.
+SESSION_IDLE_ENV = "AXM1_TOKENIZER_SESSION_IDLE_SECONDS"
 # Keep-alive connections idle longer than this are closed, so a vanished client frees its thread.
 CONNECTION_IDLE_SECONDS = 600
 
@@ -383,8 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--session-idle-seconds",
         type=float,
-        default=DEFAULT_SESSION_IDLE_SECONDS,
-        help="free a uid session unused for this long (default: %(default)s)",
+        default=float(os.environ.get(SESSION_IDLE_ENV, DEFAULT_SESSION_IDLE_SECONDS)),
+        help=f"free a uid session unused for this long (default: ${SESSION_IDLE_ENV} or %(default)s)",
     )
     args = parser.parse_args(argv)
     if not args.tokenizer.exists():
