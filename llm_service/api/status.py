@@ -1,0 +1,64 @@
+"""The daemon's own routes: model states, liveness and readiness, runner logs, metrics."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+router = APIRouter()
+
+
+@router.get("/api/status")
+async def status_all(request: Request) -> dict[str, Any]:
+    return request.app.state.manager.status()
+
+
+@router.get("/api/status/{model:path}")
+async def status_one(request: Request, model: str) -> dict[str, Any]:
+    return request.app.state.manager.model_status(model)
+
+
+@router.get("/api/status_history/{model:path}")
+async def status_history(request: Request, model: str) -> dict[str, Any]:
+    manager = request.app.state.manager
+    status = manager.model_status(model)
+    full_history = getattr(manager.engine(model), "transition_history", None)
+    history = full_history() if full_history else status.get("history", [])
+    return {"model": status["name"], "state": status["state"], "history": history}
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """The daemon is alive. Whether models serve is /ready's and /api/status's business."""
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    ok, problems = request.app.state.manager.readiness()
+    return JSONResponse({"ready": ok, "problems": problems}, status_code=200 if ok else 503)
+
+
+@router.get("/api/logs/{model:path}")
+async def logs(request: Request, model: str, follow: bool = False, after: int = -1) -> Response:
+    """The runner's own output (bounded ring). `follow=true` streams new lines as NDJSON."""
+    engine = request.app.state.manager.engine(model)
+    ring = getattr(engine, "logs", None)
+    if ring is None:
+        return JSONResponse({"model": model, "lines": []})
+    if not follow:
+        return JSONResponse({"model": model, "lines": [e for e in ring.entries() if e["seq"] > after]})
+
+    async def lines():
+        async for seq, at, text in ring.follow(after):
+            yield (json.dumps({"seq": seq, "time": at, "line": text}) + "\n").encode()
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    body, content_type = request.app.state.metrics.render()
+    return Response(body, media_type=content_type)

@@ -1,0 +1,432 @@
+"""ModelManager: the descriptor's models, their engines and queues, keep_alive and card memory.
+
+The API layer calls `generate()` and never learns which engine serves a model. The manager owns
+request-level bookkeeping that is the same for every engine: queueing, the deadline, readiness,
+thinking filter, keep_alive and the request metrics.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from .descriptor import DescriptorResult, ModelSpec, diff_specs, load_descriptor, parse_keep_alive
+from .engines.base import (
+    Chunk,
+    Engine,
+    EngineError,
+    GenerationRequest,
+    GenerationResult,
+    ModelNotFound,
+    ModelUnavailable,
+    QueueFull,
+    RequestTimedOut,
+)
+from .engines.card import CardEngine
+from .metrics import MetricsHub, ModelMetrics
+from .scheduler import Scheduler
+from .tokenizer_client import TokenizerClient
+
+log = logging.getLogger(__name__)
+
+_SERVING_STATES = ("ready", "resetting", "processing", "outputting")
+
+
+@dataclass(eq=False)
+class ModelEntry:
+    spec: ModelSpec
+    engine: Engine
+    scheduler: Scheduler
+    metrics: ModelMetrics
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    modified_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    last_used: float = 0.0
+    expires_at: float | None = None  # monotonic; None = stays loaded
+
+
+def _rfc3339_in(seconds_from_now: float) -> str:
+    return datetime.fromtimestamp(time.time() + seconds_from_now, tz=timezone.utc).isoformat()
+
+
+class ModelManager:
+    def __init__(self, settings: Any, metrics: MetricsHub, tokenizers: TokenizerClient) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.tokenizers = tokenizers
+        self._entries: dict[str, ModelEntry] = {}
+        self._aliases: dict[str, str] = {}
+        self.disabled: dict[str, str] = {}  # model (or entry #i) -> why it is not served
+        self.descriptor_error: str | None = None
+        self.descriptor_warnings: list[str] = []
+        self._descriptor_fingerprint: bytes | None = None
+        self._tg: TaskGroup | None = None
+        self._room_lock = anyio.Lock()
+        self._default_keep_alive = parse_keep_alive(settings.default_keep_alive)
+
+    # ---- life cycle -------------------------------------------------------------------------
+
+    async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            await self.reload_descriptor()
+            tg.start_soon(self._watch_descriptor)
+            tg.start_soon(self._reap_idle)
+            task_status.started()
+
+    async def shutdown(self) -> None:
+        """Stop every runner politely (q, then SIGTERM, then SIGKILL), then end the tasks."""
+        async with anyio.create_task_group() as tg:
+            for entry in list(self._entries.values()):
+                tg.start_soon(entry.engine.stop, "daemon shutting down")
+        for entry in self._entries.values():
+            entry.scope.cancel()
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+
+    async def reload_descriptor(self) -> None:
+        path = Path(self.settings.descriptor)
+        try:
+            fingerprint = hashlib.sha256(path.read_bytes()).digest()
+        except OSError:
+            fingerprint = b""
+        if fingerprint == self._descriptor_fingerprint:
+            return
+        self._descriptor_fingerprint = fingerprint
+        await self.apply(load_descriptor(path))
+
+    async def apply(self, result: DescriptorResult) -> None:
+        self.descriptor_warnings = list(result.warnings)
+        if result.file_error:
+            # A broken file must not take down the models that run: keep them, say what is wrong.
+            self.descriptor_error = result.file_error
+            log.error("descriptor: %s", result.file_error)
+            return
+        self.descriptor_error = None
+        self.disabled = dict(result.errors)
+        for name, error in result.errors.items():
+            log.error("descriptor: %s", error)
+        current = {name: entry.spec for name, entry in self._entries.items()}
+        diff = diff_specs(current, result.models)
+        for name in diff.removed:
+            await self._remove(name, "removed from the descriptor")
+        for name in diff.changed:
+            await self._remove(name, "changed in the descriptor")
+            await self._add(result.models[name])
+        for name in diff.added:
+            await self._add(result.models[name])
+        self._aliases = {alias: name for name, entry in self._entries.items() for alias in entry.spec.aliases}
+
+    async def _add(self, spec: ModelSpec) -> None:
+        metrics = self.metrics.model(spec.name)
+        engine = self._make_engine(spec, metrics)
+        entry = ModelEntry(
+            spec=spec,
+            engine=engine,
+            scheduler=Scheduler(self.settings.queue_size, engine.capabilities.max_concurrency),
+            metrics=metrics,
+        )
+        entry.expires_at = None if spec.run_on_startup else 0.0
+        metrics.npu_memory(spec.npu_memory_mb)
+        metrics.context(0, spec.context_size)
+        metrics.set_state(engine.state)
+        self._entries[spec.name] = entry
+        assert self._tg is not None
+        self._tg.start_soon(self._run_engine, entry)
+        if spec.run_on_startup:
+            await engine.start()
+
+    def _make_engine(self, spec: ModelSpec, metrics: ModelMetrics) -> Engine:
+        if spec.engine == "openai-http":
+            from .engines.http import HttpEngine
+
+            return HttpEngine(
+                spec,
+                backoff_min_s=self.settings.backoff_min_s,
+                backoff_max_s=self.settings.backoff_max_s,
+                on_state=metrics.set_state,
+            )
+        return CardEngine(spec, self.settings, self.tokenizers, metrics)
+
+    async def _run_engine(self, entry: ModelEntry) -> None:
+        run = getattr(entry.engine, "run", None)
+        if run is None:
+            return
+        with entry.scope:
+            await run()
+
+    async def _remove(self, name: str, reason: str) -> None:
+        entry = self._entries.pop(name, None)
+        if entry is None:
+            return
+        await entry.engine.stop(reason)
+        entry.scope.cancel()
+        self.metrics.remove_model(name)
+        if entry.spec.tokenizer_py and entry.spec.engine != "openai-http":
+            await self.tokenizers.stop_server(name, entry.spec.tokenizer_ip or "127.0.0.1")
+
+    async def _watch_descriptor(self) -> None:
+        while True:
+            await anyio.sleep(self.settings.descriptor_poll_s)
+            try:
+                await self.reload_descriptor()
+            except Exception:  # a reload bug must not end the watcher
+                log.exception("descriptor reload failed")
+
+    async def _reap_idle(self) -> None:
+        while True:
+            await anyio.sleep(0.5)
+            now = time.monotonic()
+            for entry in list(self._entries.values()):
+                if (
+                    entry.expires_at is not None
+                    and entry.expires_at <= now
+                    and entry.engine.is_loaded
+                    and entry.scheduler.idle
+                    and not entry.engine.is_busy
+                ):
+                    entry.expires_at = None if entry.spec.run_on_startup else 0.0
+                    log.info("model %s: keep_alive expired, unloading", entry.spec.name)
+                    await entry.engine.stop("keep_alive expired")
+
+    # ---- lookup -----------------------------------------------------------------------------
+
+    def resolve(self, name: str) -> str:
+        if name in self._entries:
+            return name
+        if name in self._aliases:
+            return self._aliases[name]
+        if name.endswith(":latest") and name[: -len(":latest")] in self._entries:
+            return name[: -len(":latest")]
+        if name in self.disabled:
+            raise ModelUnavailable(f'model "{name}" is disabled: {self.disabled[name]}')
+        raise ModelNotFound(name)
+
+    def entry(self, name: str) -> ModelEntry:
+        return self._entries[self.resolve(name)]
+
+    def engine(self, name: str) -> Engine:
+        return self.entry(name).engine
+
+    def list_models(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": entry.spec.name,
+                "details": dict(entry.spec.details or {}),
+                "modified_at": entry.modified_at,
+                "engine": entry.spec.engine,
+                "aliases": list(entry.spec.aliases),
+                "npu_memory_mb": entry.spec.npu_memory_mb,
+                "context_size": entry.spec.context_size,
+                "include_thinking": entry.spec.include_thinking,
+            }
+            for entry in self._entries.values()
+        ]
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def _keep_alive_for(self, entry: ModelEntry, requested: Any) -> float | None:
+        if requested is not None:
+            return parse_keep_alive(requested)
+        if "keep_alive" in entry.spec.model_fields_set:
+            return entry.spec.keep_alive
+        return None if entry.spec.run_on_startup else self._default_keep_alive
+
+    async def load(self, name: str, keep_alive: Any = None, deadline: float | None = None) -> float:
+        """Load a model (Ollama's empty prompt). Returns the load seconds."""
+        entry = self.entry(name)
+        seconds = self._keep_alive_for(entry, keep_alive)
+        await self._make_room(entry)
+        loaded = await entry.engine.wait_ready(deadline)
+        self._touch(entry, seconds)
+        return loaded
+
+    async def unload(self, name: str) -> None:
+        entry = self.entry(name)
+        await entry.engine.stop("unload requested")
+        entry.expires_at = None if entry.spec.run_on_startup else 0.0
+
+    def _touch(self, entry: ModelEntry, keep_alive_s: float | None) -> None:
+        entry.last_used = time.monotonic()
+        entry.expires_at = None if keep_alive_s is None else entry.last_used + keep_alive_s
+
+    async def _make_room(self, entry: ModelEntry) -> None:
+        """Stop least recently used idle models until this one fits in the card's memory."""
+        need = entry.spec.npu_memory_mb or 0
+        if need == 0 or entry.engine.is_loaded:
+            return
+        async with self._room_lock:
+            budget = self.settings.npu_memory_mb
+            others = [e for e in self._entries.values() if e is not entry and e.engine.is_loaded]
+            used = sum(e.spec.npu_memory_mb or 0 for e in others)
+            for victim in sorted(others, key=lambda e: e.last_used):
+                if used + need <= budget:
+                    break
+                if victim.scheduler.idle and not victim.engine.is_busy and victim.spec.npu_memory_mb:
+                    log.info("unloading %s to make room for %s on the card", victim.spec.name, entry.spec.name)
+                    await victim.engine.stop(f"making room on the card for {entry.spec.name}")
+                    used -= victim.spec.npu_memory_mb
+            if used + need > budget:
+                raise ModelUnavailable(
+                    f'card memory: "{entry.spec.name}" needs {need} MB, {budget - used} MB are free '
+                    "and the models holding the rest are busy"
+                )
+
+    async def generate(
+        self, name: str, request: GenerationRequest, keep_alive: Any = None
+    ) -> AsyncIterator[Chunk | GenerationResult]:
+        entry = self.entry(name)
+        keep_alive_s = self._keep_alive_for(entry, keep_alive)
+        metrics = entry.metrics
+        deadline = request.deadline or (request.arrived_at + self.settings.request_deadline_s)
+        request.deadline = deadline
+        want_thinking = request.think if request.think is not None else entry.spec.include_thinking
+        metrics.request_queued()
+        queued = True
+        finished_reason = "abort"
+        result: GenerationResult | None = None
+        try:
+            async with entry.scheduler.slot(request.id) as waited:
+                queued = False
+                metrics.request_dequeued(waited)
+                metrics.request_started()
+                try:
+                    await self._make_room(entry)
+                    with anyio.fail_after(max(0.0, deadline - time.monotonic())):
+                        load_seconds = await entry.engine.wait_ready(deadline)
+                    first_at = last_at = None
+                    async for item in self._bounded(entry.engine.generate(request), deadline):
+                        now = time.monotonic()
+                        if isinstance(item, GenerationResult):
+                            result = item
+                            item.load_duration = load_seconds
+                            item.queue_duration = waited
+                            item.total_duration = now - request.arrived_at
+                            finished_reason = item.finish_reason
+                            if item.eval_duration > 0 and item.completion_tokens:
+                                measured = item.completion_tokens / item.eval_duration
+                                metrics.runner_speed(item.runner_tokens_per_second, measured)
+                            yield item
+                            break
+                        if not want_thinking and item.thinking:
+                            if not item.content:
+                                continue
+                            item = Chunk(content=item.content)
+                        if first_at is None:
+                            first_at = now
+                            metrics.first_token(now - request.arrived_at)
+                        else:
+                            metrics.inter_token(now - last_at)
+                        last_at = now
+                        yield item
+                except TimeoutError:
+                    finished_reason = "error"
+                    raise RequestTimedOut(
+                        f"request did not finish within its deadline of {self.settings.request_deadline_s:.0f}s"
+                    ) from None
+                except EngineError:
+                    finished_reason = "error"
+                    raise
+                finally:
+                    metrics.request_finished(
+                        finished_reason,
+                        result.prompt_tokens if result else 0,
+                        result.completion_tokens if result else 0,
+                        time.monotonic() - request.arrived_at,
+                    )
+                    self._touch(entry, keep_alive_s)
+                    if keep_alive_s == 0 and self._tg is not None:
+                        self._tg.start_soon(self._unload_when_idle, entry)
+        except QueueFull:
+            metrics.request_dequeued(None)
+            queued = False
+            raise
+        finally:
+            if queued:  # the client left while waiting in the queue
+                metrics.request_dequeued(None)
+
+    async def _bounded(self, stream: AsyncIterator[Any], deadline: float) -> AsyncIterator[Any]:
+        """Iterate `stream` with the request deadline on each step; always close it."""
+        try:
+            while True:
+                with anyio.fail_after(max(0.0, deadline - time.monotonic())):
+                    try:
+                        item = await stream.__anext__()
+                    except StopAsyncIteration:
+                        return
+                yield item
+        finally:
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()  # type: ignore[attr-defined]
+
+    async def _unload_when_idle(self, entry: ModelEntry) -> None:
+        if entry.scheduler.idle:
+            await entry.engine.stop("keep_alive 0")
+
+    # ---- status -----------------------------------------------------------------------------
+
+    def model_status(self, name: str) -> dict[str, Any]:
+        entry = self.entry(name)
+        status = entry.engine.status()
+        status["queue"] = entry.scheduler.snapshot()
+        status["run_on_startup"] = entry.spec.run_on_startup
+        status["aliases"] = list(entry.spec.aliases)
+        status["npu_memory_mb"] = entry.spec.npu_memory_mb
+        status["expires_at"] = (
+            None
+            if entry.expires_at is None or not entry.engine.is_loaded
+            else _rfc3339_in(entry.expires_at - time.monotonic())
+        )
+        return status
+
+    def status(self) -> dict[str, Any]:
+        models = [self.model_status(name) for name in self._entries]
+        models += [{"name": name, "state": "disabled", "last_error": {"reason": error}} for name, error in self.disabled.items()]
+        return {
+            "models": models,
+            "descriptor": {
+                "path": str(self.settings.descriptor),
+                "error": self.descriptor_error,
+                "warnings": self.descriptor_warnings,
+            },
+        }
+
+    def readiness(self) -> tuple[bool, list[str]]:
+        """Ready when every run_on_startup model serves and none is failed."""
+        problems = []
+        for name, entry in self._entries.items():
+            state = entry.engine.state
+            if state == "failed":
+                problems.append(f"{name}: failed")
+            elif entry.spec.run_on_startup and state not in _SERVING_STATES:
+                problems.append(f"{name}: {state}")
+        return not problems, problems
+
+    def loaded(self) -> list[dict[str, Any]]:
+        out = []
+        for entry in self._entries.values():
+            if not entry.engine.is_loaded:
+                continue
+            out.append(
+                {
+                    "name": entry.spec.name,
+                    "model": entry.spec.name,
+                    "size": (entry.spec.npu_memory_mb or 0) * 1024 * 1024,
+                    "digest": hashlib.sha256(entry.spec.name.encode()).hexdigest(),
+                    "details": dict(entry.spec.details or {}),
+                    "expires_at": "0001-01-01T00:00:00Z"
+                    if entry.expires_at is None
+                    else _rfc3339_in(entry.expires_at - time.monotonic()),
+                    "size_vram": (entry.spec.npu_memory_mb or 0) * 1024 * 1024,
+                    "context_length": entry.spec.context_size,
+                    "state": entry.engine.state,
+                }
+            )
+        return out

@@ -1,0 +1,93 @@
+"""Per-model admission: a bounded FIFO queue in front of N generation slots.
+
+A card runner takes one generation at a time (N = 1); an HTTP upstream may take more. Waiters are
+served strictly in arrival order. A waiter that is cancelled (its client went away) leaves the
+queue without touching the request that is running.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import anyio
+
+from .engines.base import QueueFull
+
+
+@dataclass(slots=True, eq=False)
+class _Waiter:
+    request_id: str
+    arrived_at: float
+    granted: anyio.Event = field(default_factory=anyio.Event)
+
+
+class Scheduler:
+    def __init__(self, max_queue: int, concurrency: int = 1, clock=time.monotonic) -> None:
+        self.max_queue = max_queue
+        self.concurrency = max(1, concurrency)
+        self._clock = clock
+        self._waiters: deque[_Waiter] = deque()
+        self._running: dict[str, float] = {}  # request id -> when it got its slot
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._waiters)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def idle(self) -> bool:
+        return not self._waiters and not self._running
+
+    def snapshot(self) -> dict:
+        now = self._clock()
+        return {
+            "length": len(self._waiters),
+            "running": len(self._running),
+            "max": self.max_queue,
+            "concurrency": self.concurrency,
+            "waiting": [
+                {"id": w.request_id, "position": i + 1, "age_s": round(now - w.arrived_at, 3)}
+                for i, w in enumerate(self._waiters)
+            ],
+        }
+
+    @asynccontextmanager
+    async def slot(self, request_id: str) -> AsyncIterator[float]:
+        """Hold a generation slot for the body of the `async with`; yields the seconds waited."""
+        arrived = self._clock()
+        await self._acquire(request_id, arrived)
+        try:
+            yield self._clock() - arrived
+        finally:
+            self._release(request_id)
+
+    async def _acquire(self, request_id: str, arrived: float) -> None:
+        if len(self._running) < self.concurrency and not self._waiters:
+            self._running[request_id] = arrived
+            return
+        if len(self._waiters) >= self.max_queue:
+            raise QueueFull()
+        waiter = _Waiter(request_id, arrived)
+        self._waiters.append(waiter)
+        try:
+            await waiter.granted.wait()
+        except BaseException:
+            if waiter.granted.is_set():
+                # The slot was handed to us just as we were cancelled: pass it on.
+                self._release(request_id)
+            else:
+                self._waiters.remove(waiter)
+            raise
+
+    def _release(self, request_id: str) -> None:
+        self._running.pop(request_id, None)
+        while self._waiters and len(self._running) < self.concurrency:
+            waiter = self._waiters.popleft()
+            self._running[waiter.request_id] = self._clock()
+            waiter.granted.set()
