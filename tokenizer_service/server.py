@@ -59,9 +59,28 @@ class ApiError(Exception):
         self.message = message
 
 
+# tokenizer_class values AutoTokenizer maps to the generic fast tokenizer class.
+GENERIC_FAST_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+def names_generic_fast_class(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("tokenizer_class") in GENERIC_FAST_CLASSES
+
+
 def load_tokenizer(source: Path) -> Any:
     """A transformers tokenizer from a tokenizer folder or a .gguf file (local files only)."""
-    from transformers import AutoTokenizer  # slow import: only where it is needed
+    # Slow imports, only where needed. AutoTokenizer imports AutoConfig and, through it, torch
+    # when installed (over a second); a folder naming the generic fast class loads the same
+    # class directly.
+    if source.is_dir() and names_generic_fast_class(source):
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(source), local_files_only=True)
+    from transformers import AutoTokenizer
 
     if source.is_file():
         return AutoTokenizer.from_pretrained(
