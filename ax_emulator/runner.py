@@ -82,7 +82,8 @@ class Runner:
     def _die(self, signum: int) -> None:
         """End as a killed process does: buffered output never reaches the reader."""
         self.out.discard()
-        signal.signal(signum, signal.SIG_DFL)
+        if signum != signal.SIGKILL:  # SIGKILL cannot have a handler, and needs none
+            signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
 
     def crash(self) -> None:
