@@ -1,0 +1,511 @@
+"""HttpEngine: a model served by an OpenAI-compatible upstream (vLLM, llama.cpp, `axllm serve`, …).
+
+One owner task (`run`) decides every state transition: it probes the upstream (`/health`, else
+`/v1/models`) on start, while failed (with exponential back-off) and now and then while ready.
+Requests never change the state; a request that cannot reach the upstream asks the owner for a
+fresh probe. Answers are streamed from `/v1/chat/completions` and relayed chunk by chunk.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import anyio
+import httpx
+
+from ..descriptor import ModelSpec
+from ..states import RunnerState, StateMachine
+from ..thinking import ThinkSplitter
+from .base import (
+    BadRequest,
+    Chunk,
+    Engine,
+    EngineCapabilities,
+    EngineError,
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    ModelUnavailable,
+    RequestTimedOut,
+)
+
+log = logging.getLogger(__name__)
+S = RunnerState
+
+_PROBE_TIMEOUT_S = 5.0
+_ERROR_BODY_LIMIT = 2000  # characters of an upstream's error body worth quoting
+_FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+def _api_root(base_url: str) -> str:
+    """The server root: users often paste an OpenAI-style base URL that already ends in /v1."""
+    root = base_url.rstrip("/")
+    return root[: -len("/v1")] if root.endswith("/v1") else root
+
+
+def upstream_error_message(response: httpx.Response) -> str:
+    """The message inside an upstream's error answer, whichever envelope it uses."""
+    text = response.text[:_ERROR_BODY_LIMIT]
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return text.strip() or response.reason_phrase
+    if isinstance(body, dict):
+        error = body.get("error", body.get("detail"))
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return error["message"]
+        if error is not None:
+            return error if isinstance(error, str) else json.dumps(error)
+    return text
+
+
+@dataclass(slots=True)
+class _ProbeOutcome:
+    kind: Literal["ready", "loading", "down"]
+    detail: str
+
+
+class _MalformedChunk(ValueError):
+    pass
+
+
+def _delta_parts(choice: Any) -> tuple[str, str, str | None]:
+    """(reasoning, content, finish_reason) of one streamed choice; raises _MalformedChunk."""
+    if not isinstance(choice, dict):
+        raise _MalformedChunk("a choice is not an object")
+    delta = choice.get("delta") or {}
+    if not isinstance(delta, dict):
+        raise _MalformedChunk("delta is not an object")
+    # Servers name reasoning differently; some (this daemon included) send both with one text.
+    reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
+    content = delta.get("content") or ""
+    finish = choice.get("finish_reason")
+    if not isinstance(reasoning, str) or not isinstance(content, str):
+        raise _MalformedChunk("delta text is not a string")
+    if finish is not None and not isinstance(finish, str):
+        raise _MalformedChunk("finish_reason is not a string")
+    return reasoning, content, finish
+
+
+class HttpEngine(Engine):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        backoff_min_s: float,
+        backoff_max_s: float,
+        on_state: Callable[[str], None] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.base_url = _api_root(spec.base_url)
+        self.upstream_model = spec.upstream_model or spec.name
+        self._backoff_min_s = backoff_min_s
+        self._backoff_max_s = backoff_max_s
+        self._on_state = on_state
+        self.capabilities = EngineCapabilities(
+            chat_history=True,
+            embeddings=False,  # learned when the upstream becomes ready
+            per_request_sampling=True,
+            max_concurrency=spec.max_concurrency,
+        )
+        self._machine = StateMachine()
+        self._changed = anyio.Event()  # set at every transition and after every probe
+        self._probes_done = 0
+        self._inbox_send, self._inbox = anyio.create_memory_object_stream[tuple[str, Any]](math.inf)
+        self._client: httpx.AsyncClient | None = None
+        self._next_probe_at = math.inf
+        self._backoff = backoff_min_s
+        self._in_flight = 0
+        self._last_error: dict[str, Any] | None = None
+        self._recoveries = 0
+
+    # ---- Engine interface -------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        return self._machine.state.value
+
+    async def start(self) -> None:
+        self._inbox_send.send_nowait(("start", None))
+
+    async def wait_ready(self, deadline: float | None) -> float:
+        began = time.monotonic()
+        probes_seen = self._probes_done
+        waited_for_load = False
+        while True:
+            changed = self._changed
+            state = self._machine.state
+            if state is S.READY:
+                return time.monotonic() - began if waited_for_load else 0.0
+            if state is S.FAILED:
+                if self._probes_done > probes_seen:
+                    raise ModelUnavailable(self._failure_message())
+                # A fresh look, not a stale verdict: the upstream may be back already.
+                self._inbox_send.send_nowait(("probe", None))
+            elif state in (S.STOPPED, S.STOPPING):
+                self._inbox_send.send_nowait(("start", None))
+            else:
+                waited_for_load = True
+            remaining = math.inf if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                raise RequestTimedOut(
+                    f'model "{self.spec.name}" was not ready before the request deadline (state {state})'
+                )
+            with anyio.move_on_after(remaining):
+                await changed.wait()
+
+    async def stop(self, reason: str) -> None:
+        done = anyio.Event()
+        self._inbox_send.send_nowait(("stop", (reason, done)))
+        await done.wait()
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk | GenerationResult]:
+        body = self._chat_body(request)
+        warnings = [] if request.options.num_ctx is None else ["num_ctx: the upstream server fixes its context size"]
+        began = time.monotonic()
+        attempt = 0
+        self._in_flight += 1
+        try:
+            while True:
+                relayed: list[float] = []  # monotonic time of each relayed chunk
+                try:
+                    # aclosing: when our consumer leaves, the upstream connection closes now, not at GC.
+                    async with aclosing(self._stream_chat(body, relayed)) as stream:
+                        async for item in stream:
+                            if isinstance(item, GenerationResult):
+                                self._measure(item, began, relayed, warnings)
+                            yield item
+                    return
+                except httpx.ConnectTimeout as exc:
+                    failure: httpx.TransportError = exc
+                except httpx.TimeoutException as exc:
+                    raise RequestTimedOut(
+                        f"upstream {self.base_url} sent nothing for {self.spec.request_timeout_s:g}s ({type(exc).__name__})"
+                    ) from None
+                except httpx.TransportError as exc:
+                    failure = exc
+                if relayed:  # half an answer was sent: retrying would repeat it
+                    self._request_probe()
+                    raise EngineError(
+                        f"lost the connection to upstream {self.base_url} in mid-answer: {failure!r}",
+                        status_code=502,
+                    )
+                if attempt >= self.spec.retries:
+                    self._request_probe()
+                    raise ModelUnavailable(
+                        f"upstream {self.base_url} unreachable after {attempt + 1} attempt(s): {failure!r}"
+                    )
+                await anyio.sleep(min(self._backoff_min_s * 2**attempt, self._backoff_max_s))
+                attempt += 1
+        finally:
+            self._in_flight -= 1
+
+    async def embed(self, inputs: list[str]) -> tuple[list[list[float]], int]:
+        """Vectors for `inputs` (in order) and the prompt tokens the upstream counted."""
+        if not self.capabilities.embeddings:
+            raise BadRequest(f'model "{self.spec.name}" does not serve embeddings')
+        client = self._require_client()
+        body = {"model": self.upstream_model, "input": inputs}
+        for attempt in range(self.spec.retries + 1):
+            try:
+                response = await client.post("/v1/embeddings", json=body)
+                break
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                if attempt == self.spec.retries:
+                    self._request_probe()
+                    raise ModelUnavailable(
+                        f"upstream {self.base_url} unreachable after {attempt + 1} attempt(s): {exc!r}"
+                    ) from None
+                await anyio.sleep(min(self._backoff_min_s * 2**attempt, self._backoff_max_s))
+            except httpx.TimeoutException:
+                raise RequestTimedOut(f"upstream {self.base_url} did not answer within {self.spec.request_timeout_s:g}s") from None
+        if response.status_code != 200:
+            raise self._answer_error(response)
+        try:
+            answer = response.json()
+            rows = sorted(answer["data"], key=lambda row: row["index"])
+            vectors = [[float(x) for x in row["embedding"]] for row in rows]
+            prompt_tokens = int((answer.get("usage") or {}).get("prompt_tokens") or 0)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise EngineError(f"upstream {self.base_url} sent a malformed embeddings answer: {exc!r}", status_code=502) from None
+        return vectors, prompt_tokens
+
+    def status(self) -> dict[str, Any]:
+        snap = self._machine.snapshot()
+        return {
+            "name": self.spec.name,
+            "engine": "openai-http",
+            "state": snap["state"],
+            "since": snap["since"],
+            "since_epoch": snap["since_epoch"],
+            "upstream": {"base_url": self.base_url, "model": self.upstream_model},
+            "in_flight": self._in_flight,
+            "capabilities": dataclasses.asdict(self.capabilities),
+            "recoveries": self._recoveries,
+            "last_error": self._last_error,
+            "history": snap["history"][-50:],
+        }
+
+    # ---- the owner task ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The owner loop. Runs for the engine's life inside the manager's task group."""
+        try:
+            while True:
+                message = None
+                with anyio.move_on_after(max(0.0, self._next_probe_at - time.monotonic())):
+                    message = await self._inbox.receive()
+                if message is None:
+                    await self._probe_and_apply(periodic=True)
+                    continue
+                kind, payload = message
+                if kind == "start" and self._machine.state is S.STOPPED:
+                    self._open_client()
+                    self._set_state(S.STARTING, "start requested")
+                    await self._probe_and_apply()
+                elif kind == "probe" and self._machine.state not in (S.STOPPED, S.STOPPING):
+                    await self._probe_and_apply()
+                elif kind == "stop":
+                    reason, done = payload
+                    await self._stop_now(reason)
+                    done.set()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._close_client()
+
+    def _request_probe(self) -> None:
+        self._inbox_send.send_nowait(("probe", None))
+
+    async def _stop_now(self, reason: str) -> None:
+        if self._machine.state is S.STOPPED:
+            return
+        self._set_state(S.STOPPING, reason)
+        await self._close_client()
+        self._next_probe_at = math.inf
+        self._set_state(S.STOPPED, reason)
+
+    async def _probe_and_apply(self, periodic: bool = False) -> None:
+        state = self._machine.state
+        if periodic and state is S.READY and self._in_flight:
+            # An answer streaming right now is proof of life; a probe could queue behind it.
+            self._next_probe_at = time.monotonic() + self._backoff_max_s
+            return
+        outcome = await self._probe()
+        self._probes_done += 1
+        if outcome.kind == "ready":
+            if state is S.FAILED:
+                self._set_state(S.STARTING, "upstream answers again")
+                self._recoveries += 1
+            if self._machine.state is S.STARTING:
+                self._set_state(S.INITIALIZING, outcome.detail)
+            if self._machine.state is S.INITIALIZING:
+                await self._learn_capabilities()
+                self._set_state(S.READY, outcome.detail)
+            self._backoff = self._backoff_min_s
+            self._next_probe_at = time.monotonic() + self._backoff_max_s
+        else:
+            if outcome.kind == "loading" and state is not S.READY:
+                if state is S.FAILED:
+                    self._set_state(S.STARTING, "upstream answers again")
+                self._set_state(S.INITIALIZING, outcome.detail)
+            else:
+                self._fail(outcome.detail)
+            self._next_probe_at = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, self._backoff_max_s)
+        self._notify()
+
+    async def _probe(self) -> _ProbeOutcome:
+        client = self._require_client()
+        try:
+            health = await client.get("/health", timeout=_PROBE_TIMEOUT_S)
+            if health.status_code == 200:
+                return _ProbeOutcome("ready", "GET /health answered 200")
+            if health.status_code == 503:  # llama.cpp's answer while it loads its model
+                return _ProbeOutcome("loading", f"GET /health answered 503: {upstream_error_message(health)}")
+            # No /health (Ollama, OpenAI itself): the model list is the next best sign of life.
+            models = await client.get("/v1/models", timeout=_PROBE_TIMEOUT_S)
+            if models.status_code == 200:
+                return _ProbeOutcome("ready", "GET /v1/models answered 200")
+            return _ProbeOutcome(
+                "down",
+                f"upstream {self.base_url}: GET /health answered {health.status_code}, "
+                f"GET /v1/models answered {models.status_code}: {upstream_error_message(models)}",
+            )
+        except httpx.HTTPError as exc:
+            return _ProbeOutcome("down", f"upstream {self.base_url} unreachable: {exc!r}")
+
+    async def _learn_capabilities(self) -> None:
+        """Embeddings are offered only if the upstream actually computes one."""
+        client = self._require_client()
+        try:
+            answer = await client.post(
+                "/v1/embeddings", json={"model": self.upstream_model, "input": ["ping"]}, timeout=_PROBE_TIMEOUT_S
+            )
+            embeddings = answer.status_code == 200 and bool(answer.json().get("data"))
+        except (httpx.HTTPError, ValueError, AttributeError):
+            embeddings = False
+        self.capabilities = dataclasses.replace(self.capabilities, embeddings=embeddings)
+
+    def _fail(self, reason: str) -> None:
+        self._last_error = {"at": time.time(), "reason": reason}
+        if self._machine.state is not S.FAILED:
+            self._set_state(S.FAILED, reason, retry_in_s=round(self._backoff, 3))
+
+    def _failure_message(self) -> str:
+        reason = (self._last_error or {}).get("reason", "upstream not ready")
+        return f'model "{self.spec.name}" is unavailable: {reason}'
+
+    def _set_state(self, to: RunnerState, reason: str, **details: Any) -> None:
+        if self._machine.state is to:
+            return
+        self._machine.transition(to, reason, **details)
+        log.info("model %s: %s (%s)", self.spec.name, to.value, reason)
+        if self._on_state is not None:
+            self._on_state(to.value)
+        self._notify()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
+
+    def _open_client(self) -> None:
+        headers = {}
+        if self.spec.api_key_env:
+            key = os.environ.get(self.spec.api_key_env)
+            if key:
+                headers["Authorization"] = f"Bearer {key}"
+            else:
+                log.warning("model %s: environment variable %s is not set", self.spec.name, self.spec.api_key_env)
+        timeout = self.spec.request_timeout_s
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=8),
+        )
+
+    async def _close_client(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    def _require_client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise ModelUnavailable(f'model "{self.spec.name}" is stopped')
+        return self._client
+
+    # ---- one chat request -------------------------------------------------------------------
+
+    def _chat_body(self, request: GenerationRequest) -> dict[str, Any]:
+        options = request.options
+        body: dict[str, Any] = {
+            "model": self.upstream_model,
+            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        sampling = {
+            "temperature": options.temperature,
+            "top_p": options.top_p,
+            "top_k": options.top_k,  # not OpenAI's, but vLLM's and llama.cpp's
+            "seed": options.seed,
+            "repeat_penalty": options.repeat_penalty,  # llama.cpp's name
+            "max_tokens": options.num_predict if options.num_predict and options.num_predict > 0 else None,
+            "stop": list(options.stop) or None,
+        }
+        body.update({key: value for key, value in sampling.items() if value is not None})
+        return body
+
+    async def _stream_chat(self, body: dict[str, Any], relayed: list[float]) -> AsyncIterator[Chunk | GenerationResult]:
+        """One attempt. Leaving early (consumer gone) closes the upstream connection at once."""
+        client = self._require_client()
+        async with client.stream(
+            "POST", "/v1/chat/completions", json=body, headers={"Accept": "text/event-stream"}
+        ) as response:
+            if response.status_code != 200:
+                await response.aread()
+                raise self._answer_error(response)
+            splitter = ThinkSplitter(starts_in_thinking=False)
+            finish: str | None = None
+            usage: dict[str, Any] | None = None
+            done = False
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue  # blank separators, comments, event names
+                data = line[len("data:") :].strip()
+                if data == "[DONE]":
+                    done = True
+                    break
+                try:
+                    chunk = json.loads(data)
+                    if not isinstance(chunk, dict):
+                        raise _MalformedChunk("not an object")
+                    if "error" in chunk:
+                        raise EngineError(
+                            f"upstream {self.base_url} reported an error: {_error_text(chunk['error'])}", status_code=502
+                        )
+                    usage = chunk.get("usage") or usage
+                    choices = chunk.get("choices") or []
+                    if not isinstance(choices, list):
+                        raise _MalformedChunk("choices is not a list")
+                    parts = [_delta_parts(choice) for choice in choices[:1]]
+                except (ValueError, _MalformedChunk) as exc:
+                    raise EngineError(
+                        f"upstream {self.base_url} sent a malformed stream chunk ({exc}): {data[:200]!r}",
+                        status_code=502,
+                    ) from None
+                for reasoning, content, finish_reason in parts:
+                    thinking, visible = splitter.feed(content) if content else ("", "")
+                    if reasoning or thinking or visible:
+                        relayed.append(time.monotonic())
+                        yield Chunk(content=visible, thinking=reasoning + thinking)
+                    finish = finish_reason or finish
+            if not done and finish is None:
+                raise EngineError(f"upstream {self.base_url} ended the stream without finishing the answer", status_code=502)
+            thinking, visible = splitter.flush()
+            if thinking or visible:
+                relayed.append(time.monotonic())
+                yield Chunk(content=visible, thinking=thinking)
+            if finish == "error":
+                raise EngineError(f"upstream {self.base_url} ended the answer with an error", status_code=502)
+            yield _result(finish, usage, len(relayed))
+
+    def _answer_error(self, response: httpx.Response) -> EngineError:
+        message = f"upstream {self.base_url} answered {response.status_code}: {upstream_error_message(response)}"
+        if response.status_code in (400, 422):  # the client's request, as the upstream judged it
+            return BadRequest(message)
+        return EngineError(message, status_code=502)
+
+    def _measure(self, result: GenerationResult, began: float, relayed: list[float], warnings: list[str]) -> None:
+        now = time.monotonic()
+        first = relayed[0] if relayed else now
+        result.time_to_first_token = first - began if relayed else None
+        result.prompt_eval_duration = first - began
+        result.eval_duration = now - first
+        result.total_duration = now - began
+        result.warnings.extend(warnings)
+
+
+def _error_text(error: Any) -> str:
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return error["message"]
+    return error if isinstance(error, str) else json.dumps(error)
+
+
+def _result(finish: str | None, usage: dict[str, Any] | None, relayed_chunks: int) -> GenerationResult:
+    result = GenerationResult(finish_reason=_FINISH_REASONS.get(finish or "stop", "stop"))
+    if isinstance(usage, dict):
+        result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        result.completion_tokens = int(usage.get("completion_tokens") or 0)
+    else:
+        result.completion_tokens = relayed_chunks
+        result.warnings.append("usage: the upstream reported no token counts; completion_tokens counts stream chunks")
+    return result

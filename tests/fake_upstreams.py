@@ -1,0 +1,215 @@
+"""A deliberately misbehaving OpenAI-compatible upstream, run as its own process on loopback.
+
+No real server fails on demand, so the fault shapes live here: error answers, malformed SSE
+chunks, connections dropped before or in the middle of an answer, a /health that is missing or
+says "loading". It also records what it saw (request bodies, headers, how many answers were in
+flight at once, which clients hung up), for the tests to read at `GET /_records`.
+
+Run: `python fake_upstreams.py --port N`; `POST /_config` with a JSON object changes behaviour:
+  chat:        "stream" (default) | "error" | "malformed" | "drop_mid" | "think_inline" | "reasoning"
+  error_status, error_message: the answer of "error"
+  drop_first:  this many chat requests are dropped (socket closed) before any answer byte
+  words, delay_s: the streamed answer: words "w1 w2 …", one chunk each, delay_s apart
+  health:      200 | 404 | 503 (404 = no /health, as Ollama)
+  embeddings:  true | false
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+DEFAULTS: dict[str, Any] = {
+    "chat": "stream",
+    "error_status": 500,
+    "error_message": "the fake upstream was told to fail",
+    "drop_first": 0,
+    "words": 5,
+    "delay_s": 0.0,
+    "health": 200,
+    "embeddings": False,
+}
+
+
+class State:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.config = dict(DEFAULTS)
+        self.chat_requests: list[dict[str, Any]] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.disconnects: list[dict[str, Any]] = []
+        self.completed = 0
+
+    def records(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "config": self.config,
+                "chat_requests": self.chat_requests,
+                "in_flight": self.in_flight,
+                "max_in_flight": self.max_in_flight,
+                "disconnects": self.disconnects,
+                "completed": self.completed,
+            }
+
+
+STATE = State()
+
+
+def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict[str, int] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": "fake-1",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": "fake",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet: tests read /_records
+        pass
+
+    def _json(self, status: int, body: Any) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _body(self) -> dict[str, Any]:
+        length = int(self.headers.get("Content-Length") or 0)
+        return json.loads(self.rfile.read(length) or b"{}")
+
+    def _write_chunk(self, data: bytes) -> None:
+        """One piece of a chunked body."""
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def _event(self, payload: dict[str, Any] | str) -> None:
+        text = payload if isinstance(payload, str) else json.dumps(payload)
+        self._write_chunk(f"data: {text}\n\n".encode())
+
+    def do_GET(self) -> None:
+        config = STATE.config
+        if self.path == "/_records":
+            self._json(200, STATE.records())
+        elif self.path == "/health":
+            status = config["health"]
+            if status == 200:
+                self._json(200, {"status": "ok"})
+            elif status == 503:
+                self._json(503, {"error": {"message": "Loading model", "code": 503}})
+            else:
+                self._json(status, {"detail": "Not Found"})
+        elif self.path == "/v1/models":
+            self._json(200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
+        else:
+            self._json(404, {"detail": "Not Found"})
+
+    def do_POST(self) -> None:
+        body = self._body()
+        if self.path == "/_config":
+            with STATE.lock:
+                STATE.config.update(body)
+            self._json(200, STATE.config)
+        elif self.path == "/v1/embeddings":
+            if not STATE.config["embeddings"]:
+                self._json(404, {"detail": "Not Found"})
+                return
+            inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+            data = [{"object": "embedding", "index": i, "embedding": [float(len(text)), 0.5, -1.0]} for i, text in enumerate(inputs)]
+            self._json(200, {"object": "list", "data": data, "usage": {"prompt_tokens": len(inputs) * 3, "total_tokens": len(inputs) * 3}})
+        elif self.path == "/v1/chat/completions":
+            self._chat(body)
+        else:
+            self._json(404, {"detail": "Not Found"})
+
+    def _chat(self, body: dict[str, Any]) -> None:
+        with STATE.lock:
+            config = dict(STATE.config)
+            number = len(STATE.chat_requests)
+            STATE.chat_requests.append({"body": body, "authorization": self.headers.get("Authorization")})
+            drop = config["drop_first"] > 0
+            if drop:
+                STATE.config["drop_first"] -= 1
+        if drop:
+            self._hang_up()
+            return
+        mode = config["chat"]
+        if mode == "error":
+            self._json(config["error_status"], {"error": {"message": config["error_message"], "type": "server_error"}})
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        with STATE.lock:
+            STATE.in_flight += 1
+            STATE.max_in_flight = max(STATE.max_in_flight, STATE.in_flight)
+        sent = 0
+        try:
+            self._event(chunk({"role": "assistant", "content": ""}))
+            if mode == "malformed":
+                self._event(chunk({"content": "fine "}))
+                self._event('{"choices": [{"delta": {"content": "broken')
+            elif mode == "drop_mid":
+                self._event(chunk({"content": "half "}))
+                self._hang_up()
+                return
+            elif mode == "think_inline":
+                for piece in ("<thi", "nk>pondering", " hard</think>", "the answer"):
+                    self._event(chunk({"content": piece}))
+            elif mode == "reasoning":
+                self._event(chunk({"reasoning_content": "pondering", "reasoning": "pondering"}))
+                self._event(chunk({"content": "the answer"}))
+            else:
+                for i in range(config["words"]):
+                    time.sleep(config["delay_s"])
+                    self._event(chunk({"content": f"w{i + 1} "}))
+                    sent += 1
+            self._event(chunk({}, "stop"))
+            self._event(chunk({}, None, {"prompt_tokens": 7, "completion_tokens": max(sent, 1), "total_tokens": 7 + max(sent, 1)}))
+            self._event("[DONE]")
+            self._write_chunk(b"")
+            with STATE.lock:
+                STATE.completed += 1
+        except (BrokenPipeError, ConnectionResetError):
+            with STATE.lock:
+                STATE.disconnects.append({"request": number, "chunks_sent": sent, "at": time.time()})
+            self.close_connection = True
+        finally:
+            with STATE.lock:
+                STATE.in_flight -= 1
+
+    def _hang_up(self) -> None:
+        """Close the connection now, with no answer or in the middle of one."""
+        self.wfile.flush()
+        self.connection.shutdown(socket.SHUT_RDWR)
+        self.close_connection = True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--config", default="{}", help="JSON object overriding the defaults")
+    args = parser.parse_args()
+    STATE.config.update(json.loads(args.config))
+    server = ThreadingHTTPServer((args.host, args.port), Handler)
+    server.daemon_threads = True
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
