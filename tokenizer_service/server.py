@@ -190,10 +190,6 @@ class TokenizerServer:
             found.last_used = now
             return found
 
-    def session_count(self) -> int:
-        with self._sessions_lock:
-            return len(self._sessions)
-
     def _take_controls(self) -> tuple[bool | None, list[dict[str, str]]]:
         """The thinking switch, and the pending history (handed out once)."""
         with self._controls_lock:
@@ -207,9 +203,10 @@ class TokenizerServer:
         with self._controls_lock:
             system_prompt = self.controls.system_prompt if self.controls.system_prompt is not None else system_prompt
             thinking = self.controls.thinking
+        messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+        held_ids = self.tokenizer.render(messages, generation_prompt=False, thinking=thinking)
         with session.lock:
-            session.messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
-            session.held_ids = self.tokenizer.render(session.messages, generation_prompt=False, thinking=thinking)
+            session.messages, session.held_ids = messages, held_ids
             session.decoder = IncrementalDecoder(self.tokenizer.decode)
             session.prompt_tokens = 0
             return list(session.held_ids)
@@ -218,16 +215,18 @@ class TokenizerServer:
         session = self.session(uid)
         thinking, history = self._take_controls()
         with session.lock:
+            # Built aside and stored at the end, so a failing template leaves the session as it was.
+            messages, held_ids = list(session.messages), session.held_ids
             if last_reply is not None:
-                session.messages.append({"role": "assistant", "content": strip_think(last_reply)})
-                session.held_ids = self.tokenizer.render(session.messages, generation_prompt=False, thinking=thinking)
+                messages.append({"role": "assistant", "content": strip_think(last_reply)})
+                held_ids = self.tokenizer.render(messages, generation_prompt=False, thinking=thinking)
             if history:
-                after_system = 1 if session.messages and session.messages[0]["role"] == "system" else 0
-                session.messages[after_system:after_system] = history
-            session.messages.append({"role": "user", "content": unescape_prompt_line(text)})
-            all_ids = self.tokenizer.render(session.messages, generation_prompt=True, thinking=thinking)
-            diff = prefill_diff(all_ids, session.held_ids)
-            session.held_ids = all_ids
+                after_system = 1 if messages and messages[0]["role"] == "system" else 0
+                messages[after_system:after_system] = history
+            messages.append({"role": "user", "content": unescape_prompt_line(text)})
+            all_ids = self.tokenizer.render(messages, generation_prompt=True, thinking=thinking)
+            diff = prefill_diff(all_ids, held_ids)
+            session.messages, session.held_ids = messages, all_ids
             session.decoder = IncrementalDecoder(self.tokenizer.decode)
             session.prompt_tokens = len(all_ids)
             return all_ids, diff
