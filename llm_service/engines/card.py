@@ -161,12 +161,16 @@ def _normalized(messages: list[ChatMessage]) -> list[tuple[str, str]]:
 
 def _signal_name(returncode: int | None) -> str:
     if returncode is None:
-        return "unknown status"
+        return "ended with an unknown status"
+    signum = -returncode if returncode < 0 else returncode - 128 if returncode > 128 else 0
+    try:
+        name = signal.Signals(signum).name if signum else ""
+    except ValueError:
+        name = ""
     if returncode < 0:
-        try:
-            return f"killed by signal {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"killed by signal {-returncode}"
+        return f"killed by signal {name or -returncode}"
+    if name:  # /bin/sh reports a child killed by signal N as status 128+N
+        return f"exited with status {returncode} (killed by signal {name})"
     return f"exited with status {returncode}"
 
 
