@@ -1,5 +1,6 @@
 ax-emulator \
 --emu_engine transformers \
+--emu_dialect b_reset \
 --system_prompt "You are a helpful AI assistant named SmolLM, trained by Hugging Face" \
 --template_filename_axmodel "smollm2-135m-ax650/llama_p128_l%d_together.axmodel" \
 --axmodel_num 30 \

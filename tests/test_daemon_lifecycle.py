@@ -1,0 +1,100 @@
+"""Model life cycle through the real daemon: start-up models and readiness, keep_alive unloads,
+the card's memory budget, the legacy A runner, and a clean shutdown."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from ax_emulator.scripted import reply_text
+from daemon_support import processes_with_marker, running_daemon, scripted_model
+
+WORDS = 6
+
+
+def _generate(daemon, model, prompt, **extra):
+    with daemon.client() as http:
+        return http.post("/api/generate", json={"model": model, "prompt": prompt, "stream": False, **extra})
+
+
+def test_run_on_startup_models_start_and_ready_reflects_them(tmp_path):
+    entries = [
+        scripted_model(tmp_path, "boot", reply_words=WORDS, fields={"run_on_startup": "true"}),
+        scripted_model(tmp_path, "lazy", reply_words=WORDS),
+    ]
+    with running_daemon(tmp_path, entries) as daemon:
+        daemon.wait_state("boot", "ready", timeout=30)
+        with daemon.client() as http:
+            assert http.get("/ready").status_code == 200
+            assert http.get("/api/status/lazy").json()["state"] == "stopped"
+        # A failing start-up model makes the daemon not ready, while /health stays up.
+        daemon.set_faults(crash_after_tokens=1)
+        assert "error" in _generate(daemon, "boot", "boom").json()
+        daemon.set_faults(init_fail="connect")
+        deadline = time.monotonic() + 15
+        while daemon.client().get("/ready").status_code != 503:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert daemon.client().get("/health").status_code == 200
+        daemon.set_faults()
+        daemon.wait_state("boot", "ready", timeout=30)  # restarted by itself, without a request
+        assert daemon.client().get("/ready").status_code == 200
+
+
+def test_keep_alive_unloads_idle_models(tmp_path):
+    entries = [scripted_model(tmp_path, "m", reply_words=WORDS, fields={"keep_alive": "1s"})]
+    with running_daemon(tmp_path, entries) as daemon:
+        assert _generate(daemon, "m", "hi").status_code == 200
+        pid = daemon.client().get("/api/status/m").json()["pid"]
+        ps = daemon.client().get("/api/ps").json()["models"]
+        assert [m["name"] for m in ps] == ["m"] and ps[0]["expires_at"] > "2000"
+        daemon.wait_state("m", "stopped", timeout=10)
+        assert not daemon.client().get("/api/ps").json()["models"]
+        assert not os.path.exists(f"/proc/{pid}")
+        # A request-level keep_alive overrides the descriptor's.
+        assert _generate(daemon, "m", "again", keep_alive="1h").status_code == 200
+        time.sleep(2)
+        assert daemon.client().get("/api/status/m").json()["state"] == "ready"
+
+
+def test_card_memory_budget_unloads_the_least_recently_used_idle_model(tmp_path):
+    entries = [
+        scripted_model(tmp_path, name, reply_words=WORDS, fields={"npu_memory_mb": "3000"}, tokenizer_port=None)
+        for name in ("first", "second", "third")
+    ]
+    with running_daemon(tmp_path, entries, "--npu-memory-mb", "7000") as daemon:
+        for name in ("first", "second"):
+            assert _generate(daemon, name, "load").status_code == 200
+        assert {m["name"] for m in daemon.client().get("/api/ps").json()["models"]} == {"first", "second"}
+        # 3 x 3000 MB do not fit in 7000 MB: the least recently used idle model makes room.
+        assert _generate(daemon, "third", "load").json()["response"] == reply_text("load", WORDS, think=False)
+        loaded = {m["name"] for m in daemon.client().get("/api/ps").json()["models"]}
+        assert loaded == {"second", "third"}
+        history = daemon.client().get("/api/status_history/first").json()["history"]
+        assert any("making room on the card for third" in t["reason"] for t in history)
+
+
+def test_legacy_a_runner_answers_every_request_in_its_own_context(tmp_path):
+    entries = [scripted_model(tmp_path, "legacy", dialect="a", reply_words=WORDS)]
+    with running_daemon(tmp_path, entries) as daemon:
+        for prompt in ("a-one", "a-two"):
+            body = _generate(daemon, "legacy", prompt).json()
+            assert body["response"] == reply_text(prompt, WORDS, think=False), body
+        status = daemon.client().get("/api/status/legacy").json()
+        assert status["dialect"] == "a"
+        assert not any(t["to"] == "resetting" for t in status["history"])
+
+
+def test_shutdown_stops_every_runner_and_tokenizer(tmp_path):
+    entries = [scripted_model(tmp_path, name, reply_words=WORDS) for name in ("x", "y")]
+    with running_daemon(tmp_path, entries) as daemon:
+        for name in ("x", "y"):
+            assert _generate(daemon, name, "hi").status_code == 200
+        assert len(processes_with_marker(daemon.marker)) >= 5  # daemon, 2 tokenizers, 2 sh + runners
+        assert daemon.stop(signal.SIGTERM) in (0, -signal.SIGTERM, 143)
+        deadline = time.monotonic() + 15
+        while processes_with_marker(daemon.marker):
+            assert time.monotonic() < deadline, processes_with_marker(daemon.marker)
+            time.sleep(0.1)
+        log = daemon.log()
+        assert "Traceback" not in log, log[-3000:]
