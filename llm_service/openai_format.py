@@ -1,0 +1,253 @@
+"""OpenAI wire format: request bodies in, chunks and answers out, errors in OpenAI's envelope.
+
+Pure: no I/O. The routes in `api/openai.py` do the talking.
+"""
+from __future__ import annotations
+
+import base64
+import struct
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .engines.base import BadRequest, ChatMessage, Chunk, GenerationResult, SamplingOptions
+
+# Thinking goes out under both names: Ollama and vLLM clients read `reasoning`,
+# llama.cpp's and many others read `reasoning_content`.
+REASONING_KEYS = ("reasoning", "reasoning_content")
+
+
+class _Lenient(BaseModel):
+    # Clients send many fields we do not use (tools, logprobs, user, …); accept and ignore them.
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+class ContentPart(_Lenient):
+    type: str
+    text: str | None = None
+
+
+class OpenAIMessage(_Lenient):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+
+
+class _Sampling(_Lenient):
+    model: str = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=0)  # vLLM's extension
+    seed: int | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1)
+
+
+class ChatCompletionBody(_Sampling):
+    messages: list[OpenAIMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    reasoning_effort: str | None = None
+
+
+class CompletionBody(_Sampling):
+    prompt: str | list[str]
+    echo: bool = False
+
+
+class EmbeddingBody(_Lenient):
+    model: str = Field(min_length=1)
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+
+
+def error_body(message: str, status_code: int, code: str | None, param: str | None = None) -> dict[str, Any]:
+    kind = "invalid_request_error" if status_code < 500 else "server_error"
+    if status_code == 401:
+        kind = "authentication_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _text_of(message: OpenAIMessage) -> str:
+    if message.content is None or isinstance(message.content, str):
+        return message.content or ""
+    texts = []
+    for part in message.content:
+        if part.type != "text":
+            raise BadRequest(f'content parts of type "{part.type}" are not supported: the models take text only')
+        texts.append(part.text or "")
+    return "".join(texts)
+
+
+def sampling_options(body: _Sampling, max_tokens: int | None) -> SamplingOptions:
+    if body.n != 1:
+        raise BadRequest("n must be 1: one answer per request")
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    return SamplingOptions(
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        seed=body.seed,
+        num_predict=max_tokens,
+        stop=stop,
+    )
+
+
+def chat_messages(body: ChatCompletionBody) -> list[ChatMessage]:
+    messages = [
+        ChatMessage("system" if m.role == "developer" else m.role, _text_of(m)) for m in body.messages
+    ]
+    if messages[-1].role != "user":
+        raise BadRequest('the last message must have the role "user"')
+    return messages
+
+
+def completion_prompt(body: CompletionBody) -> str:
+    if isinstance(body.prompt, str):
+        return body.prompt
+    if len(body.prompt) != 1:
+        raise BadRequest("prompt must be one string: one answer per request")
+    return body.prompt[0]
+
+
+def wants_thinking(body: ChatCompletionBody) -> bool | None:
+    """OpenAI's `reasoning_effort`: "none" turns reasoning off; any other level asks for it."""
+    if body.reasoning_effort is None:
+        return None
+    return body.reasoning_effort.lower() != "none"
+
+
+def usage(result: GenerationResult) -> dict[str, int]:
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+    }
+
+
+def finish_reason(result: GenerationResult) -> str:
+    return "length" if result.finish_reason == "length" else "stop"
+
+
+class ChatShapes:
+    """Objects of one chat completion, streamed (`chat.completion.chunk`) or whole."""
+
+    def __init__(self, completion_id: str, model: str, created: int, include_usage: bool) -> None:
+        self.id = completion_id
+        self.model = model
+        self.created = created
+        self.include_usage = include_usage
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        body = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": choices,
+        }
+        if self.include_usage:
+            body["usage"] = None  # OpenAI's chunks carry null usage until the last one
+        body.update(extra)
+        return body
+
+    def role_chunk(self) -> dict[str, Any]:
+        return self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+
+    def delta_chunk(self, chunk: Chunk) -> dict[str, Any]:
+        delta: dict[str, Any] = {}
+        if chunk.content:
+            delta["content"] = chunk.content
+        if chunk.thinking:
+            delta.update(dict.fromkeys(REASONING_KEYS, chunk.thinking))
+        return self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
+
+    def final_chunks(self, result: GenerationResult) -> list[dict[str, Any]]:
+        extra = {"warnings": result.warnings} if result.warnings else {}
+        chunks = [self._chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason(result)}], **extra)]
+        if self.include_usage:
+            chunks.append(self._chunk([], usage=usage(result)))
+        return chunks
+
+    def whole(self, result: GenerationResult, content: str, thinking: str) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if thinking:
+            message.update(dict.fromkeys(REASONING_KEYS, thinking))
+        body = {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(result)}],
+            "usage": usage(result),
+        }
+        if result.warnings:
+            body["warnings"] = result.warnings
+        return body
+
+
+class CompletionShapes:
+    """Objects of one legacy text completion (`text_completion`), streamed or whole."""
+
+    def __init__(self, completion_id: str, model: str, created: int, include_usage: bool) -> None:
+        self.id = completion_id
+        self.model = model
+        self.created = created
+        self.include_usage = include_usage
+
+    def _body(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        body = {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": choices,
+        }
+        body.update(extra)
+        return body
+
+    @staticmethod
+    def _choice(text: str, finish: str | None) -> dict[str, Any]:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
+    def text_chunk(self, text: str) -> dict[str, Any]:
+        return self._body([self._choice(text, None)])
+
+    def final_chunks(self, result: GenerationResult) -> list[dict[str, Any]]:
+        extra = {"warnings": result.warnings} if result.warnings else {}
+        chunks = [self._body([self._choice("", finish_reason(result))], **extra)]
+        if self.include_usage:
+            chunks.append(self._body([], usage=usage(result)))
+        return chunks
+
+    def whole(self, result: GenerationResult, text: str) -> dict[str, Any]:
+        body = self._body([self._choice(text, finish_reason(result))], usage=usage(result))
+        if result.warnings:
+            body["warnings"] = result.warnings
+        return body
+
+
+def embedding_list(model: str, vectors: list[list[float]], prompt_tokens: int, encoding: str) -> dict[str, Any]:
+    def encoded(vector: list[float]) -> list[float] | str:
+        if encoding == "base64":  # little-endian float32, as OpenAI sends it
+            return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        return vector
+
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": encoded(v)} for i, v in enumerate(vectors)],
+        "model": model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }
+
+
+def model_object(name: str, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "axm1-llm"}
