@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 S = RunnerState
 
 _PROBE_TIMEOUT_S = 5.0
+_MIN_PROBE_INTERVAL_S = 0.05  # back-off settings may be 0; never probe in a tight loop
 _ERROR_BODY_LIMIT = 2000  # characters of an upstream's error body worth quoting
 _FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
 
@@ -296,7 +297,7 @@ class HttpEngine(Engine):
         state = self._machine.state
         if periodic and state is S.READY and self._in_flight:
             # An answer streaming right now is proof of life; a probe could queue behind it.
-            self._next_probe_at = time.monotonic() + self._backoff_max_s
+            self._next_probe_at = time.monotonic() + max(self._backoff_max_s, _MIN_PROBE_INTERVAL_S)
             return
         outcome = await self._probe()
         self._probes_done += 1
@@ -310,7 +311,7 @@ class HttpEngine(Engine):
                 await self._learn_capabilities()
                 self._set_state(S.READY, outcome.detail)
             self._backoff = self._backoff_min_s
-            self._next_probe_at = time.monotonic() + self._backoff_max_s
+            self._next_probe_at = time.monotonic() + max(self._backoff_max_s, _MIN_PROBE_INTERVAL_S)
         else:
             if outcome.kind == "loading" and state is not S.READY:
                 if state is S.FAILED:
@@ -318,7 +319,7 @@ class HttpEngine(Engine):
                 self._set_state(S.INITIALIZING, outcome.detail)
             else:
                 self._fail(outcome.detail)
-            self._next_probe_at = time.monotonic() + self._backoff
+            self._next_probe_at = time.monotonic() + max(self._backoff, _MIN_PROBE_INTERVAL_S)
             self._backoff = min(self._backoff * 2, self._backoff_max_s)
         self._notify()
 
