@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
-from .api import ollama, status
+from .api import ollama, openai, status
 from .engines.base import EngineError, QueueFull
 from .metrics import MetricsHub
 from .models import ModelManager
@@ -88,6 +88,23 @@ class HttpMetricsMiddleware:
             self.metrics.observe_http(template, scope.get("method", ""), status_code)
 
 
+class JsonBodiesByDefault:
+    """Read every request body as JSON, whatever its Content-Type, as Ollama does.
+
+    `curl -d '{...}'` sends `application/x-www-form-urlencoded`; Ollama's own examples rely on it.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("method") in ("POST", "PUT", "PATCH"):
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            headers.append((b"content-type", b"application/json"))
+            scope = dict(scope, headers=headers)
+        await self.app(scope, receive, send)
+
+
 def create_app(settings: Any) -> FastAPI:
     hub = MetricsHub(settings.metrics_dir or None, __version__)
     tokenizers = TokenizerClient(settings.tokenizer_service_port, settings.tokenizer_service_url)
@@ -118,13 +135,9 @@ def create_app(settings: Any) -> FastAPI:
     app.include_router(ollama.router)
     app.include_router(status.router)
     install_error_handlers(app)
-    try:
-        from .api import openai as openai_api
-    except ImportError:  # the /v1 routes are optional until their module lands
-        openai_api = None
-    if openai_api is not None:
-        app.include_router(openai_api.router)
-        openai_api.install_openai_error_handlers(app)
+    app.include_router(openai.router)
+    openai.install_openai_error_handlers(app)
     install_security(app, settings)
+    app.add_middleware(JsonBodiesByDefault)
     app.add_middleware(HttpMetricsMiddleware, metrics=hub)
     return app

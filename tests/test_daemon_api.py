@@ -42,6 +42,18 @@ def test_generate_not_streaming_is_exactly_the_models_text(daemon):
     assert body["total_duration"] > body["eval_duration"]
 
 
+def test_body_is_json_whatever_its_content_type(daemon):
+    """`curl -d` sends a form content type; Ollama reads the body as JSON anyway."""
+    with daemon.client() as http:
+        reply = http.post(
+            "/api/generate",
+            content=json.dumps({"model": "echo", "prompt": "curl-style", "stream": False}),
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["response"] == reply_text("curl-style", WORDS, think=False)
+
+
 def test_generate_streams_ndjson_ending_with_done(daemon):
     with daemon.client() as http, http.stream(
         "POST", "/api/generate", json={"model": "echo", "prompt": "stream-marker"}

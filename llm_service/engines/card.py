@@ -198,6 +198,7 @@ class CardEngine(Engine):
         self._supports_reset = False
         self._uid: str | None = None
         self._tokenizer_caps: dict[str, Any] | None = None
+        self._tokenizer_probed = False
         self._tokenizer_scope: anyio.CancelScope | None = None
         self._progress: dict[str, Any] | None = None
         self._load_started: float | None = None
@@ -287,7 +288,14 @@ class CardEngine(Engine):
         snap = self._machine.snapshot()
         job = self._job
         precompute, remaining = self._context or (None, None)
-        stock = self._tokenizer_caps is None and self._dialect != "c"
+        if self._dialect == "c":
+            newlines = "replaced with spaces: the runner's built-in tokenizer cannot restore them"
+        elif self._tokenizer_caps is not None:
+            newlines = "restored by the tokenizer server"
+        elif self._tokenizer_probed:
+            newlines = "replaced with spaces: the stock tokenizer script cannot restore them"
+        else:
+            newlines = "unknown until the tokenizer server runs"
         return {
             "name": self.spec.name,
             "engine": "ax-runner",
@@ -316,9 +324,7 @@ class CardEngine(Engine):
             "restarts": self._restarts,
             "last_error": self._last_error,
             "last_load_duration_s": self.last_load_duration,
-            "newlines": "restored by the tokenizer server"
-            if not stock
-            else "replaced with spaces: the stock tokenizer script cannot restore them",
+            "newlines": newlines,
             "history": snap["history"][-50:],
         }
 
@@ -470,6 +476,7 @@ class CardEngine(Engine):
             self._fail_all_jobs(ModelUnavailable(self._failure_message()))
             return
         self._tokenizer_caps = message.capabilities
+        self._tokenizer_probed = True
         self._set_state(S.STARTING, "tokenizer is serving", extensions=message.capabilities is not None)
         await self._spawn()
 
@@ -566,6 +573,10 @@ class CardEngine(Engine):
             return
         if isinstance(event, LogLine):
             self.logs.append(f"[{event.level}][{event.function}][{event.line}]: {event.message}")
+            if event.message.startswith("precompute_len:") and state is S.INITIALIZING:
+                # The system prompt prefilled at start-up already occupies the context.
+                used = int(event.message.split(":", 1)[1].split(",")[0])
+                self._context = (used, self.spec.context_size - used)
         elif isinstance(event, PlainLine):
             if event.text.strip():
                 self.logs.append(event.text)
@@ -806,7 +817,9 @@ class CardEngine(Engine):
             stats = await self._tokenizers.stats(host, port, self._uid) if self._uid else None
             if stats is not None:
                 result.completion_tokens = stats["reply_tokens"]
-                result.prompt_tokens = stats.get("prompt_tokens") or result.prompt_tokens
+                # The runner's own count of what it prefilled this turn is Ollama's meaning;
+                # the tokenizer's is the whole conversation.
+                result.prompt_tokens = result.prompt_tokens or stats.get("prompt_tokens", 0)
                 return
             ids = await self._tokenizers.tokenize(host, port, "".join(job.answer))
             if ids is not None:
