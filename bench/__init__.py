@@ -1,0 +1,1 @@
+"""Benchmarks of the daemon against the raw runner (`python -m bench`, `./run bench`)."""

@@ -1,0 +1,384 @@
+"""Processes for the benchmark: the real daemon, model folders, a raw runner, a timed HTTP client.
+
+Everything runs on loopback; every process started here is stopped by the same context manager.
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+TOKENIZER_DIR = REPO_ROOT / "model" / "smollm2-135m" / "tokenizer"
+PROBE = Path(__file__).resolve().parent / "probe.py"
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+TOKENIZER_LAUNCHER = """\
+import sys
+from tokenizer_service.server import main
+sys.exit(main(["--tokenizer", {tokenizer!r}, *sys.argv[1:]]))
+"""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def emulator_flags(name: str, tokens_per_second: float, reply_words: int, tokenizer_url: str) -> list[str]:
+    return [
+        "--emu_engine", "scripted",
+        "--emu_dialect", "b_reset",
+        "--emu_init_seconds", "0.1",
+        "--emu_tokens_per_second", "1000000",  # the pace comes from the fault key (absolute schedule)
+        "--emu_reply_words", str(reply_words),
+        "--emu_think", "0",
+        "--system_prompt", SYSTEM_PROMPT,
+        "--template_filename_axmodel", f"{name}-ax650/{name}_p128_l%d_together.axmodel",
+        "--axmodel_num", "4",
+        "--url_tokenizer_model", tokenizer_url,
+        "--filename_post_axmodel", f"{name}-ax650/{name}_post.axmodel",
+        "--use_mmap_load_embed", "1",
+        "--live_print", "1",
+        "--devices", "0",
+    ]
+
+
+def pace(tokens_per_second: float) -> str:
+    """The emulator's `tokens_per_second` fault paces tokens on a fixed schedule from the first
+    one (its --emu_tokens_per_second sleeps after every token, so slow steps would add up): raw
+    runner and daemon then produce the same stream at the same instants."""
+    return f"tokens_per_second={tokens_per_second}" if tokens_per_second else ""
+
+
+def _sh_quote(word: str) -> str:
+    return "'" + word.replace("'", "'\\''") + "'"
+
+
+def probed_model(root: Path, name: str, tokens_per_second: float, reply_words: int) -> dict[str, Any]:
+    """A scripted model folder whose run script wraps the emulator in two probes."""
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    flags = emulator_flags(name, tokens_per_second, reply_words, "http://127.0.0.1:$1")
+    py, probe = _sh_quote(sys.executable), _sh_quote(str(PROBE))
+    quoted = " ".join(f'"{f}"' if f.startswith("http://") else _sh_quote(f) for f in flags)
+    script = folder / f"run_{name}_axcl_x86.sh"
+    script.write_text(
+        f"{py} {probe} in probe-in.log | AX_EMU_FAULTS={pace(tokens_per_second)} ax-emulator {quoted}"
+        f" | {py} {probe} out probe-out.log\n"
+    )
+    (folder / "post_config.json").write_text(json.dumps({"enable_temperature": False}, indent=4))
+    (folder / f"{name}_tokenizer.py").write_text(TOKENIZER_LAUNCHER.format(tokenizer=str(TOKENIZER_DIR)))
+    return {
+        "model_name": name,
+        "run_cmd": script.name,
+        "model_path": str(folder),
+        "include_thinking": "false",
+        "run_on_startup": "false",
+        "tokenizer_path": str(folder),
+        "tokenizer_py": f"{name}_tokenizer.py",
+        "tokenizer_ip": "127.0.0.1",
+        "tokenizer_port": str(port),
+        "details": {"format": "scripted", "family": "echo", "parameter_size": "0", "quantization_level": "none"},
+    }
+
+
+def read_probe(path: Path) -> list[tuple[int, bytes]]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        stamp, _, data = line.partition(" ")
+        records.append((int(stamp), bytes.fromhex(data)))
+    return records
+
+
+# ---- the daemon -----------------------------------------------------------------------------
+
+@dataclass
+class Daemon:
+    url: str
+    port: int
+    process: subprocess.Popen
+    root: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def get(self, path: str, timeout: float = 10.0) -> Any:
+        import httpx
+
+        return httpx.get(self.url + path, timeout=timeout).json()
+
+    def wait_state(self, model: str, states: tuple[str, ...], timeout: float = 120.0) -> dict:
+        deadline = time.monotonic() + timeout
+        status: dict = {}
+        while time.monotonic() < deadline:
+            status = self.get(f"/api/status/{model}")
+            if status.get("state") in states:
+                return status
+            time.sleep(0.05)
+        raise TimeoutError(f"{model} never reached {states}: {json.dumps(status)[:800]}")
+
+
+def _kill_group_leftovers(marker: str) -> None:
+    needle = f"AXM1_BENCH_RUN={marker}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
+
+
+@contextmanager
+def running_daemon(root: Path, entries: list[dict[str, Any]], *flags: str) -> Iterator[Daemon]:
+    port, tokenizer_service_port = free_port(), free_port()
+    descriptor = root / "model-descriptor.json"
+    descriptor.write_text(json.dumps(entries, indent=2))
+    (root / "metrics").mkdir(exist_ok=True)
+    marker = os.urandom(8).hex()
+    env = dict(os.environ)
+    env.update(
+        AXM1_BENCH_RUN=marker,
+        AX_EMU_STATE_DIR=str(root),
+        HF_HUB_OFFLINE="1",
+        PATH=str(BIN) + os.pathsep + env.get("PATH", ""),
+    )
+    command = [
+        str(BIN / "axm1-llm"), "serve",
+        "--port", str(port),
+        "--tokenizer-service-port", str(tokenizer_service_port),
+        "--descriptor", str(descriptor),
+        "--metrics-dir", str(root / "metrics"),
+        "--log-level", "warning",
+        *flags,
+    ]
+    with open(root / "daemon.log", "wb") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    daemon = Daemon(f"http://127.0.0.1:{port}", port, process, root, env)
+    try:
+        wait_port(port, 60)
+        yield daemon
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+        time.sleep(0.3)
+        _kill_group_leftovers(marker)
+
+
+# ---- the raw runner -------------------------------------------------------------------------
+
+class RawRunner:
+    """The emulator driven directly: a thread reads its stdout and timestamps every chunk —
+    the physical limit any wrapper can reach."""
+
+    def __init__(self, root: Path, name: str, tokens_per_second: float, reply_words: int,
+                 command: list[str] | None = None, cwd: Path | None = None, tokenizer: Path | None = None,
+                 tokenizer_port: int | None = None) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.port = tokenizer_port or free_port()
+        self.tokenizer = subprocess.Popen(
+            [sys.executable, "-m", "tokenizer_service.server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--tokenizer", str(tokenizer or TOKENIZER_DIR)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(REPO_ROOT),
+            env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True,
+        )
+        try:
+            wait_port(self.port, 60)
+        except TimeoutError:
+            self.tokenizer.kill()
+            self.tokenizer.wait(5)
+            raise
+        env = {**os.environ, "PATH": str(BIN) + os.pathsep + os.environ.get("PATH", ""), "AX_EMU_STATE_DIR": str(root),
+               "AX_EMU_FAULTS": pace(tokens_per_second)}
+        command = command or [str(BIN / "ax-emulator"),
+                              *emulator_flags(name, tokens_per_second, reply_words, f"http://127.0.0.1:{self.port}")]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.DEVNULL, env=env, cwd=str(cwd or root),
+                                        start_new_session=True)
+        self.chunks: list[tuple[int, bytes]] = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        fd = self.process.stdout.fileno()
+        while True:
+            data = os.read(fd, 65536)
+            now = time.monotonic_ns()
+            if not data:
+                break
+            with self._cond:
+                self.chunks.append((now, data))
+                self._cond.notify_all()
+
+    def wait_for(self, needle: bytes, start_index: int, timeout: float) -> int:
+        """Index just past the chunk where `needle` has appeared (searching from chunk index)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if needle in b"".join(d for _, d in self.chunks[start_index:]):
+                    return len(self.chunks)
+                left = deadline - time.monotonic()
+                if left <= 0 or self.process.poll() is not None:
+                    raise TimeoutError(f"raw runner: {needle!r} not seen")
+                self._cond.wait(left)
+
+    def send(self, line: str) -> tuple[int, int]:
+        """Write one line; returns (chunk index before the write, write time ns)."""
+        with self._cond:
+            index = len(self.chunks)
+        now = time.monotonic_ns()
+        self.process.stdin.write(line.encode() + b"\n")
+        self.process.stdin.flush()
+        return index, now
+
+    def close(self) -> None:
+        for proc in (self.process, self.tokenizer):
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for proc in (self.process, self.tokenizer):
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+
+# ---- a client that timestamps every received byte -------------------------------------------
+
+@dataclass
+class TimedResponse:
+    sent_ns: int
+    status: int
+    headers: dict[str, str]
+    lines: list[tuple[int, dict]]  # (arrival ns of the line's last byte, parsed object)
+    done_ns: int
+
+    def text(self, key: str = "response") -> str:
+        return "".join(obj.get(key) or "" for _, obj in self.lines)
+
+
+def timed_request(port: int, path: str, body: dict | None, method: str = "POST", timeout: float = 300) -> TimedResponse:
+    """One HTTP/1.1 request over a raw socket; every recv is timestamped, then the (chunked)
+    body is split into lines, each stamped with the arrival of its last byte."""
+    payload = json.dumps(body).encode() if body is not None else b""
+    head = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    recvs: list[tuple[int, bytes]] = []
+    try:
+        sent = time.monotonic_ns()
+        sock.sendall(head + payload)
+        while True:
+            data = sock.recv(262144)
+            now = time.monotonic_ns()
+            if not data:
+                break
+            recvs.append((now, data))
+    finally:
+        sock.close()
+    raw = b"".join(d for _, d in recvs)
+    ends, total = [], 0
+    for _, d in recvs:
+        total += len(d)
+        ends.append(total)
+
+    def arrival(offset: int) -> int:
+        return recvs[bisect.bisect_right(ends, offset)][0]
+
+    header_end = raw.index(b"\r\n\r\n") + 4
+    status_line, *header_lines = raw[:header_end - 4].decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines)}
+    # body bytes with the raw offset of each piece
+    pieces: list[tuple[int, bytes]] = []
+    if headers.get("transfer-encoding") == "chunked":
+        pos = header_end
+        while True:
+            line_end = raw.index(b"\r\n", pos)
+            size = int(raw[pos:line_end].split(b";")[0], 16)
+            if size == 0:
+                break
+            pieces.append((line_end + 2, raw[line_end + 2:line_end + 2 + size]))
+            pos = line_end + 2 + size + 2
+    else:
+        pieces.append((header_end, raw[header_end:]))
+    lines: list[tuple[int, dict]] = []
+    pending = b""
+    for raw_start, data in pieces:
+        start = 0
+        while True:
+            newline = data.find(b"\n", start)
+            if newline < 0:
+                pending += data[start:]
+                break
+            text = pending + data[start:newline]
+            pending = b""
+            start = newline + 1
+            if text.strip():
+                lines.append((arrival(raw_start + newline), json.loads(text)))
+    if pending.strip():
+        lines.append((recvs[-1][0], json.loads(pending)))
+    return TimedResponse(sent, int(status_line.split()[1]), headers, lines, recvs[-1][0] if recvs else sent)
+
+
+# ---- /proc ----------------------------------------------------------------------------------
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of this process only (not its children)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def heavy_libraries(pid: int) -> list[str]:
+    """Mapped files of torch, transformers and their native companions."""
+    found = set()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and any(k in parts[5] for k in ("torch", "transformers", "tokenizers", "safetensors")):
+            found.add(parts[5])
+    return sorted(found)
