@@ -101,7 +101,8 @@ class JsonBodiesByDefault:
         if scope["type"] == "http" and scope.get("method") in ("POST", "PUT", "PATCH"):
             headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
             headers.append((b"content-type", b"application/json"))
-            scope = dict(scope, headers=headers)
+            # In place: the router records the matched route in this same scope for the metrics.
+            scope["headers"] = headers
         await self.app(scope, receive, send)
 
 

@@ -85,7 +85,7 @@ class ModelMetrics:
         # Every reason exists from the start, so rate() sees the first error as a rise from 0.
         self._finished = {reason: finished.labels(name, reason) for reason in FINISHED_REASONS}
         self._ttft = histogram("axm1_llm_time_to_first_token_seconds",
-                               "Time from the start of generation to the first token.",
+                               "Time from the request's arrival to the first text relayed to the client (queue and load included).",
                                TTFT_BUCKETS).labels(name)
         self._inter_token = histogram("axm1_llm_inter_token_latency_seconds",
                                       "Time between two relayed chunks of an answer.",

@@ -297,6 +297,7 @@ class ModelManager:
                 queued = False
                 metrics.request_dequeued(waited)
                 metrics.request_started()
+                relayed_tokens = 0
                 try:
                     await self._make_room(entry)
                     with anyio.fail_after(max(0.0, deadline - time.monotonic())):
@@ -315,6 +316,7 @@ class ModelManager:
                                 metrics.runner_speed(item.runner_tokens_per_second, measured)
                             yield item
                             break
+                        relayed_tokens += item.tokens
                         if not want_thinking and item.thinking:
                             if not item.content:
                                 continue
@@ -335,10 +337,11 @@ class ModelManager:
                     finished_reason = "error"
                     raise
                 finally:
+                    # An answer cut short (error, client gone) still used the card: count what it read and wrote.
                     metrics.request_finished(
                         finished_reason,
-                        result.prompt_tokens if result else 0,
-                        result.completion_tokens if result else 0,
+                        result.prompt_tokens if result else request.prompt_tokens,
+                        result.completion_tokens if result else relayed_tokens,
                         time.monotonic() - request.arrived_at,
                     )
                     self._touch(entry, keep_alive_s)

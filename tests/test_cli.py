@@ -102,7 +102,10 @@ def test_status_prints_a_table_using_the_key_from_the_environment(status_daemon:
     assert result.returncode == 0, result.stderr
     header, first, second = result.stdout.splitlines()
     assert header.split()[:4] == ["MODEL", "STATE", "SINCE", "PROGRESS"]
-    assert first.split()[:7] == ["qwen3-1.7b", "ready", "2m", "ago", "31/31", "3", "46/2048"]
+    name, state, age, ago, *rest = first.split()[:7]
+    # The fixture's `since` lies ~2 minutes back when it starts; a slow run may read it later.
+    assert [name, state, ago, *rest] == ["qwen3-1.7b", "ready", "ago", "31/31", "3", "46/2048"]
+    assert age in ("2m", "3m", "4m"), age
     assert "lLaMa.Init failed" in first
     assert second.split()[:2] == ["bare-model", "?"]
 

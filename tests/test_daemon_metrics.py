@@ -389,8 +389,6 @@ def test_metrics_endpoint_has_process_metrics_and_route_templates(shared_daemon:
         assert "echo" not in route and "no-such-model" not in route and "not/a/route" not in route, route
 
 
-@pytest.mark.xfail(strict=True, reason="tokens of a request that ends in error or abort are not counted: "
-                   "ModelManager.generate passes 0 prompt and 0 generation tokens when no final result came")
 def test_tokens_of_crashed_and_abandoned_answers_are_counted(shared_daemon: Daemon) -> None:
     """vLLM's meaning: prompt tokens count once prefilled, generation tokens once generated, however
     the request ends. A client that received text before a crash, or left mid-answer, was sent

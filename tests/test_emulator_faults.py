@@ -86,6 +86,7 @@ def test_hang_mid_answer_ignores_sigint_but_not_sigterm(start):
     runner.read_until(b"prompt >> ")
     runner.send("hang\n")
     runner.read_until(b"You said")
+    runner.quiet_for(0.5)  # the hang is in effect (a SIGINT before it would end the reply normally)
     runner.signal(signal.SIGINT)
     assert b"hit eos" not in runner.quiet_for(1.0)
     assert runner.process.poll() is None

@@ -50,6 +50,9 @@ class GenerationRequest:
     think: bool | None = None
     arrived_at: float = field(default_factory=time.monotonic)
     deadline: float | None = None  # monotonic time after which the request fails
+    # Set by the engine as soon as the backend has read the prompt: counted even when the
+    # answer later ends in an error or an abort.
+    prompt_tokens: int = 0
 
     @property
     def system(self) -> str | None:
@@ -63,6 +66,7 @@ class Chunk:
 
     content: str = ""
     thinking: str = ""
+    tokens: int = 0  # generated tokens this chunk stands for (an estimate until the final record)
 
 
 @dataclass(slots=True)

@@ -595,6 +595,7 @@ class CardEngine(Engine):
         elif isinstance(event, InputTokens):
             if self._job is not None:
                 self._job.prompt_tokens = event.count
+                self._job.request.prompt_tokens = event.count
         elif isinstance(event, Ttft):
             if self._job is not None:
                 self._job.runner_ttft_ms = event.ms
@@ -649,7 +650,7 @@ class CardEngine(Engine):
         thinking, content = job.splitter.feed(text)
         visible = job.stops.feed(content)
         if thinking or visible:
-            job.deliver(Chunk(content=visible, thinking=thinking))
+            job.deliver(Chunk(content=visible, thinking=thinking, tokens=_TOKENS_PER_FLUSH))
         if job.stops.stopped:
             await self._interrupt(job, "stop")
             job.deliver(self._result(job, "stop", final=True))

@@ -467,7 +467,8 @@ class HttpEngine(Engine):
                     thinking, visible = splitter.feed(content) if content else ("", "")
                     if reasoning or thinking or visible:
                         relayed.append(time.monotonic())
-                        yield Chunk(content=visible, thinking=reasoning + thinking)
+                        # OpenAI-compatible servers send about one token per delta.
+                        yield Chunk(content=visible, thinking=reasoning + thinking, tokens=1)
                     finish = finish_reason or finish
             if not done and finish is None:
                 raise EngineError(f"upstream {self.base_url} ended the stream without finishing the answer", status_code=502)
