@@ -20,6 +20,7 @@ from anyio.abc import TaskGroup
 
 from .descriptor import DescriptorResult, ModelSpec, diff_specs, load_descriptor, parse_keep_alive
 from .engines.base import (
+    BadRequest,
     Chunk,
     Engine,
     EngineError,
@@ -50,6 +51,14 @@ class ModelEntry:
     modified_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     last_used: float = 0.0
     expires_at: float | None = None  # monotonic; None = stays loaded
+
+
+def requested_keep_alive(value: Any) -> float | None:
+    """A request's keep_alive in seconds (None = forever); a bad value is the client's error."""
+    try:
+        return parse_keep_alive(value)
+    except ValueError as exc:
+        raise BadRequest(f"invalid keep_alive: {exc}") from None
 
 
 def _rfc3339_in(seconds_from_now: float) -> str:
@@ -234,7 +243,7 @@ class ModelManager:
 
     def _keep_alive_for(self, entry: ModelEntry, requested: Any) -> float | None:
         if requested is not None:
-            return parse_keep_alive(requested)
+            return requested_keep_alive(requested)
         if "keep_alive" in entry.spec.model_fields_set:
             return entry.spec.keep_alive
         return None if entry.spec.run_on_startup else self._default_keep_alive

@@ -304,6 +304,9 @@ def parse_history(value: Any) -> list[dict[str, str]]:
 
 
 class RequestHandler(BaseHTTPRequestHandler):
+    # Headers and body leave in separate writes: without TCP_NODELAY a kept-alive client waits
+    # for the delayed ACK (~40 ms) on every call.
+    disable_nagle_algorithm = True
     protocol_version = "HTTP/1.1"
     timeout = CONNECTION_IDLE_SECONDS
     server: "HTTPTokenizerServer"

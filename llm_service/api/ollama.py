@@ -26,6 +26,7 @@ from ..engines.base import (
     GenerationResult,
     SamplingOptions,
 )
+from ..models import requested_keep_alive
 from .streaming import PrefetchedStream, new_request_id, open_stream, until_disconnect
 
 router = APIRouter()
@@ -230,7 +231,7 @@ async def _load_or_unload(request: Request, model: str, keep_alive: Any, kind: s
         body["message"] = {"role": "assistant", "content": ""}
     else:
         body["response"] = ""
-    if keep_alive is not None and str(keep_alive).strip() in ("0", "0s", "0m", "0.0"):
+    if keep_alive is not None and requested_keep_alive(keep_alive) == 0:
         await manager.unload(name)
         body.update(done=True, done_reason="unload")
         return JSONResponse(body)
