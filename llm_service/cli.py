@@ -177,9 +177,9 @@ def _compact(value: Any) -> str:
 def _context(value: Any) -> str:
     if isinstance(value, dict):
         used = value.get("used", value.get("precompute_len"))
-        limit = value.get("max", value.get("limit", value.get("max_tokens")))
-        if used is not None and limit:
-            return f"{used}/{limit}"
+        limit = value.get("size", value.get("max", value.get("limit")))
+        if limit:
+            return f"{'-' if used is None else used}/{limit}"
     return _compact(value)
 
 
@@ -203,7 +203,7 @@ def status_table(status: dict[str, Any]) -> str:
             (
                 str(model.get("name", "?")),
                 str(model.get("state", "?")),
-                _age(model.get("since")),
+                _age(model.get("since_epoch", model.get("since"))),
                 _progress(model.get("progress")),
                 _queue(model.get("queue")),
                 _context(model.get("context")),
