@@ -28,7 +28,7 @@ AXM1_LLM = Path(sys.executable).parent / "axm1-llm"
 TOKENIZER_LAUNCHER = """\
 import sys
 from tokenizer_service.server import main
-sys.exit(main(["--tokenizer", {tokenizer!r}, *sys.argv[1:]]))
+sys.exit(main(["--tokenizer", {tokenizer!r}, {extra}*sys.argv[1:]]))
 """
 
 
@@ -42,6 +42,7 @@ def scripted_model(
     reply_words: int = 8,
     think: bool = False,
     port_from_dollar1: bool = True,
+    stock_tokenizer: bool = False,
     extra_flags: tuple[str, ...] = (),
     fields: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -73,7 +74,7 @@ def scripted_model(
     script = folder / f"run_{name}_axcl_x86.sh"
     script.write_text("ax-emulator \\\n" + " \\\n".join(flags) + "\n")
     (folder / "post_config.json").write_text(json.dumps({"enable_temperature": False, "temperature": 0.9}, indent=4))
-    (folder / f"{name}_tokenizer.py").write_text(TOKENIZER_LAUNCHER.format(tokenizer=str(TOKENIZER_DIR)))
+    (folder / f"{name}_tokenizer.py").write_text(TOKENIZER_LAUNCHER.format(tokenizer=str(TOKENIZER_DIR), extra='"--stock", ' if stock_tokenizer else ""))
     entry = {
         "model_name": name,
         "run_cmd": script.name,

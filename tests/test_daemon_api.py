@@ -229,3 +229,22 @@ def test_official_ollama_client(daemon):
     with pytest.raises(ollama.ResponseError) as missing:
         client.generate(model="absent", prompt="x")
     assert missing.value.status_code == 404
+
+
+def test_a_stock_tokenizer_script_is_served_with_what_it_can_do(tmp_path):
+    """With a tokenizer script that has none of our extensions, newlines cannot be restored and a
+    history cannot be injected: the daemon replaces and flattens, and says so."""
+    entry = scripted_model(tmp_path, "stock", reply_words=WORDS, stock_tokenizer=True)
+    with running_daemon(tmp_path, [entry]) as daemon, daemon.client() as http:
+        body = http.post("/api/generate", json={"model": "stock", "prompt": "two\nlines", "stream": False}).json()
+        assert body["response"] == reply_text("two lines", WORDS, think=False)
+        assert any("newlines replaced" in w for w in body["warnings"])
+        status = http.get("/api/status/stock").json()
+        assert status["newlines"].startswith("replaced with spaces")
+        chat = http.post("/api/chat", json={"model": "stock", "stream": False, "messages": [
+            {"role": "user", "content": "earlier"},
+            {"role": "assistant", "content": "an answer the runner never saw"},
+            {"role": "user", "content": "now"},
+        ]}).json()
+        assert any("history flattened" in w for w in chat["warnings"])
+        assert "now" in chat["message"]["content"] and "earlier" in chat["message"]["content"]

@@ -156,8 +156,11 @@ class Session:
 class TokenizerServer:
     """The protocol logic, independent of HTTP: each method answers one route."""
 
-    def __init__(self, tokenizer: ChatTokenizer, session_idle_seconds: float) -> None:
+    def __init__(self, tokenizer: ChatTokenizer, session_idle_seconds: float, stock: bool = False) -> None:
         self.tokenizer = tokenizer
+        # Stock mode behaves as the card's own scripts: no extensions for the daemon, prompt text
+        # taken verbatim (no newline restore). /tokenize stays: the scripted emulator needs it.
+        self.stock = stock
         self.session_idle_seconds = session_idle_seconds
         self.controls = Controls()
         self._controls_lock = threading.Lock()
@@ -223,7 +226,7 @@ class TokenizerServer:
             if history:
                 after_system = 1 if messages and messages[0]["role"] == "system" else 0
                 messages[after_system:after_system] = history
-            messages.append({"role": "user", "content": unescape_prompt_line(text)})
+            messages.append({"role": "user", "content": text if self.stock else unescape_prompt_line(text)})
             all_ids = self.tokenizer.render(messages, generation_prompt=True, thinking=thinking)
             diff = prefill_diff(all_ids, held_ids)
             session.messages, session.held_ids = messages, all_ids
@@ -247,7 +250,7 @@ class TokenizerServer:
         with self._controls_lock:
             system_prompt, thinking = self.controls.system_prompt, self.controls.thinking
         messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
-        messages.append({"role": "user", "content": unescape_prompt_line(text)})
+        messages.append({"role": "user", "content": text if self.stock else unescape_prompt_line(text)})
         return self.tokenizer.render(messages, generation_prompt=True, thinking=thinking)
 
     # -- extensions ------------------------------------------------------------------------
@@ -345,6 +348,9 @@ class RequestHandler(BaseHTTPRequestHandler):
         app = self.server.app
         get_routes = {"/get_uid", "/bos_id", "/eos_id", "/capabilities", "/stats"}
         post_routes = {"/reset", "/encode", "/decode", "/config", "/tokenize"}
+        if app.stock:
+            get_routes -= {"/capabilities", "/stats"}
+            post_routes -= {"/config"}
         if path not in get_routes | post_routes:
             raise ApiError(HTTPStatus.NOT_FOUND, f"unknown path: {path}")
         if (method == "GET") != (path in get_routes):
@@ -411,11 +417,16 @@ def main(argv: list[str] | None = None) -> int:
         default=float(os.environ.get(SESSION_IDLE_ENV, DEFAULT_SESSION_IDLE_SECONDS)),
         help=f"free a uid session unused for this long (default: ${SESSION_IDLE_ENV} or %(default)s)",
     )
+    parser.add_argument(
+        "--stock",
+        action="store_true",
+        help="behave as the card's stock tokenizer scripts: no /capabilities, /config or /stats, no newline restore",
+    )
     args = parser.parse_args(argv)
     if not args.tokenizer.exists():
         print(f"tokenizer not found: {args.tokenizer}", file=sys.stderr)
         return 2
-    app = TokenizerServer(ChatTokenizer(load_tokenizer(args.tokenizer)), args.session_idle_seconds)
+    app = TokenizerServer(ChatTokenizer(load_tokenizer(args.tokenizer)), args.session_idle_seconds, stock=args.stock)
     try:
         httpd = HTTPTokenizerServer((args.host, args.port), app)
     except OSError as exc:
