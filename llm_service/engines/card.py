@@ -573,7 +573,7 @@ class CardEngine(Engine):
             return
         if isinstance(event, LogLine):
             self.logs.append(f"[{event.level}][{event.function}][{event.line}]: {event.message}")
-            if event.message.startswith("precompute_len:") and state is S.INITIALIZING:
+            if event.message.startswith("precompute_len:") and state in (S.INITIALIZING, S.RESETTING):
                 # The system prompt prefilled at start-up already occupies the context.
                 used = int(event.message.split(":", 1)[1].split(",")[0])
                 self._context = (used, self.spec.context_size - used)
@@ -625,7 +625,6 @@ class CardEngine(Engine):
             await self._advance()
         elif state is S.RESETTING:
             self._reset_at = None
-            self._context = None
             self._held = []
             self._set_state(S.READY, "context reset")
             await self._advance()
@@ -742,6 +741,7 @@ class CardEngine(Engine):
         if self._supports_reset or self._dialect == "c":
             job.phase = "resetting"
             self._reset_at = time.monotonic() + _RESET_TIMEOUT_S
+            self._context = None  # known again from the runner's reset lines or its next turn
             self._set_state(S.RESETTING, "fresh context for a new conversation", request=request.id)
             await self._write_line("/reset" if self._dialect == "c" else "reset")
         else:
