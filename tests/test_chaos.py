@@ -173,3 +173,21 @@ def test_tokenizer_server_killed_mid_answer_is_restarted_and_the_model_recovers(
         status = httpx.get(f"{daemon.url}/api/status/tk", timeout=5).json()
         assert status["state"] == "ready", status
         print(f"\ntokenizer server SIGKILLed: request ended as {outcome.result!r}; answered again after {recovery:.1f}s")
+
+
+def test_tokenizer_server_answers_a_kept_alive_client_without_a_delayed_ack_stall(tmp_path):
+    """The daemon talks to its tokenizer servers through one kept-alive httpx client (estimate,
+    /config, /stats every request). A server that sends headers and body in two writes made each
+    call wait ~44 ms for the client's delayed ACK (Nagle): ~100 ms added to every TTFT."""
+    entry = scripted_model(tmp_path, "nagle", reply_words=2)
+    with running_daemon(tmp_path, [entry]) as daemon:
+        wait_answer(daemon.url, "nagle", "warm", 2)
+        url = f"http://127.0.0.1:{entry['tokenizer_port']}/tokenize"
+        with httpx.Client(timeout=5) as http:
+            times = []
+            for _ in range(9):
+                started = time.perf_counter()
+                assert http.post(url, json={"text": "hello world"}).status_code == 200
+                times.append(time.perf_counter() - started)
+        median = sorted(times)[len(times) // 2]
+        assert median < 0.02, f"median round trip {median * 1000:.1f} ms: {[round(t * 1000, 1) for t in times]}"
