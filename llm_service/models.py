@@ -400,6 +400,8 @@ class ModelManager:
 
     def status(self) -> dict[str, Any]:
         models = [self.model_status(name) for name in self._entries]
+        for model in models:  # the overview stays small; /api/status/{model} has more
+            model["history"] = model.get("history", [])[-5:]
         models += [{"name": name, "state": "disabled", "last_error": {"reason": error}} for name, error in self.disabled.items()]
         return {
             "models": models,

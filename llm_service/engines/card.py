@@ -199,6 +199,7 @@ class CardEngine(Engine):
         self._uid: str | None = None
         self._tokenizer_caps: dict[str, Any] | None = None
         self._tokenizer_probed = False
+        self._tokenizer_config: dict[str, Any] = {}  # what /config last set on the server
         self._tokenizer_scope: anyio.CancelScope | None = None
         self._progress: dict[str, Any] | None = None
         self._load_started: float | None = None
@@ -427,6 +428,7 @@ class CardEngine(Engine):
         self._generation += 1
         self._restart_at = None
         self._uid = None
+        self._tokenizer_config = {}
         self._context = None
         self._held = []
         self._held_system = self._launch_system
@@ -460,9 +462,9 @@ class CardEngine(Engine):
                 caps = await self._tokenizers.capabilities(host, spec.tokenizer_port)
                 if caps is not None:
                     # The runner's init /reset picks up the system prompt the descriptor sets.
-                    await self._tokenizers.configure(
-                        host, spec.tokenizer_port, system_prompt=self._launch_system, thinking=None, history=[]
-                    )
+                    initial = {"system_prompt": self._launch_system, "thinking": None, "history": []}
+                    await self._tokenizers.configure(host, spec.tokenizer_port, **initial)
+                    self._tokenizer_config = initial
             except (TokenizerUnavailable, OSError) as exc:
                 error = str(exc)
         if not scope.cancel_called:
@@ -717,12 +719,15 @@ class CardEngine(Engine):
             and _normalized(self._held) == _normalized(job.history)
         )
         if continuing and self._context is not None:
-            needed = await self._estimate_tokens([job.line]) + _CONTEXT_MARGIN
-            if needed > self._context[1]:
+            needed = await self._estimate_tokens([job.line], room=self._context[1] - _CONTEXT_MARGIN)
+            if needed + _CONTEXT_MARGIN > self._context[1]:
                 continuing = False  # would overflow: open a fresh context holding the history
         if not continuing:
             self._launch_system = job.system
-            needed = await self._estimate_tokens([m.content for m in job.history] + [job.line, job.system or ""])
+            needed = await self._estimate_tokens(
+                [m.content for m in job.history] + [job.line, job.system or ""],
+                room=self.spec.context_size - _CONTEXT_MARGIN,
+            )
             if needed + _CONTEXT_MARGIN > self.spec.context_size:
                 raise BadRequest(
                     f"the conversation needs about {needed} tokens, more than the context of "
@@ -763,6 +768,7 @@ class CardEngine(Engine):
         job.phase = "prompting"
         assert self._parser is not None
         self._parser.begin_turn()
+        self._tokenizer_config["history"] = []  # the runner's /encode for this line consumes it
         self._set_state(S.PROCESSING, "prompt sent", request=job.request.id)
         job.prompt_written_at = time.monotonic()
         self._hang_at = job.prompt_written_at + self._hang_s
@@ -826,10 +832,14 @@ class CardEngine(Engine):
             if ids is not None:
                 result.completion_tokens = len(ids)
 
-    async def _estimate_tokens(self, texts: list[str]) -> int:
+    async def _estimate_tokens(self, texts: list[str], room: int) -> int:
+        """Tokens the texts need (with template overhead), asking the tokenizer only when needed."""
         text = "\n".join(t for t in texts if t)
         if not text:
             return 0
+        upper_bound = len(text.encode()) + 8 * len(texts)  # a token never holds less than a byte
+        if upper_bound <= room:
+            return upper_bound  # fits for sure: no round trip on the way to the first token
         if self._tokenizer_caps is not None:
             with anyio.move_on_after(_TOKENIZER_CALL_TIMEOUT_S):
                 ids = await self._tokenizers.tokenize(self._tokenizer_host, self.spec.tokenizer_port, text)
@@ -855,13 +865,19 @@ class CardEngine(Engine):
         return self.spec.tokenizer_ip or "127.0.0.1"
 
     async def _configure_tokenizer(self, **settings: Any) -> None:
+        """Send the settings that differ from what the tokenizer server already holds."""
         if self._tokenizer_caps is None:
+            return
+        changed = {k: v for k, v in settings.items() if k not in self._tokenizer_config or self._tokenizer_config[k] != v}
+        if not changed:
             return
         try:
             with anyio.fail_after(_TOKENIZER_CALL_TIMEOUT_S):
-                await self._tokenizers.configure(self._tokenizer_host, self.spec.tokenizer_port, **settings)
+                await self._tokenizers.configure(self._tokenizer_host, self.spec.tokenizer_port, **changed)
         except (TimeoutError, TokenizerUnavailable, OSError) as exc:
+            self._tokenizer_config.clear()
             raise ModelUnavailable(f'tokenizer of "{self.spec.name}" did not take its settings: {exc}') from exc
+        self._tokenizer_config.update(changed)
 
     async def _on_cancel(self, job: _TurnJob) -> None:
         job.delivered = True
