@@ -207,6 +207,7 @@ class CardEngine(Engine):
         self._context: tuple[int, int] | None = None  # (precompute_len, remaining)
         self._held: list[ChatMessage] | None = None  # the conversation the runner's context holds
         self._held_system: str | None = None
+        self._reset_system: str | None = None  # the system prompt the reset under way installs
         # The system prompt the next launch gives the tokenizer for the runner's init /reset.
         self._launch_system: str | None = spec.system_prompt
 
@@ -628,6 +629,7 @@ class CardEngine(Engine):
         elif state is S.RESETTING:
             self._reset_at = None
             self._held = []
+            self._held_system = self._reset_system
             self._set_state(S.READY, "context reset")
             await self._advance()
         elif state in (S.PROCESSING, S.OUTPUTTING):
@@ -742,18 +744,37 @@ class CardEngine(Engine):
         if continuing or already_fresh:
             job.phase = "prompting"
             return
-        await self._configure_tokenizer(system_prompt=job.system)
-        if self._supports_reset or self._dialect == "c":
+        if self._can_reset:
             job.phase = "resetting"
-            self._reset_at = time.monotonic() + _RESET_TIMEOUT_S
-            self._context = None  # known again from the runner's reset lines or its next turn
-            self._set_state(S.RESETTING, "fresh context for a new conversation", request=request.id)
-            await self._write_line("/reset" if self._dialect == "c" else "reset")
+            await self._reset(job.system, "fresh context for a new conversation", request=request.id)
         else:
+            await self._configure_tokenizer(system_prompt=job.system)
             # This runner cannot reset its KV cache: a fresh context costs a restart (a full load).
             job.phase = "restarting"
             self._held = None
             await self._restart_process("fresh context needs a restart (runner has no reset)")
+
+    @property
+    def _can_reset(self) -> bool:
+        return self._supports_reset or self._dialect == "c"
+
+    async def _reset(self, system: str | None, reason: str, **details: Any) -> None:
+        """Clear the runner's KV cache; the tokenizer server installs `system` at its /reset."""
+        await self._configure_tokenizer(system_prompt=system)
+        self._reset_system = system
+        self._reset_at = time.monotonic() + _RESET_TIMEOUT_S
+        self._context = None  # known again from the runner's reset lines or its next turn
+        self._set_state(S.RESETTING, reason, **details)
+        await self._write_line("/reset" if self._dialect == "c" else "reset")
+
+    async def _reset_ahead(self) -> None:
+        """After a one-shot request, reset while idle, so the next one finds a fresh context."""
+        if self._pending or not self._can_reset or self._machine.state is not S.READY:
+            return
+        try:
+            await self._reset(self.spec.system_prompt, "fresh context ahead of the next request")
+        except EngineError as exc:
+            self.logs.append(f"[axm1-llm] reset ahead of the next request failed: {exc.message}")
 
     async def _write_prompt(self, job: _TurnJob) -> None:
         ours = self._tokenizer_caps is not None
@@ -793,6 +814,8 @@ class CardEngine(Engine):
                 self._held = None
         self._set_state(S.READY, "turn over")
         await self._advance()
+        if job is not None and job.request.kind == "generate":
+            await self._reset_ahead()
 
     def _result(self, job: _TurnJob, reason: str, final: bool = False) -> GenerationResult:
         now = time.monotonic()
