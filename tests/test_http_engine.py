@@ -224,7 +224,7 @@ def test_malformed_chunk_is_an_error_naming_the_upstream(fake: FakeUpstream) -> 
                     relayed.append(item)
             assert caught.value.status_code == 502
             assert "malformed" in caught.value.message and fake.base_url in caught.value.message
-            assert relayed == [Chunk(content="fine ")]  # what came before the bad chunk was relayed
+            assert relayed == [Chunk(content="fine ", tokens=1)]  # what came before the bad chunk was relayed
 
     anyio.run(scenario)
 
@@ -255,7 +255,7 @@ def test_connection_lost_mid_answer_is_not_retried(fake: FakeUpstream) -> None:
                 async for item in engine.generate(chat("hi")):
                     relayed.append(item)
             assert caught.value.status_code == 502
-            assert relayed == [Chunk(content="half ")]
+            assert relayed == [Chunk(content="half ", tokens=1)]
 
     anyio.run(scenario)
     assert len(fake.records()["chat_requests"]) == 1, "a half-sent answer must never be asked for again"
