@@ -10,6 +10,7 @@ Files hold no timestamps: node_exporter rejects a whole file that has one.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -37,6 +38,8 @@ INTER_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 
 REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
                            50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 
+# Writes after an event wait this long, so a burst of state changes costs one write.
+WRITE_DELAY_S = 0.05
 BYTES_PER_MEGABYTE = 1024 * 1024  # the card counts its memory (CMM) in binary megabytes
 
 # The daemon's series and every model's carry the same HELP; the merge for /metrics insists on it.
@@ -59,6 +62,7 @@ class ModelMetrics:
         self.file_path = file_path
         self.registry = CollectorRegistry()
         self._write_failing = False
+        self._write_scheduled = False
         labels = ["model"]
 
         def gauge(metric: str, help_text: str, extra: tuple[str, ...] = ()) -> Gauge:
@@ -154,23 +158,23 @@ class ModelMetrics:
         self._prompt_tokens.inc(prompt_tokens)
         self._generation_tokens.inc(generation_tokens)
         self._e2e.observe(e2e_seconds)
-        self.write()
+        self.write_soon()
 
     def set_state(self, state: str) -> None:
         current = RunnerState(state).value  # raises ValueError for an unknown name
         for name, child in self._states.items():
             child.set(1 if name == current else 0)
-        self.write()
+        self.write_soon()
 
     def restarted(self, reason: str) -> None:
         """Counts a restart and writes the file (restarts are rare and worth seeing at once)."""
         self._restarts.labels(self.name, reason).inc()
-        self.write()
+        self.write_soon()
 
     def load_finished(self, seconds: float) -> None:
         """Observes a load's duration and writes the file."""
         self._load_duration.observe(seconds)
-        self.write()
+        self.write_soon()
 
     def runner_speed(self, reported_tps: float | None, measured_tps: float | None) -> None:
         """The last answer's decode speeds; None leaves that gauge as it was (not measured this time)."""
@@ -192,6 +196,26 @@ class ModelMetrics:
         else:
             self._npu_memory.labels(self.name).set(megabytes * BYTES_PER_MEGABYTE)
             self._npu_memory_declared = True
+
+    def write_soon(self) -> None:
+        """Write shortly after the current burst of events (coalesced), off the per-token path.
+
+        State changes happen right between a prompt and its first token: a file write there
+        (1–2 ms) would land on every request's time to first token.
+        """
+        if self.file_path is None or self._write_scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (a script or a test): write now
+            self.write()
+            return
+        self._write_scheduled = True
+        loop.call_later(WRITE_DELAY_S, self._scheduled_write)
+
+    def _scheduled_write(self) -> None:
+        self._write_scheduled = False
+        self.write()
 
     def write(self) -> None:
         """Writes the file atomically (temporary file in the same folder, then rename).
@@ -274,7 +298,8 @@ class MetricsHub:
     def remove_model(self, name: str) -> None:
         metrics = self._models.pop(name, None)
         if metrics is not None and metrics.file_path is not None:
-            metrics.file_path.unlink(missing_ok=True)
+            path, metrics.file_path = metrics.file_path, None  # a write still scheduled must not recreate it
+            path.unlink(missing_ok=True)
 
     def render(self) -> tuple[bytes, str]:
         """(body, content type) for `GET /metrics`."""
