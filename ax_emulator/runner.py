@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ax_emulator import faults as fault_config
 from ax_emulator.engines import ScriptedEngine, TransformersEngine, default_gguf
-from ax_emulator.output import END, RunnerOutput, progress_bar
+from ax_emulator.output import RunnerOutput, progress_bar
 from ax_emulator.tokenizer_client import StatelessTokenizer, TokenizerUnreachable, UidTokenizer
 
 TOTAL_CMM_MB = 7040

@@ -120,7 +120,7 @@ class ModelManager:
             return
         self.descriptor_error = None
         self.disabled = dict(result.errors)
-        for name, error in result.errors.items():
+        for error in result.errors.values():
             log.error("descriptor: %s", error)
         current = {name: entry.spec for name, entry in self._entries.items()}
         diff = diff_specs(current, result.models)

@@ -5,7 +5,6 @@ import json
 import re
 import signal
 import subprocess
-import time
 
 import pytest
 
