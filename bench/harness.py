@@ -18,17 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from ax_emulator.model_folder import write_model_folder
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 TOKENIZER_DIR = REPO_ROOT / "model" / "smollm2-135m" / "tokenizer"
 PROBE = Path(__file__).resolve().parent / "probe.py"
 SYSTEM_PROMPT = "You are a helpful assistant."
 
-TOKENIZER_LAUNCHER = """\
-import sys
-from tokenizer_service.server import main
-sys.exit(main(["--tokenizer", {tokenizer!r}, *sys.argv[1:]]))
-"""
 
 
 def free_port() -> int:
@@ -81,30 +78,15 @@ def _sh_quote(word: str) -> str:
 def probed_model(root: Path, name: str, tokens_per_second: float, reply_words: int) -> dict[str, Any]:
     """A scripted model folder whose run script wraps the emulator in two probes."""
     folder = root / name
-    folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     flags = emulator_flags(name, tokens_per_second, reply_words, "http://127.0.0.1:$1")
     py, probe = _sh_quote(sys.executable), _sh_quote(str(PROBE))
     quoted = " ".join(f'"{f}"' if f.startswith("http://") else _sh_quote(f) for f in flags)
-    script = folder / f"run_{name}_axcl_x86.sh"
-    script.write_text(
+    run_script = (
         f"{py} {probe} in probe-in.log | AX_EMU_FAULTS={pace(tokens_per_second)} ax-emulator {quoted}"
         f" | {py} {probe} out probe-out.log\n"
     )
-    (folder / "post_config.json").write_text(json.dumps({"enable_temperature": False}, indent=4))
-    (folder / f"{name}_tokenizer.py").write_text(TOKENIZER_LAUNCHER.format(tokenizer=str(TOKENIZER_DIR)))
-    return {
-        "model_name": name,
-        "run_cmd": script.name,
-        "model_path": str(folder),
-        "include_thinking": "false",
-        "run_on_startup": "false",
-        "tokenizer_path": str(folder),
-        "tokenizer_py": f"{name}_tokenizer.py",
-        "tokenizer_ip": "127.0.0.1",
-        "tokenizer_port": str(port),
-        "details": {"format": "scripted", "family": "echo", "parameter_size": "0", "quantization_level": "none"},
-    }
+    return write_model_folder(folder, name, run_script, tokenizer_dir=TOKENIZER_DIR, tokenizer_port=port)
 
 
 def read_probe(path: Path) -> list[tuple[int, bytes]]:

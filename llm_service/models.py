@@ -293,6 +293,11 @@ class ModelManager:
     ) -> AsyncIterator[Chunk | GenerationResult]:
         entry = self.entry(name)
         keep_alive_s = self._keep_alive_for(entry, keep_alive)
+        prompt_chars = sum(len(m.content) for m in request.messages)
+        if prompt_chars > self.settings.max_prompt_chars:
+            raise BadRequest(
+                f"prompt too long: {prompt_chars} characters, the limit is {self.settings.max_prompt_chars} (max_prompt_chars)"
+            )
         metrics = entry.metrics
         deadline = request.deadline or (request.arrived_at + self.settings.request_deadline_s)
         request.deadline = deadline

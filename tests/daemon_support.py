@@ -20,16 +20,12 @@ from typing import Any, Iterator
 
 import httpx
 
+from ax_emulator.model_folder import write_model_folder
 from conftest import REPO_ROOT, free_port, wait_http
 
 TOKENIZER_DIR = REPO_ROOT / "model" / "smollm2-135m" / "tokenizer"
 AXM1_LLM = Path(sys.executable).parent / "axm1-llm"
 
-TOKENIZER_LAUNCHER = """\
-import sys
-from tokenizer_service.server import main
-sys.exit(main(["--tokenizer", {tokenizer!r}, {extra}*sys.argv[1:]]))
-"""
 
 
 def scripted_model(
@@ -49,7 +45,6 @@ def scripted_model(
     """A model folder shaped like the card's (run script without shebang, tokenizer script),
     served by the scripted emulator; returns its descriptor entry in the original string format."""
     folder = root / name
-    folder.mkdir(parents=True, exist_ok=True)
     port = tokenizer_port or free_port()
     url = '"http://127.0.0.1:$1"' if port_from_dollar1 else f'"http://127.0.0.1:{port}"'
     flags = [
@@ -71,22 +66,15 @@ def scripted_model(
     if dialect == "a":
         flags = [f for f in flags if not f.startswith(("--system_prompt", "--devices", "--url_tokenizer"))]
         flags += ['--prompt ""', "--continue 1", "--tokenizer_type 2", f"--filename_tokenizer_model {url}"]
-    script = folder / f"run_{name}_axcl_x86.sh"
-    script.write_text("ax-emulator \\\n" + " \\\n".join(flags) + "\n")
-    (folder / "post_config.json").write_text(json.dumps({"enable_temperature": False, "temperature": 0.9}, indent=4))
-    (folder / f"{name}_tokenizer.py").write_text(TOKENIZER_LAUNCHER.format(tokenizer=str(TOKENIZER_DIR), extra='"--stock", ' if stock_tokenizer else ""))
-    entry = {
-        "model_name": name,
-        "run_cmd": script.name,
-        "model_path": str(folder),
-        "include_thinking": "true" if think else "false",
-        "run_on_startup": "false",
-        "tokenizer_path": str(folder),
-        "tokenizer_py": f"{name}_tokenizer.py",
-        "tokenizer_ip": "127.0.0.1",
-        "tokenizer_port": str(port),
-        "details": {"format": "scripted", "family": "echo", "parameter_size": "0", "quantization_level": "none"},
-    }
+    entry = write_model_folder(
+        folder,
+        name,
+        "ax-emulator \\\n" + " \\\n".join(flags) + "\n",
+        tokenizer_dir=TOKENIZER_DIR,
+        tokenizer_port=port,
+        tokenizer_args=("--stock",) if stock_tokenizer else (),
+        think=think,
+    )
     entry.update(fields or {})
     return entry
 

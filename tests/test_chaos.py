@@ -39,6 +39,8 @@ DAEMON_FLAGS = ("--hang-timeout-s", "1.5", "--load-stall-timeout-s", "8", "--req
 
 def chaos_run(tmp_path, total: int, clients: int) -> None:
     phase_requests = max(1, total // len(PHASES))
+    # About 1 s a request per client at worst (restarts, hangs), so the soak gets its time too.
+    run_limit_s = max(240.0, total * 1.2)
     entries = [scripted_model(tmp_path, name, reply_words=WORDS, tokens_per_second=300) for name in MODELS]
     with running_daemon(tmp_path, entries, *DAEMON_FLAGS) as daemon:
         for name in MODELS:  # both serve before the chaos starts
@@ -76,7 +78,7 @@ def chaos_run(tmp_path, total: int, clients: int) -> None:
                 killer.start()
 
         def client() -> None:
-            deadline = time.monotonic() + 240
+            deadline = time.monotonic() + run_limit_s
             while time.monotonic() < deadline:
                 with lock:
                     i = next(counter)
@@ -100,8 +102,9 @@ def chaos_run(tmp_path, total: int, clients: int) -> None:
         for t in threads:
             t.start()
         for t in threads:
-            t.join(300)
-        assert not any(t.is_alive() for t in threads), "clients still running after 300 s"
+            t.join(run_limit_s + 60)
+        assert not any(t.is_alive() for t in threads), f"clients still running after {run_limit_s + 60:.0f} s"
+        assert killer.ident is not None, "the run never reached its kill phase"
         killer.join(30)
         daemon.set_faults()
 

@@ -164,6 +164,10 @@ def test_errors_have_ollama_shape_and_status(daemon):
         assert no_model.status_code == 400 and "model" in no_model.json()["error"]
         raw = http.post("/api/generate", json={"model": "echo", "prompt": "x", "raw": True, "system": "s"})
         assert raw.status_code == 400
+        too_long = http.post("/api/generate", json={"model": "echo", "prompt": "x" * 200_001})
+        assert too_long.status_code == 400 and "max_prompt_chars" in too_long.json()["error"]
+        too_big = http.post("/api/generate", json={"model": "echo", "prompt": "x" * 9_000_000})
+        assert too_big.status_code == 413 and "error" in too_big.json()
         bad_option = http.post("/api/generate", json={"model": "echo", "prompt": "x", "options": {"temperature": "hot"}})
         assert bad_option.status_code == 400
 
