@@ -149,6 +149,7 @@ def test_chaos_200_requests_under_faults(tmp_path):
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(1800)
 def test_chaos_soak_1000_requests(tmp_path):
     chaos_run(tmp_path, total=1000, clients=16)
 

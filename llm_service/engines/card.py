@@ -242,7 +242,6 @@ class CardEngine(Engine):
     async def wait_ready(self, deadline: float | None) -> float:
         began = time.monotonic()
         loaded_for_us = False
-        self._inbox_send.send_nowait(_Start("request needs the model"))
         while True:
             changed = self._state_changed
             state = self._machine.state
