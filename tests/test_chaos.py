@@ -174,8 +174,7 @@ def test_tokenizer_server_killed_mid_answer_is_restarted_and_the_model_recovers(
         recovery = wait_answer(daemon.url, "tk", "after-kill", 40, timeout=60)
         new = children(daemon.marker, "tk_tokenizer.py")
         assert len(new) == 1 and new != old, (old, new)
-        status = httpx.get(f"{daemon.url}/api/status/tk", timeout=5).json()
-        assert status["state"] == "ready", status
+        daemon.wait_state("tk", "ready")  # after the reset ahead of the next request
         print(f"\ntokenizer server SIGKILLed: request ended as {outcome.result!r}; answered again after {recovery:.1f}s")
 
 

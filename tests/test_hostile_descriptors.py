@@ -90,7 +90,7 @@ def test_descriptor_errors_name_file_model_and_field_and_the_good_model_serves(t
                 reply = http.post("/api/generate", json={"model": name, "prompt": "x", "stream": False})
                 assert reply.status_code in (400, 404, 503) and reply.json()["error"], (name, reply.text)
         wait_answer(daemon.url, "good", "good-serves", WORDS)
-        assert status_of(daemon, "good")["state"] == "ready"
+        daemon.wait_state("good", "ready")  # after the reset ahead of the next request
 
 
 def test_runner_scripts_that_exit_or_stay_silent_fail_their_model_only(tmp_path):
@@ -112,7 +112,7 @@ def test_runner_scripts_that_exit_or_stay_silent_fail_their_model_only(tmp_path)
         sleepers = [p for p in processes_with_marker(daemon.marker) if p[1].startswith("sleep 300")]
         assert len(sleepers) <= 2, sleepers
         wait_answer(daemon.url, "good", "still-serving", WORDS)
-        assert status_of(daemon, "good")["state"] == "ready"
+        daemon.wait_state("good", "ready")
 
 
 def test_huge_and_broken_descriptors_keep_the_running_models(tmp_path):
