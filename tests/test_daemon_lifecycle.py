@@ -2,6 +2,7 @@
 the card's memory budget, the legacy A runner, and a clean shutdown."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -98,3 +99,19 @@ def test_shutdown_stops_every_runner_and_tokenizer(tmp_path):
             time.sleep(0.1)
         log = daemon.log()
         assert "Traceback" not in log, log[-3000:]
+
+
+def test_json_logs_carry_the_request_id(tmp_path):
+    entries = [scripted_model(tmp_path, "m", reply_words=WORDS)]
+    with running_daemon(tmp_path, entries, "--log-format", "json") as daemon:
+        reply = _generate(daemon, "m", "logged")
+        request_id = reply.headers["x-request-id"]
+        deadline = time.monotonic() + 10
+        while True:
+            lines = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+            tagged = [line for line in lines if line.get("request_id") == request_id]
+            if tagged or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert tagged, lines[-5:]
+        assert any("/api/generate" in line.get("message", "") for line in tagged), tagged

@@ -13,11 +13,16 @@ from typing import Any, TypeVar
 import anyio
 from starlette.requests import Request
 
+from ..logging_setup import request_id_var
+
 T = TypeVar("T")
 
 
 def new_request_id() -> str:
-    return uuid.uuid4().hex[:16]
+    """A fresh request id, also made the id every log line of this request carries."""
+    request_id = uuid.uuid4().hex[:16]
+    request_id_var.set(request_id)
+    return request_id
 
 
 async def until_disconnect(request: Request, work: Callable[[], Awaitable[T]]) -> tuple[bool, T | None]:
