@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 from ax_emulator.scripted import reply_text
 from daemon_support import processes_with_marker, running_daemon, scripted_model
@@ -115,3 +116,25 @@ def test_json_logs_carry_the_request_id(tmp_path):
             time.sleep(0.1)
         assert tagged, lines[-5:]
         assert any("/api/generate" in line.get("message", "") for line in tagged), tagged
+
+
+def test_axllm_runner_without_script_or_tokenizer_server(tmp_path):
+    """The 2026 runner (`axllm run <dir>`): log style of its own, built-in tokenizer, `/reset`."""
+    folder = tmp_path / "qwen3-axllm"
+    folder.mkdir()
+    tokenizer = Path(__file__).resolve().parent.parent / "model" / "smollm2-135m" / "tokenizer"
+    (folder / "config.json").write_text(json.dumps(
+        {"tokenizer_path": str(tokenizer), "system_prompt": "Be brief.", "emu_init_seconds": 0,
+         "emu_reply_words": WORDS}))
+    entry = {"model_name": "axllm", "run_cmd": "ax-emulator run .", "model_path": str(folder), "dialect": "c"}
+    with running_daemon(tmp_path, [entry]) as daemon:
+        for prompt in ("c-one", "c-two"):
+            body = _generate(daemon, "axllm", prompt).json()
+            assert body["response"] == reply_text(prompt, WORDS, think=False), body
+        status = daemon.wait_state("axllm", "ready")
+        assert status["dialect"] == "c"
+        history = daemon.client().get("/api/status_history/axllm").json()["history"]
+        assert [t["to"] for t in history][:3] == ["starting", "initializing", "ready"]  # no tokenizer to wait for
+        assert any(t["to"] == "resetting" for t in history)
+        log = daemon.client().get("/api/logs/axllm").json()["lines"]
+        assert any(e["line"].endswith("LLM init ok") for e in log), log[-10:]

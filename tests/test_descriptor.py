@@ -81,7 +81,9 @@ def test_repository_descriptor_loads() -> None:
     path = Path(__file__).resolve().parent.parent / "model" / "model-descriptor.json"
     result = load_descriptor(path)
     assert result.file_error is None and result.errors == {}
-    assert result.models and all(spec.script_path and spec.script_path.is_file() for spec in result.models.values())
+    assert result.models
+    for spec in result.models.values():  # a run script for the card's runners; `axllm run .` for dialect C
+        assert (spec.script_path and spec.script_path.is_file()) or (spec.dialect == "c" and spec.command), spec
 
 
 @pytest.mark.parametrize("run_cmd", [
