@@ -53,10 +53,15 @@ class ConfigFileSource(PydanticBaseSettingsSource):
 
 
 class FileConfiguredSettings(BaseSettings):
-    """Base for settings that read an optional config file between the environment and defaults."""
+    """Base for settings that read an optional config file between the environment and defaults,
+    with the logging settings every program has."""
 
     config: Path | None = Field(
         None, description="TOML or YAML file with settings (keys are the field names)"
+    )
+    log_level: str = Field("info", description=f"one of {', '.join(LOG_LEVELS)}")
+    log_format: Literal["plain", "json"] = Field(
+        "plain", description="plain text or one JSON object per line"
     )
 
     @classmethod
@@ -71,7 +76,7 @@ class FileConfiguredSettings(BaseSettings):
         init_kwargs = getattr(init_settings, "init_kwargs", {})
         return init_settings, env_settings, ConfigFileSource(settings_cls, init_kwargs)
 
-    @field_validator("log_level", mode="before", check_fields=False)
+    @field_validator("log_level", mode="before")
     @classmethod
     def _known_log_level(cls, value: str) -> str:
         value = str(value).lower()
@@ -134,10 +139,6 @@ class DaemonSettings(FileConfiguredSettings):
     )
     descriptor_poll_s: float = Field(
         2, gt=0, description="how often the descriptor file is checked for changes"
-    )
-    log_level: str = Field("info", description=f"one of {', '.join(LOG_LEVELS)}")
-    log_format: Literal["plain", "json"] = Field(
-        "plain", description="plain text or one JSON object per line"
     )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

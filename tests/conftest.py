@@ -35,6 +35,16 @@ def wait_http(url: str, timeout: float = 30.0) -> httpx.Response:
     pytest.fail(f"{url} did not answer within {timeout}s: {last}")
 
 
+@pytest.fixture(scope="module")
+def emulator_tokenizer():
+    """Our tokenizer server on the SmolLM2 tokenizer, for runner emulator tests."""
+    from emulator_support import TokenizerServer
+
+    server = TokenizerServer()
+    yield server
+    server.stop()
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--soak", action="store_true", help="run the long reliability soak tests")
 

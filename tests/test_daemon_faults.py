@@ -88,7 +88,6 @@ def test_hang_mid_answer_is_detected_interrupted_and_restarted(tmp_path):
         assert "error" in lines[-1] and "no output" in lines[-1]["error"]
         assert time.monotonic() - started < 20
         # The emulated hang ignores SIGINT: the daemon kills it after the grace and restarts it.
-        history = daemon.client().get("/api/status_history/m").json()["history"]
         assert_recovers(daemon)
         history = daemon.client().get("/api/status_history/m").json()["history"]
         assert any("SIGINT" in t["reason"] for t in history if t["to"] == "failed"), history

@@ -11,7 +11,7 @@ import pytest
 from ax_emulator.output import log_line, progress_bar
 from ax_emulator.scripted import reply_text
 from conftest import REPO_ROOT
-from emulator_support import Runner, TokenizerServer, emulator, plain
+from emulator_support import Runner, emulator, plain
 
 GREEN, PURPLE, END = b"\x1b[1;30;32m", b"\x1b[1;30;35m", b"\x1b[0m"
 # The Qwen3-4B run script of the reference, verbatim but for the runner's name and the port.
@@ -39,13 +39,6 @@ LEGACY_SCRIPT = """ax-emulator \\
 --continue 1 \\
 --emu_init_seconds 0.2
 """
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    server = TokenizerServer()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -113,9 +106,9 @@ def test_flag_errors_print_the_error_and_usage_and_exit_1(args, error):
     assert lines[-1] == "  -?, --help                         print this message"
 
 
-def test_both_flag_forms_and_the_ax650_build(tokenizer, runners):
+def test_both_flag_forms_and_the_ax650_build(emulator_tokenizer, runners):
     # ax650 build: no --devices needed, --tokenizer_type accepted, no AXCLWorker lines
-    runner = runners(emulator("--emu_build=ax650", "--tokenizer_type", "2", f"--url_tokenizer_model={tokenizer.url}",
+    runner = runners(emulator("--emu_build=ax650", "--tokenizer_type", "2", f"--url_tokenizer_model={emulator_tokenizer.url}",
                               "--axmodel_num=2", "--emu_init_seconds", "0"))
     out = runner.read_until(b"prompt >> ")
     assert b"AXCLWorker" not in out and b"remain cmm(MB)" not in out
@@ -138,15 +131,15 @@ def test_help_documents_every_flag_fault_and_variable():
 
 # -- dialect B: replay of the reference transcript, write by write ------------------------
 
-def test_b_session_writes_match_the_reference(tokenizer, runners, tmp_path):
+def test_b_session_writes_match_the_reference(emulator_tokenizer, runners, tmp_path):
     """Every write(2) of the runner is one packet here: the flush points are checked exactly."""
-    runner = runners(["/bin/sh", str(script(tmp_path, REFERENCE_B_SCRIPT, tokenizer.port))],
+    runner = runners(["/bin/sh", str(script(tmp_path, REFERENCE_B_SCRIPT, emulator_tokenizer.port))],
                      cwd=REPO_ROOT / "model" / "scripted-echo", packets=True)
     runner.read_until(b"prompt >> ")
     writes = runner.chunks
     head = writes[0]
     assert head.startswith(log(GREEN, "I", "Init", 136, "LLM init start")
-                           + log(GREEN, "I", "Init", 34, f"connect {tokenizer.url} ok"))
+                           + log(GREEN, "I", "Init", 34, f"connect {emulator_tokenizer.url} ok"))
     assert re.search(rb"\[I\]\[ {28}Init\]\[  57\]: uid: [0-9a-f-]{36}\x1b\[0m\nbos_id: 1, eos_id: 2\n\x1b\[1;30;33m\r  2% \| ",
                      head)
     assert head.endswith(b"\x1b[1;30;32mtokenizer init ok\x1b[0m")
@@ -207,7 +200,7 @@ def test_b_session_writes_match_the_reference(tokenizer, runners, tmp_path):
         rb"\x1b\[1;30;32m\[I\]\[ {22}GetKVCache\]\[ 597\]: precompute_len:(\d+), remaining:(\d+)\x1b\[0m\nprompt >> ",
         turn[-1])
     assert tail, turn[-1]  # hit eos leaves together with the next marker
-    reply_tokens = len(TokenizerReply.tokens(tokenizer, reply.decode()))
+    reply_tokens = len(TokenizerReply.tokens(emulator_tokenizer, reply.decode()))
     assert int(tail.group(1)) == system_tokens + prompt_tokens + reply_tokens
     assert int(tail.group(2)) == 2048 - int(tail.group(1))
 
@@ -219,15 +212,15 @@ def test_b_session_writes_match_the_reference(tokenizer, runners, tmp_path):
 
 class TokenizerReply:
     @staticmethod
-    def tokens(server: TokenizerServer, text: str) -> list[int]:
+    def tokens(server, text: str) -> list[int]:
         import httpx
 
         return httpx.post(f"{server.url}/tokenize", json={"text": text}).json()["token_ids"]
 
 
-def test_pipe_reader_sees_the_bursts(tokenizer, runners):
+def test_pipe_reader_sees_the_bursts(emulator_tokenizer, runners):
     """Read as a daemon does (os.read on a pipe): the log lines arrive late, in bursts."""
-    runner = runners(emulator("--devices", "0", f"--url_tokenizer_model={tokenizer.url}", "--axmodel_num", "4",
+    runner = runners(emulator("--devices", "0", f"--url_tokenizer_model={emulator_tokenizer.url}", "--axmodel_num", "4",
                               "--emu_init_seconds", "0.2", "--emu_tokens_per_second", "8"))
     runner.read_until(b"prompt >> ")
     assert b"prompt >> " in runner.chunk_with(b"LLM init ok")
@@ -240,8 +233,8 @@ def test_pipe_reader_sees_the_bursts(tokenizer, runners):
 
 # -- input handling ----------------------------------------------------------------------------
 
-def test_multiline_empty_lines_and_q(tokenizer, runners):
-    runner = runners(emulator("--devices", "0", f"--url_tokenizer_model={tokenizer.url}", "--axmodel_num", "2",
+def test_multiline_empty_lines_and_q(emulator_tokenizer, runners):
+    runner = runners(emulator("--devices", "0", f"--url_tokenizer_model={emulator_tokenizer.url}", "--axmodel_num", "2",
                               "--emu_init_seconds", "0", "--emu_tokens_per_second", "0", "--emu_reply_words", "0"))
     runner.read_until(b"prompt >> ")
     runner.send("first\n\nsecond\nq\n")
@@ -254,8 +247,8 @@ def test_multiline_empty_lines_and_q(tokenizer, runners):
     assert text.endswith("AXCLWorker exit with devid 0\n")
 
 
-def test_end_of_input_keeps_printing_the_marker(tokenizer, runners):
-    runner = runners(emulator("--devices", "0", f"--url_tokenizer_model={tokenizer.url}", "--axmodel_num", "2",
+def test_end_of_input_keeps_printing_the_marker(emulator_tokenizer, runners):
+    runner = runners(emulator("--devices", "0", f"--url_tokenizer_model={emulator_tokenizer.url}", "--axmodel_num", "2",
                               "--emu_init_seconds", "0"))
     runner.read_until(b"prompt >> ")
     runner.process.stdin.close()
@@ -264,9 +257,9 @@ def test_end_of_input_keeps_printing_the_marker(tokenizer, runners):
     assert runner.process.poll() is None
 
 
-def test_sigint_stops_the_reply_and_the_runner_stays_usable(tokenizer, runners, tmp_path):
+def test_sigint_stops_the_reply_and_the_runner_stays_usable(emulator_tokenizer, runners, tmp_path):
     runner = runners(["/bin/sh", str(REPO_ROOT / "model" / "scripted-echo" / "run_scripted_echo_axcl_x86.sh"),
-                      str(tokenizer.port)], cwd=REPO_ROOT / "model" / "scripted-echo",
+                      str(emulator_tokenizer.port)], cwd=REPO_ROOT / "model" / "scripted-echo",
                      env={"AX_EMU_FAULTS": "tokens_per_second=10"})
     runner.read_until(b"prompt >> ", timeout=60)
     runner.signal(signal.SIGINT)  # idle: harmless
@@ -290,8 +283,8 @@ def precompute_lengths(output: bytes) -> list[int]:
     return [int(n) for n in re.findall(rb"GetKVCache\]\[ 597\]: precompute_len:(\d+)", output)]
 
 
-def test_b_reset_dialect_accepts_reset_and_dd(tokenizer, runners):
-    runner = runners(["/bin/sh", "run_scripted_echo_axcl_x86.sh", str(tokenizer.port)],
+def test_b_reset_dialect_accepts_reset_and_dd(emulator_tokenizer, runners):
+    runner = runners(["/bin/sh", "run_scripted_echo_axcl_x86.sh", str(emulator_tokenizer.port)],
                      cwd=REPO_ROOT / "model" / "scripted-echo")
     out = runner.read_until(b"prompt >> ", timeout=60)
     assert (b'Type "q" to exit\nCtrl+c to stop current running\n"reset" to reset kvcache\n'
@@ -304,9 +297,9 @@ def test_b_reset_dialect_accepts_reset_and_dd(tokenizer, runners):
     assert system < first < second and after_dd == first and after_reset == system
 
 
-def test_kvcache_path_generates_then_loads(tokenizer, runners, tmp_path):
+def test_kvcache_path_generates_then_loads(emulator_tokenizer, runners, tmp_path):
     (tmp_path / "kvcache").mkdir()
-    args = emulator("--devices", "0", f"--url_tokenizer_model={tokenizer.url}", "--axmodel_num", "2",
+    args = emulator("--devices", "0", f"--url_tokenizer_model={emulator_tokenizer.url}", "--axmodel_num", "2",
                     "--emu_init_seconds", "0", "--system_prompt", "Be brief.", "--kvcache_path", "./kvcache")
     first = runners(args, cwd=tmp_path)
     out = first.read_until(b"prompt >> ")
@@ -321,8 +314,8 @@ def test_kvcache_path_generates_then_loads(tokenizer, runners, tmp_path):
     assert b"GenerateKVCachePrefill" not in out
 
 
-def test_context_overflow_prints_the_setkvcache_error(tokenizer, runners):
-    runner = runners(emulator("--devices", "0", f"--url_tokenizer_model={tokenizer.url}", "--axmodel_num", "2",
+def test_context_overflow_prints_the_setkvcache_error(emulator_tokenizer, runners):
+    runner = runners(emulator("--devices", "0", f"--url_tokenizer_model={emulator_tokenizer.url}", "--axmodel_num", "2",
                               "--emu_init_seconds", "0", "--emu_reply_words", "0"))
     runner.read_until(b"prompt >> ")
     runner.send("apple " * 2100 + "\n")
@@ -333,8 +326,8 @@ def test_context_overflow_prints_the_setkvcache_error(tokenizer, runners):
     assert "hit eos" in text  # it still answers (from a truncated context) and stays up
 
 
-def test_legacy_dialect_answers_the_prompt_then_loops(tokenizer, runners, tmp_path):
-    runner = runners(["/bin/sh", str(script(tmp_path, LEGACY_SCRIPT, tokenizer.port)), "who are you?"],
+def test_legacy_dialect_answers_the_prompt_then_loops(emulator_tokenizer, runners, tmp_path):
+    runner = runners(["/bin/sh", str(script(tmp_path, LEGACY_SCRIPT, emulator_tokenizer.port)), "who are you?"],
                      cwd=tmp_path, packets=True)
     runner.read_until(b">> ")
     out = runner.output

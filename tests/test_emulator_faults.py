@@ -8,24 +8,17 @@ import time
 import pytest
 
 from ax_emulator.scripted import reply_text
-from emulator_support import Runner, TokenizerServer, emulator, plain
+from emulator_support import Runner, emulator, plain
 
 RED = b"\x1b[1;30;31m"
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    server = TokenizerServer()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
-def start(tokenizer, tmp_path):
+def start(emulator_tokenizer, tmp_path):
     started: list[Runner] = []
 
     def start_runner(*flags: str, env: dict | None = None) -> Runner:
-        runner = Runner(emulator("--devices", "0", f"--url_tokenizer_model={tokenizer.url}", "--axmodel_num", "4",
+        runner = Runner(emulator("--devices", "0", f"--url_tokenizer_model={emulator_tokenizer.url}", "--axmodel_num", "4",
                                  "--emu_init_seconds", "0", *flags),
                         cwd=tmp_path, env={"AX_EMU_STATE_DIR": str(tmp_path), **(env or {})})
         started.append(runner)
@@ -48,12 +41,12 @@ def error_line(func: str, line: int, message: str) -> bytes:
     ("init_axmodel", "Init", 178, "init axmodel(m_l2.axmodel) failed"),
     ("embed_selector", "Init", 151, "embed_selector.Init(e.bin, 49152, 576) failed"),
 ])
-def test_init_failures(start, tokenizer, step, func, line, message):
+def test_init_failures(start, emulator_tokenizer, step, func, line, message):
     runner = start("--template_filename_axmodel", "m_l%d.axmodel", "--filename_tokens_embed", "e.bin",
                    "--emu_faults", f"init_fail={step}")
     assert runner.wait(timeout=20) == 255
     runner.quiet_for(0.2)
-    assert runner.output.endswith(error_line(func, line, message.replace("{url}", tokenizer.url))
+    assert runner.output.endswith(error_line(func, line, message.replace("{url}", emulator_tokenizer.url))
                                   + error_line("main", 206, "lLaMa.Init failed"))
     assert b"LLM init ok" not in runner.output
 

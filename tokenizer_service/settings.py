@@ -6,12 +6,11 @@ the same port to the daemon (its `tokenizer_service_port`) and to this service.
 from __future__ import annotations
 
 import sys
-from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from llm_service.settings import LOG_LEVELS, FileConfiguredSettings
+from llm_service.settings import FileConfiguredSettings
 
 
 class TokenizerServiceSettings(FileConfiguredSettings):
@@ -34,10 +33,6 @@ class TokenizerServiceSettings(FileConfiguredSettings):
     )
     restart_backoff_max_s: float = Field(
         30, ge=0, description="longest delay between restarts of a tokenizer server"
-    )
-    log_level: str = Field("info", description=f"one of {', '.join(LOG_LEVELS)}")
-    log_format: Literal["plain", "json"] = Field(
-        "plain", description="plain text or one JSON object per line"
     )
 
     @model_validator(mode="after")
