@@ -27,7 +27,7 @@ from ..engines.base import (
     SamplingOptions,
 )
 from ..models import requested_keep_alive
-from .streaming import PrefetchedStream, new_request_id, open_stream, until_disconnect
+from .streaming import PrefetchedStream, collect, new_request_id, open_stream, until_disconnect
 
 router = APIRouter()
 
@@ -154,7 +154,7 @@ async def _answer(
     headers = {"X-Request-Id": gen_request.id}
     if stream:
         return StreamingResponse(_ndjson(answer, shape), media_type="application/x-ndjson", headers=headers)
-    completed, body = await until_disconnect(request, lambda: _collect(answer, shape))
+    completed, body = await until_disconnect(request, lambda: collect(answer, shape))
     if not completed:
         return Response(status_code=499)
     return JSONResponse(body, headers=headers)
@@ -166,20 +166,6 @@ async def _ndjson(answer: PrefetchedStream, shape) -> AsyncIterator[bytes]:
             yield (json.dumps(shape(item)) + "\n").encode()
     except EngineError as exc:
         yield (json.dumps({"error": exc.message}) + "\n").encode()
-
-
-async def _collect(answer: PrefetchedStream, shape) -> dict[str, Any]:
-    content: list[str] = []
-    thinking: list[str] = []
-    result: GenerationResult | None = None
-    async for item in answer.items():
-        if isinstance(item, Chunk):
-            content.append(item.content)
-            thinking.append(item.thinking)
-        else:
-            result = item
-    assert result is not None, "an answer stream always ends with its final record"
-    return shape(result, "".join(content), "".join(thinking))
 
 
 def _generate_shape(model: str):

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import openai_format as fmt
 from ..engines.base import BadRequest, ChatMessage, Chunk, EngineError, GenerationRequest, GenerationResult
-from .streaming import PrefetchedStream, new_request_id, open_stream, until_disconnect
+from .streaming import PrefetchedStream, collect, new_request_id, open_stream, until_disconnect
 
 router = APIRouter()
 
@@ -56,7 +56,7 @@ async def _answer(
     if stream:
         return StreamingResponse(_sse_stream(stream_events(answer)), media_type="text/event-stream", headers=headers)
     try:
-        completed, body = await until_disconnect(request, lambda: _collect(answer, whole))
+        completed, body = await until_disconnect(request, lambda: collect(answer, whole))
     except EngineError as exc:
         return openai_error(exc)
     if not completed:
@@ -72,18 +72,6 @@ async def _sse_stream(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[by
     except EngineError as exc:
         yield _sse(fmt.error_body(exc.message, exc.status_code, exc.code))
     yield _sse("[DONE]")
-
-
-async def _collect(answer: PrefetchedStream, whole: Callable[[GenerationResult, str, str], dict[str, Any]]) -> dict[str, Any]:
-    content: list[str] = []
-    thinking: list[str] = []
-    async for item in answer.items():
-        if isinstance(item, Chunk):
-            content.append(item.content)
-            thinking.append(item.thinking)
-        else:
-            return whole(item, "".join(content), "".join(thinking))
-    raise EngineError("the answer ended without its final record")
 
 
 @router.post("/v1/chat/completions")

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import anyio
 from starlette.requests import Request
 
+from ..engines.base import Chunk, EngineError
 from ..logging_setup import request_id_var
 
 T = TypeVar("T")
@@ -81,6 +82,19 @@ class PrefetchedStream:
     async def aclose(self) -> None:
         with anyio.CancelScope(shield=True):
             await self._stream.aclose()  # type: ignore[attr-defined]
+
+
+async def collect(answer: PrefetchedStream, whole: Callable[[Any, str, str], T]) -> T:
+    """A non-streaming answer: `whole(final_record, content, thinking)` of the gathered chunks."""
+    content: list[str] = []
+    thinking: list[str] = []
+    async for item in answer.items():
+        if isinstance(item, Chunk):
+            content.append(item.content)
+            thinking.append(item.thinking)
+        else:
+            return whole(item, "".join(content), "".join(thinking))
+    raise EngineError("the answer ended without its final record")
 
 
 async def open_stream(request: Request, stream: AsyncIterator[Any]) -> PrefetchedStream | None:
