@@ -11,7 +11,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from .engines.base import (
 from .engines.card import CardEngine
 from .metrics import MetricsHub, ModelMetrics
 from .scheduler import Scheduler
+from .states import rfc3339
 from .tokenizer_client import TokenizerClient
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class ModelEntry:
     scheduler: Scheduler
     metrics: ModelMetrics
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    modified_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    modified_at: str = field(default_factory=lambda: rfc3339(time.time()))
     last_used: float = 0.0
     expires_at: float | None = None  # monotonic; None = stays loaded
 
@@ -62,7 +62,7 @@ def requested_keep_alive(value: Any) -> float | None:
 
 
 def _rfc3339_in(seconds_from_now: float) -> str:
-    return datetime.fromtimestamp(time.time() + seconds_from_now, tz=timezone.utc).isoformat()
+    return rfc3339(time.time() + seconds_from_now)
 
 
 class ModelManager:

@@ -43,7 +43,8 @@ ALLOWED_TRANSITIONS: Mapping[RunnerState, frozenset[RunnerState]] = MappingProxy
 del S
 
 
-def _rfc3339(epoch: float) -> str:
+def rfc3339(epoch: float) -> str:
+    """A UTC time as RFC 3339 with a Z, the form every timestamp of the API uses."""
     return datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat().replace("+00:00", "Z")
 
 
@@ -68,7 +69,7 @@ class Transition:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "at": _rfc3339(self.at),
+            "at": rfc3339(self.at),
             "at_epoch": self.at,
             "from": str(self.from_state),
             "to": str(self.to_state),
@@ -123,7 +124,7 @@ class StateMachine:
     def snapshot(self) -> dict[str, Any]:
         return {
             "state": str(self._state),
-            "since": _rfc3339(self._since),
+            "since": rfc3339(self._since),
             "since_epoch": self._since,
             "history": [move.as_dict() for move in self._history],
         }

@@ -9,7 +9,6 @@ import hashlib
 import json
 import time
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -27,6 +26,7 @@ from ..engines.base import (
     SamplingOptions,
 )
 from ..models import requested_keep_alive
+from ..states import rfc3339
 from .streaming import PrefetchedStream, collect, new_request_id, open_stream, until_disconnect
 
 router = APIRouter()
@@ -75,7 +75,7 @@ class ModelBody(BaseModel):
 
 
 def now_rfc3339() -> str:
-    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+    return rfc3339(time.time())
 
 
 def sampling_options(options: dict[str, Any] | None) -> SamplingOptions:
