@@ -95,6 +95,7 @@ class Daemon:
     marker: str
     fault_file: Path
     env: dict[str, str] = field(default_factory=dict)
+    tokenizer_service_url: str = ""
 
     def client(self, timeout: float = 60.0) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=timeout)
@@ -180,7 +181,10 @@ def running_daemon(tmp: Path, entries: list[dict[str, Any]], *flags: str, **env:
     ]
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(command, env=process_env, stdout=log_file, stderr=subprocess.STDOUT)
-    daemon = Daemon(f"http://127.0.0.1:{port}", process, descriptor, metrics_dir, log_path, marker, fault_file, process_env)
+    daemon = Daemon(
+        f"http://127.0.0.1:{port}", process, descriptor, metrics_dir, log_path, marker, fault_file, process_env,
+        tokenizer_service_url=f"http://127.0.0.1:{tokenizer_service_port}",
+    )
     try:
         wait_http(f"{daemon.url}/health", timeout=60)
         yield daemon
@@ -196,3 +200,38 @@ def running_daemon(tmp: Path, entries: list[dict[str, Any]], *flags: str, **env:
             except ProcessLookupError:
                 pass
         assert not leftovers, f"processes left behind after the daemon stopped: {leftovers}\n{daemon.log()[-3000:]}"
+
+
+SHELL_RUNNER = r"""log() { printf '\033[1;30;32m[I][%32s][%4d]: %s\033[0m\n' "$1" "$2" "$3"; }
+@SETUP@
+log Init 136 "LLM init start"
+log Init 279 "LLM init ok"
+printf 'Type "q" to exit, Ctrl+c to stop current running\n'
+log main 236 "@PRECOMPUTE_LINE@"
+printf 'prompt >> '
+while IFS= read -r line; do
+  [ "$line" = q ] && exit 0
+  [ -z "$line" ] && { printf 'prompt >> '; continue; }
+  log Run 1030 "ttft: 1.00 ms"
+  printf 'You said: %s' "$line"
+  @MID_ANSWER@
+  printf '\n\n'
+  printf '\033[1;30;35m[N][%32s][%4d]: %s\033[0m\n' Run 1182 "hit eos,avg 10.00 token/s"
+  printf '\033[0m\n'
+  log GetKVCache 597 "precompute_len:40, remaining:2008"
+  printf 'prompt >> '
+done
+"""
+
+
+def shell_runner_model(
+    root: Path, name: str, *, setup: str = "", precompute_line: str = "precompute_len: 21", mid_answer: str = ""
+) -> dict[str, Any]:
+    """A hand-written B runner in plain sh (no reset, no tokenizer server): it answers
+    `You said: <line>` and lets a test put odd bytes or behaviour where a real runner might."""
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / f"run_{name}.sh"
+    text = SHELL_RUNNER.replace("@SETUP@", setup).replace("@PRECOMPUTE_LINE@", precompute_line)
+    script.write_text(text.replace("@MID_ANSWER@", mid_answer))
+    return {"model_name": name, "run_cmd": script.name, "model_path": str(folder)}

@@ -139,7 +139,9 @@ class Handler(BaseHTTPRequestHandler):
         with STATE.lock:
             config = dict(STATE.config)
             number = len(STATE.chat_requests)
-            STATE.chat_requests.append({"body": body, "authorization": self.headers.get("Authorization")})
+            STATE.chat_requests.append(
+                {"body": body, "authorization": self.headers.get("Authorization"), "peer_port": self.client_address[1]}
+            )
             drop = config["drop_first"] > 0
             if drop:
                 STATE.config["drop_first"] -= 1

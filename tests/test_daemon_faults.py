@@ -261,3 +261,41 @@ def test_descriptor_hot_reload(tmp_path):
         assert "model-descriptor.json" in error and "bad" in error and "run_cmd" in error
         assert generate(daemon, "still", "keep").status_code == 200
         assert _runner_pid(daemon, "keep") == keep_pid
+
+
+@pytest.mark.xfail(strict=True, reason="regression: /config lets httpx.ConnectError end the engine's task")
+def test_tokenizer_server_down_while_a_chat_changes_its_system_prompt(tmp_path):
+    """A tokenizer server that is gone while a chat changes the system prompt: an explicit error
+    (or a recovered answer), the daemon stays up, the other model serves, and the model recovers.
+    It used to let `httpx.ConnectError` out of the owner task, ending every model's task."""
+    entries = [scripted_model(tmp_path, "m", reply_words=WORDS), scripted_model(tmp_path, "other", reply_words=WORDS)]
+    with running_daemon(tmp_path, entries, "--request-deadline-s", "15") as daemon:
+        assert generate(daemon, "warm-up").status_code == 200
+        assert generate(daemon, "warm-up", model="other").status_code == 200
+        # Stopped through the tokenizer service, so that nothing restarts it behind the daemon's back.
+        assert httpx.post(f"{daemon.tokenizer_service_url}/tokenizers/m/stop", timeout=10).status_code == 200
+        messages = [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "ahoy"}]
+        with daemon.client(timeout=30) as http:
+            reply = http.post("/api/chat", json={"model": "m", "messages": messages, "stream": False})
+        if reply.status_code == 200:
+            assert reply.json()["message"]["content"] == reply_text("ahoy", WORDS, think=False)
+        else:
+            assert reply.status_code == 503 and "tokenizer" in reply.json()["error"], reply.text
+        other = generate(daemon, "still-served", model="other")
+        assert other.status_code == 200 and other.json()["response"] == reply_text("still-served", WORDS, think=False)
+        assert_recovers(daemon)
+
+
+@pytest.mark.xfail(strict=True, reason="regression: an unexpected exception in one engine's owner task stops every model")
+def test_an_unencodable_prompt_fails_alone_and_every_model_keeps_serving(tmp_path):
+    """A lone surrogate is valid JSON but no valid text: that request fails with a clear error,
+    and neither that model nor any other stops serving."""
+    entries = [scripted_model(tmp_path, "m", reply_words=WORDS), scripted_model(tmp_path, "other", reply_words=WORDS)]
+    with running_daemon(tmp_path, entries, "--request-deadline-s", "15") as daemon:
+        assert generate(daemon, "warm-up", model="other").status_code == 200
+        with daemon.client(timeout=30) as http:
+            reply = http.post("/api/generate", content=b'{"model": "m", "prompt": "bad \\ud800 text", "stream": false}')
+        assert 400 <= reply.status_code < 600 and reply.json()["error"], reply.text
+        other = generate(daemon, "still-served", model="other")
+        assert other.status_code == 200 and other.json()["response"] == reply_text("still-served", WORDS, think=False)
+        assert_recovers(daemon)

@@ -8,8 +8,10 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from ax_emulator.scripted import reply_text
-from daemon_support import processes_with_marker, running_daemon, scripted_model
+from daemon_support import processes_with_marker, running_daemon, scripted_model, shell_runner_model
 
 WORDS = 6
 
@@ -138,3 +140,26 @@ def test_axllm_runner_without_script_or_tokenizer_server(tmp_path):
         assert any(t["to"] == "resetting" for t in history)
         log = daemon.client().get("/api/logs/axllm").json()["lines"]
         assert any(e["line"].endswith("LLM init ok") for e in log), log[-10:]
+
+
+@pytest.mark.xfail(strict=True, reason="regression: asyncio.run() in the CLI meant uvicorn never installed uvloop")
+def test_the_daemon_runs_on_uvloop(tmp_path):
+    with running_daemon(tmp_path, [scripted_model(tmp_path, "m", reply_words=WORDS)]) as daemon:
+        assert _generate(daemon, "m", "hi").status_code == 200
+        maps = Path(f"/proc/{daemon.process.pid}/maps").read_text()
+        assert "uvloop" in maps, "the event loop is not uvloop's"
+
+
+@pytest.mark.xfail(strict=True, reason="regression: planned restarts for a fresh context counted as restarts")
+def test_fresh_context_restarts_are_counted_apart_from_crashes(tmp_path):
+    """A runner without `reset` restarts for every independent request: that is its normal
+    service, not a fault, and must not look like one in the status (or trip the README's alert)."""
+    entries = [shell_runner_model(tmp_path, "m")]
+    with running_daemon(tmp_path, entries) as daemon:
+        for prompt in ("one", "two", "three"):
+            assert _generate(daemon, "m", prompt).json()["response"] == f"You said: {prompt}"
+        status = daemon.client().get("/api/status/m").json()
+        assert status["restarts"] == 0
+        assert status["fresh_context_restarts"] == 2
+        metrics = daemon.client().get("/metrics").text
+        assert 'axm1_llm_runner_restarts_total{model="m",reason="fresh_context"} 2.0' in metrics

@@ -260,3 +260,34 @@ def test_failed_writes_do_not_reach_the_request(tmp_path: Path, caplog: pytest.L
         model.write()
     assert (folder / metrics_file_name("smollm2")).exists()
     assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.INFO]
+
+
+@pytest.mark.xfail(strict=True, reason="regression: metric files were written on the event loop")
+def test_scheduled_file_writes_run_off_the_event_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write takes milliseconds (more on an SD card): it must not stall the requests the loop serves."""
+    import asyncio
+    import threading
+
+    import prometheus_client
+
+    writers: list[threading.Thread] = []
+    write = prometheus_client.write_to_textfile
+
+    def spied(path: str, registry) -> None:
+        writers.append(threading.current_thread())
+        write(path, registry)
+
+    monkeypatch.setattr(prometheus_client, "write_to_textfile", spied)
+    hub = MetricsHub(tmp_path, VERSION)
+    model = hub.model("m")
+    writers.clear()  # the first file is written when the model appears, before any loop runs
+
+    async def events() -> None:
+        model.set_state("starting")
+        model.set_state("initializing")
+        await asyncio.sleep(0.5)
+
+    asyncio.run(events())
+    assert writers, "nothing was written"
+    assert threading.main_thread() not in writers
+    assert 'axm1_llm_runner_state{model="m",state="initializing"} 1.0' in (tmp_path / metrics_file_name("m")).read_text()
