@@ -1,64 +1,20 @@
 """The daemon's ASGI application: routes, error shapes, and the model manager's life cycle."""
 from __future__ import annotations
 
-import logging
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
 from .api import ollama, openai, status
-from .engines.base import EngineError, QueueFull
+from .api.errors import install_error_handlers
 from .metrics import MetricsHub
 from .models import ModelManager
 from .security import install_security
 from .tokenizer_client import TokenizerClient
-
-log = logging.getLogger(__name__)
-
-
-def readable_validation_error(exc: RequestValidationError) -> str:
-    parts = []
-    for error in exc.errors():
-        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
-        parts.append(f"{where}: {error.get('msg')}" if where else str(error.get("msg")))
-    return "invalid request: " + "; ".join(parts)
-
-
-def _is_openai_path(request: Request) -> bool:
-    return request.url.path.startswith("/v1/")
-
-
-def engine_error_response(exc: EngineError) -> JSONResponse:
-    headers = {"Retry-After": "1"} if isinstance(exc, QueueFull) or exc.status_code == 503 else None
-    return JSONResponse({"error": exc.message}, status_code=exc.status_code, headers=headers)
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    """Ollama's error shape: {"error": "..."}; never a 500 for bad input."""
-
-    @app.exception_handler(EngineError)
-    async def on_engine_error(request: Request, exc: EngineError) -> JSONResponse:
-        return engine_error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"error": readable_validation_error(exc)}, status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(Exception)
-    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s", request.url.path)
-        return JSONResponse({"error": f"internal error: {exc!r}"}, status_code=500)
 
 
 class HttpMetricsMiddleware:
@@ -135,9 +91,8 @@ def create_app(settings: Any) -> FastAPI:
     app.state.settings = settings
     app.include_router(ollama.router)
     app.include_router(status.router)
-    install_error_handlers(app)
     app.include_router(openai.router)
-    openai.install_openai_error_handlers(app)
+    install_error_handlers(app)
     install_security(app, settings)
     app.add_middleware(JsonBodiesByDefault)
     app.add_middleware(HttpMetricsMiddleware, metrics=hub)

@@ -11,7 +11,7 @@ import asyncio
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, get_args
 
 import httpx
@@ -101,6 +101,20 @@ async def _serve_in_order(servers: list[uvicorn.Server]) -> None:
     await asyncio.gather(*tasks)
 
 
+def run_event_loop(main: Awaitable[None]) -> None:
+    """Run `main` on uvloop where it is installed (15-20 % less CPU per relayed chunk, see
+    bench/README.md), else on asyncio's loop. uvicorn picks uvloop only when it runs the loop
+    itself; here the CLI runs it, to start two servers in order."""
+    try:
+        import uvloop
+    except ImportError:
+        loop_factory = None
+    else:
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(main)
+
+
 def _tokenizer_app(settings: TokenizerServiceSettings) -> Any:
     from tokenizer_service.service import create_app
 
@@ -134,7 +148,7 @@ def cmd_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     servers.append(
         _uvicorn_server(create_app(settings), settings.host, settings.port, settings.log_level)
     )
-    asyncio.run(_serve_in_order(servers))
+    run_event_loop(_serve_in_order(servers))
     return 0
 
 
@@ -142,60 +156,51 @@ def cmd_tokenizer_service(parser: argparse.ArgumentParser, args: argparse.Namesp
     settings: TokenizerServiceSettings = build_settings(parser, TokenizerServiceSettings, args)
     configure_logging(settings.log_level, settings.log_format)
     server = _uvicorn_server(_tokenizer_app(settings), settings.host, settings.port, settings.log_level)
-    asyncio.run(_serve_in_order([server]))
+    run_event_loop(_serve_in_order([server]))
     return 0
 
 
-def _age(value: Any) -> str:
-    """`since` as an age: epoch seconds become "42s ago"; other forms are shown as they are."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = max(0, int(time.time() - value))
-        for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-            if seconds >= size:
-                return f"{seconds // size}{unit} ago"
-        return f"{seconds}s ago"
-    return "-" if value in (None, "") else str(value)
+def _age(since_epoch: Any) -> str:
+    """An epoch time as an age: "42s ago"."""
+    if not isinstance(since_epoch, (int, float)) or isinstance(since_epoch, bool):
+        return "-"
+    seconds = max(0, int(time.time() - since_epoch))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
 
 
-def _progress(value: Any) -> str:
-    if isinstance(value, dict):
-        step, total = value.get("step", value.get("done")), value.get("total")
-        if step is not None and total:
-            return f"{step}/{total}"
-        return _compact(value)
-    if isinstance(value, float) and 0 <= value <= 1:
-        return f"{value:.0%}"
-    return "-" if value is None else str(value)
+def _progress(progress: Any) -> str:
+    """The load progress `{percent, step, total, message}` as "step/total"."""
+    if isinstance(progress, dict) and progress.get("total"):
+        return f"{progress.get('step', '-')}/{progress['total']}"
+    return "-"
 
 
-def _compact(value: Any) -> str:
-    if isinstance(value, dict):
-        return " ".join(f"{k}={v}" for k, v in value.items() if not isinstance(v, (dict, list))) or "-"
-    return "-" if value in (None, "") else str(value)
+def _context(context: Any) -> str:
+    """`{used, remaining, size}` as "used/size"."""
+    if isinstance(context, dict) and context.get("size"):
+        used = context.get("used")
+        return f"{'-' if used is None else used}/{context['size']}"
+    return "-"
 
 
-def _context(value: Any) -> str:
-    if isinstance(value, dict):
-        used = value.get("used", value.get("precompute_len"))
-        limit = value.get("size", value.get("max", value.get("limit")))
-        if limit:
-            return f"{'-' if used is None else used}/{limit}"
-    return _compact(value)
+def _queue(queue: Any) -> str:
+    return str(queue.get("length", "-")) if isinstance(queue, dict) else "-"
 
 
-def _queue(value: Any) -> str:
-    if isinstance(value, dict):
-        return str(value.get("length", "-"))
-    return _compact(value)
-
-
-def _shorten(text: Any, width: int = 60) -> str:
-    text = _compact(text).replace("\n", " ")
+def _last_error(error: Any, width: int = 60) -> str:
+    """`{reason, at, details, log_tail}` as its reason, shortened."""
+    reason = error.get("reason") if isinstance(error, dict) else None
+    if not reason:
+        return "-"
+    text = str(reason).replace("\n", " ")
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def status_table(status: dict[str, Any]) -> str:
-    """The `/api/status` reply as a table for a person; missing keys show as `-`."""
+    """The `/api/status` reply as a table for a person; keys a model lacks show as `-`."""
     header = ("MODEL", "STATE", "SINCE", "PROGRESS", "QUEUE", "CONTEXT", "RESTARTS", "LAST ERROR")
     rows = [header]
     for model in status.get("models") or []:
@@ -203,12 +208,12 @@ def status_table(status: dict[str, Any]) -> str:
             (
                 str(model.get("name", "?")),
                 str(model.get("state", "?")),
-                _age(model.get("since_epoch", model.get("since"))),
+                _age(model.get("since_epoch")),
                 _progress(model.get("progress")),
                 _queue(model.get("queue")),
                 _context(model.get("context")),
                 str(model.get("restarts", "-")),
-                _shorten(model.get("last_error")),
+                _last_error(model.get("last_error")),
             )
         )
     if len(rows) == 1:

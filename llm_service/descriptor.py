@@ -1,8 +1,13 @@
 """Model descriptors: parsing, validation and the difference between two versions.
 
-The original descriptor is a JSON list of objects whose values are all strings ("true"/"false",
-numbers as strings); typed values are accepted too. One bad entry is reported and skipped, the
-others still load. Every message names the file, the model (or `entry #i`) and the field.
+The original descriptor is a JSON list of flat objects whose values are all strings
+("true"/"false", numbers as strings); typed values are accepted too. One bad entry is reported and
+skipped, the others still load. Every message names the file, the model (or `entry #i`) and the
+field.
+
+Each entry's keys fall in two parts: the fields every model has (`ModelSpec`) and the fields of
+its engine (an `EngineConfig` subclass that the engine registry names by the `engine` key). A key
+of another engine is an error ("not used by …"); a key no engine knows is a warning.
 
 Pure apart from resolving paths and checking that they exist.
 """
@@ -10,17 +15,15 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
-from urllib.parse import urlsplit
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+DEFAULT_ENGINE = "ax-runner"
 DEFAULT_KEEP_ALIVE_S = 300.0  # Ollama's default: five minutes
-_SHELLS = frozenset({"sh", "bash", "dash"})
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Go's time.ParseDuration, which Ollama uses: "5m", "1h30m", "-1s", "300ms", "1.5h".
 _DURATION = re.compile(r"([+-]?)((?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
@@ -59,6 +62,29 @@ def parse_keep_alive(value: str | int | float | None) -> float | None:
     return None if seconds < 0 else seconds
 
 
+class FieldError(Exception):
+    """A descriptor field that is wrong; `key` is its name in the file."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(problem)
+        self.key = key
+        self.problem = problem
+
+
+class EngineConfig(BaseModel):
+    """The descriptor fields one engine reads. Each engine module subclasses it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Fields the engine computes itself; a file may not set them.
+    computed: ClassVar[frozenset[str]] = frozenset()
+
+    def resolved(self, base_dir: Path, model_name: str) -> EngineConfig:
+        """Check what needs the file system (paths exist, stay inside their folder) and make
+        paths absolute; raises FieldError. `base_dir` is the descriptor's folder."""
+        return self
+
+
 class ModelDetails(BaseModel):
     """What /api/tags echoes for the model."""
     model_config = ConfigDict(frozen=True, extra="ignore")
@@ -71,59 +97,26 @@ class ModelDetails(BaseModel):
 
 
 class ModelSpec(BaseModel):
+    """One model of the descriptor: what every model has, and its engine's own `config`."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(min_length=1)
-    engine: Literal["ax-runner", "openai-http"] = "ax-runner"
-    dialect: Literal["auto", "a", "b", "c"] = "auto"
-    run_cmd: str | None = None
-    model_path: Path | None = None  # absolute, resolved
-    # Computed from run_cmd, never read from the file: the resolved run script (None for a
-    # dialect C command such as `axllm run .`), and the argv that starts the runner with
-    # model_path as working directory (scripts have no shebang, so they run through a shell).
-    script_path: Path | None = None
-    command: tuple[str, ...] = ()
+    engine: str = DEFAULT_ENGINE
     include_thinking: bool = False
     run_on_startup: bool = False
-    tokenizer_path: Path | None = None  # absolute, resolved
-    tokenizer_py: str | None = None
-    tokenizer_ip: str = "127.0.0.1"
-    tokenizer_port: int | None = Field(default=None, ge=1, le=65535)
     details: ModelDetails = ModelDetails()
     npu_memory_mb: int | None = Field(default=None, ge=0)
     keep_alive: float | None = DEFAULT_KEEP_ALIVE_S  # seconds; None = forever; 0 = unload after use
     system_prompt: str | None = None
     context_size: int = Field(default=2048, ge=1)
     aliases: tuple[str, ...] = ()
-    load_timeout_s: float = Field(default=300.0, gt=0)
-    hang_timeout_s: float = Field(default=120.0, gt=0)
-    base_url: str | None = None
-    upstream_model: str | None = None
-    api_key_env: str | None = None  # the NAME of the variable holding the key, never the key
-    max_concurrency: int = Field(default=1, ge=1)
-    request_timeout_s: float = Field(default=300.0, gt=0)
-    retries: int = Field(default=2, ge=0)
+    config: EngineConfig = EngineConfig()
 
     @field_validator("keep_alive", mode="before")
     @classmethod
     def _keep_alive(cls, value: Any) -> float | None:
         return parse_keep_alive(value)
-
-    @field_validator("base_url")
-    @classmethod
-    def _base_url(cls, value: str | None) -> str | None:
-        if value is not None:
-            parts = urlsplit(value)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
-                raise ValueError("must be an http:// or https:// URL with a host")
-        return value
-
-    @field_validator("api_key_env")
-    @classmethod
-    def _api_key_env(cls, value: str | None) -> str | None:
-        if value is not None and not _ENV_NAME.fullmatch(value):
-            raise ValueError("must be the name of an environment variable (the key itself never goes in the file)")
-        return value
 
     @field_validator("aliases")
     @classmethod
@@ -133,11 +126,14 @@ class ModelSpec(BaseModel):
         return value
 
 
-# The descriptor's keys: the spec's fields under their file names, minus the computed ones.
-_FILE_NAMES = {"name": "model_name"}
-_COMPUTED = frozenset({"script_path", "command"})
-_FIELD_OF_KEY = {_FILE_NAMES.get(name, name): name for name in ModelSpec.model_fields if name not in _COMPUTED}
+_FILE_NAMES = {"name": "model_name"}  # spec field -> its key in the file, where they differ
+_COMMON_KEYS = {_FILE_NAMES.get(name, name): name for name in ModelSpec.model_fields if name != "config"}
 _KEEP_EMPTY = frozenset({"system_prompt"})  # "" is a meaningful system prompt; elsewhere "" means unset
+
+
+def config_keys(config_class: type[EngineConfig]) -> frozenset[str]:
+    """The file keys of an engine's config (its fields, minus the ones it computes)."""
+    return frozenset(config_class.model_fields) - config_class.computed
 
 
 @dataclass
@@ -156,15 +152,17 @@ class SpecDiff:
     unchanged: list[str]
 
 
-class _FieldError(Exception):
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(problem)
-        self.key = key
-        self.problem = problem
+def parse_descriptor(
+    text: str, source: str, base_dir: Path, engines: Mapping[str, type[EngineConfig]] | None = None
+) -> DescriptorResult:
+    """Parse descriptor JSON; relative paths resolve against `base_dir` (the file's folder).
 
+    `engines` maps engine kinds to their config classes (default: the engine registry's).
+    """
+    if engines is None:
+        from .engines import ENGINE_CONFIGS  # the registry imports the engines, which import this module
 
-def parse_descriptor(text: str, source: str, base_dir: Path) -> DescriptorResult:
-    """Parse descriptor JSON; relative paths resolve against `base_dir` (the file's folder)."""
+        engines = ENGINE_CONFIGS
     result = DescriptorResult()
     try:
         entries = json.loads(text)
@@ -186,13 +184,12 @@ def parse_descriptor(text: str, source: str, base_dir: Path) -> DescriptorResult
         if has_name:
             label = f'model "{name}"'
         key = name if has_name and name not in result.models and name not in result.errors else f"entry #{number}"
-        for unknown in sorted(set(entry) - set(_FIELD_OF_KEY)):
-            result.warnings.append(f'{source}: {label}: unknown field "{unknown}" ignored')
         try:
-            spec = _typed_spec(entry)
+            spec, unknown = _typed_spec(entry, engines)
+            result.warnings.extend(f'{source}: {label}: unknown field "{field}" ignored' for field in unknown)
             _claim_names(spec, label, owners)  # before the path checks: a duplicate is the first thing to fix
-            spec = _check_http(spec, base_dir) if spec.engine == "openai-http" else _check_runner(spec, base_dir)
-        except _FieldError as exc:
+            spec = spec.model_copy(update={"config": spec.config.resolved(base_dir, spec.name)})
+        except FieldError as exc:
             result.errors[key] = f'{source}: {label}: field "{exc.key}": {exc.problem}'
             if has_name:
                 owners.setdefault(name, label)
@@ -221,91 +218,51 @@ def diff_specs(old: Mapping[str, ModelSpec], new: Mapping[str, ModelSpec]) -> Sp
     )
 
 
-def _typed_spec(entry: dict[str, Any]) -> ModelSpec:
+def _typed_spec(entry: dict[str, Any], engines: Mapping[str, type[EngineConfig]]) -> tuple[ModelSpec, list[str]]:
+    """The entry as a spec, and the keys no engine knows (ignored)."""
     values = {
-        _FIELD_OF_KEY[key]: value for key, value in entry.items()
-        if key in _FIELD_OF_KEY
-        and not (isinstance(value, str) and not value.strip() and key not in _KEEP_EMPTY)
+        key: value for key, value in entry.items()
+        if not (isinstance(value, str) and not value.strip() and key not in _KEEP_EMPTY)
     }
+    engine = values.get("engine", DEFAULT_ENGINE)
+    if engine not in engines:
+        known = ", ".join(f'"{kind}"' for kind in engines)
+        raise FieldError("engine", f"must be one of {known}, not {engine!r}")
+    own_keys = config_keys(engines[engine])
+    other_keys = {key: kind for kind, cls in engines.items() if kind != engine for key in config_keys(cls)}
+    common, own, unknown = {}, {}, []
+    for key, value in values.items():
+        if key in _COMMON_KEYS:
+            common[_COMMON_KEYS[key]] = value
+        elif key in own_keys:
+            own[key] = value
+        elif key in other_keys:
+            raise FieldError(key, f'not used by the {engine} engine (it is a field of "{other_keys[key]}"): remove it')
+        else:
+            unknown.append(key)
     try:
-        spec = ModelSpec.model_validate(values)
+        config = engines[engine].model_validate(own)
+        spec = ModelSpec.model_validate({**common, "config": config})
     except ValidationError as exc:
         error = exc.errors()[0]
         location = error["loc"][0] if error["loc"] else "model_name"
         key = _FILE_NAMES.get(str(location), str(location))
         problem = "missing" if error["type"] == "missing" else error["msg"].removeprefix("Value error, ")
-        raise _FieldError(key, problem) from None
-    return spec
-
-
-def _check_http(spec: ModelSpec, base_dir: Path) -> ModelSpec:
-    if spec.base_url is None:
-        raise _FieldError("base_url", "missing (required by the openai-http engine)")
-    if spec.run_cmd is not None:
-        raise _FieldError("run_cmd", "not used by the openai-http engine: remove it")
-    return spec.model_copy(update={
-        "upstream_model": spec.upstream_model or spec.name,
-        "model_path": _resolve(base_dir, spec.model_path) if spec.model_path else None,
-    })
-
-
-def _check_runner(spec: ModelSpec, base_dir: Path) -> ModelSpec:
-    if spec.model_path is None:
-        raise _FieldError("model_path", "missing")
-    if spec.run_cmd is None:
-        raise _FieldError("run_cmd", "missing")
-    model_dir = _resolve(base_dir, spec.model_path)
-    if not model_dir.is_dir():
-        raise _FieldError("model_path", f"not a directory: {model_dir}")
-    script_path, command = _run_command(spec.run_cmd, model_dir, spec.dialect)
-    tokenizer_dir = _resolve(base_dir, spec.tokenizer_path) if spec.tokenizer_path else None
-    if tokenizer_dir is not None and not tokenizer_dir.is_dir():
-        raise _FieldError("tokenizer_path", f"not a directory: {tokenizer_dir}")
-    if spec.tokenizer_py is not None:
-        script_dir = tokenizer_dir or model_dir
-        tokenizer_script = _resolve(script_dir, Path(spec.tokenizer_py))
-        if not tokenizer_script.is_relative_to(script_dir):
-            raise _FieldError("tokenizer_py", "resolves outside tokenizer_path")
-        if not tokenizer_script.is_file():
-            raise _FieldError("tokenizer_py", f"not found in {script_dir}")
-    return spec.model_copy(update={
-        "model_path": model_dir, "tokenizer_path": tokenizer_dir,
-        "script_path": script_path, "command": command,
-    })
-
-
-def _run_command(run_cmd: str, model_dir: Path, dialect: str) -> tuple[Path | None, tuple[str, ...]]:
-    """The run script and the argv for `run.sh`, `./run.sh`, `sh run.sh`, `/bin/sh run.sh` or an
-    absolute path; dialect C may name a program instead (`axllm run .`)."""
-    try:
-        words = shlex.split(run_cmd)
-    except ValueError as exc:
-        raise _FieldError("run_cmd", f"cannot be split into words: {exc}") from None
-    if len(words) > 1 and Path(words[0]).name in _SHELLS:
-        shell, script_word, arguments = words[0], words[1], words[2:]
-    else:
-        shell, script_word, arguments = "/bin/sh", words[0], words[1:]
-    script = _resolve(model_dir, Path(script_word))
-    if dialect == "c" and not script.is_file():
-        return None, tuple(words)
-    if not script.is_relative_to(model_dir):
-        raise _FieldError("run_cmd", "resolves outside model_path")
-    if not script.is_file():
-        raise _FieldError("run_cmd", f"script {script_word!r} not found in model_path")
-    return script, (shell, str(script), *arguments)
-
-
-def _resolve(base: Path, path: Path) -> Path:
-    """Absolute, with symlinks followed, so containment checks see where a path really leads."""
-    return (base / path.expanduser()).resolve()
+        raise FieldError(key, problem) from None
+    return spec, sorted(unknown)
 
 
 def _claim_names(spec: ModelSpec, label: str, owners: dict[str, str]) -> None:
     if spec.name in owners:
-        raise _FieldError("model_name", f"duplicate name: already used by {owners[spec.name]}")
+        raise FieldError("model_name", f"duplicate name: already used by {owners[spec.name]}")
     for alias in spec.aliases:
         if alias in owners or alias == spec.name:
-            raise _FieldError("aliases", f'duplicate name "{alias}": already used by {owners.get(alias, label)}')
+            raise FieldError("aliases", f'duplicate name "{alias}": already used by {owners.get(alias, label)}')
     owners[spec.name] = label
     for alias in spec.aliases:
         owners[alias] = label
+
+
+def resolve_path(base: Path, path: Path) -> Path:
+    """Absolute, with symlinks followed, so containment checks see where a path really leads."""
+    return (base / path.expanduser()).resolve()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -63,6 +64,10 @@ class ModelMetrics:
         self.registry = CollectorRegistry()
         self._write_failing = False
         self._write_scheduled = False
+        self._writing = False
+        self._write_again = False
+        self._unlink_after_write: Path | None = None
+        self._write_lock = threading.Lock()
         labels = ["model"]
 
         def gauge(metric: str, help_text: str, extra: tuple[str, ...] = ()) -> Gauge:
@@ -198,10 +203,10 @@ class ModelMetrics:
             self._npu_memory_declared = True
 
     def write_soon(self) -> None:
-        """Write shortly after the current burst of events (coalesced), off the per-token path.
+        """Write shortly after the current burst of events (coalesced), in a worker thread.
 
-        State changes happen right between a prompt and its first token: a file write there
-        (1–2 ms) would land on every request's time to first token.
+        State changes happen right between a prompt and its first token, and a write takes
+        milliseconds (more on an SD card): on the event loop it would land on requests' times.
         """
         if self.file_path is None or self._write_scheduled:
             return
@@ -211,30 +216,55 @@ class ModelMetrics:
             self.write()
             return
         self._write_scheduled = True
-        loop.call_later(WRITE_DELAY_S, self._scheduled_write)
+        loop.call_later(WRITE_DELAY_S, self._write_in_thread, loop)
 
-    def _scheduled_write(self) -> None:
+    def _write_in_thread(self, loop: asyncio.AbstractEventLoop) -> None:
         self._write_scheduled = False
-        self.write()
+        if self._writing:  # one write at a time; the one under way is followed by another
+            self._write_again = True
+            return
+        self._writing = True
+        loop.run_in_executor(None, self.write).add_done_callback(lambda _: self._written())
+
+    def _written(self) -> None:
+        self._writing = False
+        if self._unlink_after_write is not None:
+            self._unlink_after_write.unlink(missing_ok=True)  # removed while the write ran
+            self._unlink_after_write = None
+        elif self._write_again:
+            self._write_again = False
+            self.write_soon()
 
     def write(self) -> None:
         """Writes the file atomically (temporary file in the same folder, then rename).
 
         A failed write is logged, once until writes work again, and never reaches the request
-        that triggered it: metrics must not break serving.
+        that triggered it: metrics must not break serving. Writes of one model never overlap,
+        so the last one started is the one the file holds.
         """
-        if self.file_path is None:
+        with self._write_lock:
+            path = self.file_path
+            if path is None:
+                return
+            try:
+                prometheus_client.write_to_textfile(str(path), self.registry)
+            except OSError as exc:
+                if not self._write_failing:
+                    log.warning("cannot write metrics file %s: %s", path, exc)
+                self._write_failing = True
+            else:
+                if self._write_failing:
+                    log.info("metrics file %s written again", path)
+                self._write_failing = False
+
+    def discard_file(self) -> None:
+        """The model is gone: remove its file now, and after a write that is under way."""
+        path, self.file_path = self.file_path, None  # a write still scheduled must not recreate it
+        if path is None:
             return
-        try:
-            prometheus_client.write_to_textfile(str(self.file_path), self.registry)
-        except OSError as exc:
-            if not self._write_failing:
-                log.warning("cannot write metrics file %s: %s", self.file_path, exc)
-            self._write_failing = True
-        else:
-            if self._write_failing:
-                log.info("metrics file %s written again", self.file_path)
-            self._write_failing = False
+        path.unlink(missing_ok=True)
+        if self._writing:
+            self._unlink_after_write = path
 
 
 class _MergedFamilies(Collector):
@@ -297,9 +327,8 @@ class MetricsHub:
 
     def remove_model(self, name: str) -> None:
         metrics = self._models.pop(name, None)
-        if metrics is not None and metrics.file_path is not None:
-            path, metrics.file_path = metrics.file_path, None  # a write still scheduled must not recreate it
-            path.unlink(missing_ok=True)
+        if metrics is not None:
+            metrics.discard_file()
 
     def render(self) -> tuple[bytes, str]:
         """(body, content type) for `GET /metrics`."""

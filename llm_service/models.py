@@ -1,8 +1,8 @@
 """ModelManager: the descriptor's models, their engines and queues, keep_alive and card memory.
 
-The API layer calls `generate()` and never learns which engine serves a model. The manager owns
-request-level bookkeeping that is the same for every engine: queueing, the deadline, readiness,
-thinking filter, keep_alive and the request metrics.
+The API layer calls `generate()`, `complete()` or `embed()` and never learns which engine serves
+a model. The manager owns request-level bookkeeping that is the same for every engine:
+admission, the deadline, readiness, the thinking filter, keep_alive and the request metrics.
 """
 from __future__ import annotations
 
@@ -17,40 +17,52 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
+from .admission import AdmissionQueue
 from .descriptor import DescriptorResult, ModelSpec, diff_specs, load_descriptor, parse_keep_alive
+from .engines import create_engine
 from .engines.base import (
     BadRequest,
     Chunk,
+    Embeddings,
     Engine,
+    EngineContext,
     EngineError,
     GenerationRequest,
     GenerationResult,
     ModelNotFound,
     ModelUnavailable,
-    QueueFull,
     RequestTimedOut,
 )
-from .engines.card import CardEngine
 from .metrics import MetricsHub, ModelMetrics
-from .scheduler import Scheduler
-from .states import rfc3339
+from .timestamps import rfc3339, rfc3339_in
 from .tokenizer_client import TokenizerClient
 
 log = logging.getLogger(__name__)
 
 _SERVING_STATES = ("ready", "resetting", "processing", "outputting")
+# An engine whose owner loop itself ended by an exception is started again after this long.
+_ENGINE_LOOP_RESTART_S = 1.0
 
 
 @dataclass(eq=False)
 class ModelEntry:
     spec: ModelSpec
     engine: Engine
-    scheduler: Scheduler
+    admission: AdmissionQueue
     metrics: ModelMetrics
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     modified_at: str = field(default_factory=lambda: rfc3339(time.time()))
     last_used: float = 0.0
     expires_at: float | None = None  # monotonic; None = stays loaded
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A whole answer: the text, the reasoning, and the final record."""
+
+    content: str
+    thinking: str
+    result: GenerationResult
 
 
 def requested_keep_alive(value: Any) -> float | None:
@@ -59,10 +71,6 @@ def requested_keep_alive(value: Any) -> float | None:
         return parse_keep_alive(value)
     except ValueError as exc:
         raise BadRequest(f"invalid keep_alive: {exc}") from None
-
-
-def _rfc3339_in(seconds_from_now: float) -> str:
-    return rfc3339(time.time() + seconds_from_now)
 
 
 class ModelManager:
@@ -91,10 +99,13 @@ class ModelManager:
             task_status.started()
 
     async def shutdown(self) -> None:
-        """Stop every runner politely (q, then SIGTERM, then SIGKILL), then end the tasks."""
-        async with anyio.create_task_group() as tg:
-            for entry in list(self._entries.values()):
-                tg.start_soon(entry.engine.stop, "daemon shutting down")
+        """Stop every engine politely (for runners: quit, then SIGTERM, then SIGKILL), then end
+        the tasks. Bounded: an engine that does not stop in time is cancelled (its loop kills
+        what it runs on the way out)."""
+        with anyio.move_on_after(3 * self.settings.stop_grace_s + 5):
+            async with anyio.create_task_group() as tg:
+                for entry in list(self._entries.values()):
+                    tg.start_soon(entry.engine.stop, "daemon shutting down")
         for entry in self._entries.values():
             entry.scope.cancel()
         if self._tg is not None:
@@ -135,11 +146,11 @@ class ModelManager:
 
     async def _add(self, spec: ModelSpec) -> None:
         metrics = self.metrics.model(spec.name)
-        engine = self._make_engine(spec, metrics)
+        engine = create_engine(spec, EngineContext(self.settings, metrics, self.tokenizers))
         entry = ModelEntry(
             spec=spec,
             engine=engine,
-            scheduler=Scheduler(self.settings.queue_size, engine.capabilities.max_concurrency),
+            admission=AdmissionQueue(self.settings.queue_size, engine.capabilities.max_concurrency),
             metrics=metrics,
         )
         entry.expires_at = None if spec.run_on_startup else 0.0
@@ -152,24 +163,17 @@ class ModelManager:
         if spec.run_on_startup:
             await engine.start()
 
-    def _make_engine(self, spec: ModelSpec, metrics: ModelMetrics) -> Engine:
-        if spec.engine == "openai-http":
-            from .engines.http import HttpEngine
-
-            return HttpEngine(
-                spec,
-                backoff_min_s=self.settings.backoff_min_s,
-                backoff_max_s=self.settings.backoff_max_s,
-                on_state=metrics.set_state,
-            )
-        return CardEngine(spec, self.settings, self.tokenizers, metrics)
-
     async def _run_engine(self, entry: ModelEntry) -> None:
-        run = getattr(entry.engine, "run", None)
-        if run is None:
-            return
+        """The engine's owner loop for the model's life; started again if it ever ends by an
+        exception (the loop contains its own; this is the last line of defence)."""
         with entry.scope:
-            await run()
+            while True:
+                try:
+                    await entry.engine.run()
+                    return
+                except Exception:
+                    log.exception("model %s: the engine's loop ended; starting it again", entry.spec.name)
+                await anyio.sleep(_ENGINE_LOOP_RESTART_S)
 
     async def _remove(self, name: str, reason: str) -> None:
         entry = self._entries.pop(name, None)
@@ -178,8 +182,7 @@ class ModelManager:
         await entry.engine.stop(reason)
         entry.scope.cancel()
         self.metrics.remove_model(name)
-        if entry.spec.tokenizer_py and entry.spec.engine != "openai-http":
-            await self.tokenizers.stop_server(name, entry.spec.tokenizer_ip or "127.0.0.1")
+        await entry.engine.close()
 
     async def _watch_descriptor(self) -> None:
         while True:
@@ -198,7 +201,7 @@ class ModelManager:
                     entry.expires_at is not None
                     and entry.expires_at <= now
                     and entry.engine.is_loaded
-                    and entry.scheduler.idle
+                    and entry.admission.idle
                     and not entry.engine.is_busy
                 ):
                     entry.expires_at = None if entry.spec.run_on_startup else 0.0
@@ -224,20 +227,8 @@ class ModelManager:
     def engine(self, name: str) -> Engine:
         return self.entry(name).engine
 
-    def list_models(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "name": entry.spec.name,
-                "details": dict(entry.spec.details or {}),
-                "modified_at": entry.modified_at,
-                "engine": entry.spec.engine,
-                "aliases": list(entry.spec.aliases),
-                "npu_memory_mb": entry.spec.npu_memory_mb,
-                "context_size": entry.spec.context_size,
-                "include_thinking": entry.spec.include_thinking,
-            }
-            for entry in self._entries.values()
-        ]
+    def entries(self) -> list[ModelEntry]:
+        return list(self._entries.values())
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -278,7 +269,7 @@ class ModelManager:
             for victim in sorted(others, key=lambda e: e.last_used):
                 if used + need <= budget:
                     break
-                if victim.scheduler.idle and not victim.engine.is_busy and victim.spec.npu_memory_mb:
+                if victim.admission.idle and not victim.engine.is_busy and victim.spec.npu_memory_mb:
                     log.info("unloading %s to make room for %s on the card", victim.spec.name, entry.spec.name)
                     await victim.engine.stop(f"making room on the card for {entry.spec.name}")
                     used -= victim.spec.npu_memory_mb
@@ -288,65 +279,71 @@ class ModelManager:
                     "and the models holding the rest are busy"
                 )
 
+    def _deadline(self, request: GenerationRequest) -> float:
+        if request.deadline is None:
+            request.deadline = request.arrived_at + self.settings.request_deadline_s
+        return request.deadline
+
+    def _timed_out(self) -> RequestTimedOut:
+        return RequestTimedOut(f"request did not finish within its deadline of {self.settings.request_deadline_s:.0f}s")
+
+    def _check_prompt_size(self, chars: int) -> None:
+        if chars > self.settings.max_prompt_chars:
+            raise BadRequest(
+                f"prompt too long: {chars} characters, the limit is {self.settings.max_prompt_chars} (max_prompt_chars)"
+            )
+
     async def generate(
         self, name: str, request: GenerationRequest, keep_alive: Any = None
     ) -> AsyncIterator[Chunk | GenerationResult]:
+        """The answer as it streams. The deadline bounds the wait for a slot and for the model;
+        after the first chunk the consumer enforces it (`complete()` does, and the streaming
+        response does), so that no timer is armed per chunk."""
         entry = self.entry(name)
         keep_alive_s = self._keep_alive_for(entry, keep_alive)
-        prompt_chars = sum(len(m.content) for m in request.messages)
-        if prompt_chars > self.settings.max_prompt_chars:
-            raise BadRequest(
-                f"prompt too long: {prompt_chars} characters, the limit is {self.settings.max_prompt_chars} (max_prompt_chars)"
-            )
+        self._check_prompt_size(sum(len(m.content) for m in request.messages))
         metrics = entry.metrics
-        deadline = request.deadline or (request.arrived_at + self.settings.request_deadline_s)
-        request.deadline = deadline
+        deadline = self._deadline(request)
         want_thinking = request.think if request.think is not None else entry.spec.include_thinking
         metrics.request_queued()
         queued = True
         finished_reason = "abort"
         result: GenerationResult | None = None
         try:
-            async with entry.scheduler.slot(request.id) as waited:
+            async with entry.admission.slot(request.id, deadline) as waited:
                 queued = False
                 metrics.request_dequeued(waited)
                 metrics.request_started()
                 relayed_tokens = 0
                 try:
                     await self._make_room(entry)
-                    with anyio.fail_after(max(0.0, deadline - time.monotonic())):
-                        load_seconds = await entry.engine.wait_ready(deadline)
+                    load_seconds = await entry.engine.wait_ready(deadline)
                     first_at = last_at = None
-                    async for item in self._bounded(entry.engine.generate(request), deadline):
-                        now = time.monotonic()
-                        if isinstance(item, GenerationResult):
-                            result = item
-                            item.load_duration = load_seconds
-                            item.queue_duration = waited
-                            item.total_duration = now - request.arrived_at
-                            finished_reason = item.finish_reason
-                            if item.eval_duration > 0 and item.completion_tokens:
-                                measured = item.completion_tokens / item.eval_duration
-                                metrics.runner_speed(item.runner_tokens_per_second, measured)
+                    async with closing_stream(entry.engine.generate(request)) as stream:
+                        async for item in stream:
+                            now = time.monotonic()
+                            if isinstance(item, GenerationResult):
+                                result = item
+                                item.load_duration = load_seconds
+                                item.queue_duration = waited
+                                item.total_duration = now - request.arrived_at
+                                finished_reason = item.finish_reason
+                                if item.eval_duration > 0 and item.completion_tokens:
+                                    metrics.runner_speed(item.runner_tokens_per_second, item.completion_tokens / item.eval_duration)
+                                yield item
+                                break
+                            relayed_tokens += item.tokens
+                            if not want_thinking and item.thinking:
+                                if not item.content:
+                                    continue
+                                item = Chunk(content=item.content)
+                            if first_at is None:
+                                metrics.first_token(now - request.arrived_at)
+                                first_at = now
+                            else:
+                                metrics.inter_token(now - last_at)
+                            last_at = now
                             yield item
-                            break
-                        relayed_tokens += item.tokens
-                        if not want_thinking and item.thinking:
-                            if not item.content:
-                                continue
-                            item = Chunk(content=item.content)
-                        if first_at is None:
-                            first_at = now
-                            metrics.first_token(now - request.arrived_at)
-                        else:
-                            metrics.inter_token(now - last_at)
-                        last_at = now
-                        yield item
-                except TimeoutError:
-                    finished_reason = "error"
-                    raise RequestTimedOut(
-                        f"request did not finish within its deadline of {self.settings.request_deadline_s:.0f}s"
-                    ) from None
                 except EngineError:
                     finished_reason = "error"
                     raise
@@ -361,30 +358,69 @@ class ModelManager:
                     self._touch(entry, keep_alive_s)
                     if keep_alive_s == 0 and self._tg is not None:
                         self._tg.start_soon(self._unload_when_idle, entry)
-        except QueueFull:
-            metrics.request_dequeued(None)
-            queued = False
+        except EngineError:
+            if queued:  # refused by the queue (full, or its deadline passed while waiting)
+                metrics.request_dequeued(None)
+                queued = False
             raise
         finally:
             if queued:  # the client left while waiting in the queue
                 metrics.request_dequeued(None)
 
-    async def _bounded(self, stream: AsyncIterator[Any], deadline: float) -> AsyncIterator[Any]:
-        """Iterate `stream` with the request deadline on each step; always close it."""
+    async def complete(self, name: str, request: GenerationRequest, keep_alive: Any = None) -> Completion:
+        """The whole answer, within the request's deadline."""
+        content: list[str] = []
+        thinking: list[str] = []
+        deadline = self._deadline(request)
         try:
-            while True:
-                with anyio.fail_after(max(0.0, deadline - time.monotonic())):
+            with anyio.fail_after(max(0.0, deadline - time.monotonic())):
+                async with closing_stream(self.generate(name, request, keep_alive)) as stream:
+                    async for item in stream:
+                        if isinstance(item, Chunk):
+                            content.append(item.content)
+                            thinking.append(item.thinking)
+                        else:
+                            return Completion("".join(content), "".join(thinking), item)
+        except TimeoutError:
+            raise self._timed_out() from None
+        raise EngineError("the answer ended without its final record")
+
+    async def embed(self, name: str, inputs: list[str], request_id: str) -> Embeddings:
+        """Vectors for `inputs`, admitted, loaded, limited and counted like a generation."""
+        entry = self.entry(name)
+        self._check_prompt_size(sum(len(text) for text in inputs))
+        arrived = time.monotonic()
+        deadline = arrived + self.settings.request_deadline_s
+        metrics = entry.metrics
+        metrics.request_queued()
+        queued = True
+        reason, tokens = "abort", 0
+        try:
+            with anyio.fail_after(max(0.0, deadline - arrived)):
+                async with entry.admission.slot(request_id, deadline) as waited:
+                    queued = False
+                    metrics.request_dequeued(waited)
+                    metrics.request_started()
                     try:
-                        item = await stream.__anext__()
-                    except StopAsyncIteration:
-                        return
-                yield item
+                        await self._make_room(entry)
+                        await entry.engine.wait_ready(deadline)
+                        embeddings = await entry.engine.embed(inputs)
+                        reason, tokens = "stop", embeddings.prompt_tokens
+                        return embeddings
+                    except EngineError:
+                        reason = "error"
+                        raise
+                    finally:
+                        metrics.request_finished(reason, tokens, 0, time.monotonic() - arrived)
+                        self._touch(entry, self._keep_alive_for(entry, None))
+        except TimeoutError:
+            raise self._timed_out() from None
         finally:
-            with anyio.CancelScope(shield=True):
-                await stream.aclose()  # type: ignore[attr-defined]
+            if queued:
+                metrics.request_dequeued(None)
 
     async def _unload_when_idle(self, entry: ModelEntry) -> None:
-        if entry.scheduler.idle:
+        if entry.admission.idle:
             await entry.engine.stop("keep_alive 0")
 
     # ---- status -----------------------------------------------------------------------------
@@ -392,14 +428,14 @@ class ModelManager:
     def model_status(self, name: str) -> dict[str, Any]:
         entry = self.entry(name)
         status = entry.engine.status()
-        status["queue"] = entry.scheduler.snapshot()
+        status["queue"] = entry.admission.snapshot()
         status["run_on_startup"] = entry.spec.run_on_startup
         status["aliases"] = list(entry.spec.aliases)
         status["npu_memory_mb"] = entry.spec.npu_memory_mb
         status["expires_at"] = (
             None
             if entry.expires_at is None or not entry.engine.is_loaded
-            else _rfc3339_in(entry.expires_at - time.monotonic())
+            else rfc3339_in(entry.expires_at - time.monotonic())
         )
         return status
 
@@ -428,24 +464,17 @@ class ModelManager:
                 problems.append(f"{name}: {state}")
         return not problems, problems
 
-    def loaded(self) -> list[dict[str, Any]]:
-        out = []
-        for entry in self._entries.values():
-            if not entry.engine.is_loaded:
-                continue
-            out.append(
-                {
-                    "name": entry.spec.name,
-                    "model": entry.spec.name,
-                    "size": (entry.spec.npu_memory_mb or 0) * 1024 * 1024,
-                    "digest": hashlib.sha256(entry.spec.name.encode()).hexdigest(),
-                    "details": dict(entry.spec.details or {}),
-                    "expires_at": "0001-01-01T00:00:00Z"
-                    if entry.expires_at is None
-                    else _rfc3339_in(entry.expires_at - time.monotonic()),
-                    "size_vram": (entry.spec.npu_memory_mb or 0) * 1024 * 1024,
-                    "context_length": entry.spec.context_size,
-                    "state": entry.engine.state,
-                }
-            )
-        return out
+
+class closing_stream:
+    """`async with` for an answer stream: closed on the way out even when the consumer leaves
+    (the engine cancels the generation on its backend at once, not when the GC gets to it)."""
+
+    def __init__(self, stream: AsyncIterator[Any]) -> None:
+        self._stream = stream
+
+    async def __aenter__(self) -> AsyncIterator[Any]:
+        return self._stream
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._stream.aclose()  # type: ignore[attr-defined]

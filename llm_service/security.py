@@ -14,7 +14,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from llm_service.settings import DaemonSettings
+from .api.errors import error_body
+from .settings import DaemonSettings
 
 # Reachable without a key: liveness probes (Docker, systemd, load balancers) carry no secrets.
 OPEN_PATHS = frozenset({"/health"})
@@ -33,12 +34,7 @@ async def send_error(
     send: Send, path: str, status: int, message: str, code: str, headers: Iterable[tuple[bytes, bytes]] = ()
 ) -> None:
     """Send a complete JSON error response in the dialect of the route at `path`."""
-    body: dict[str, Any]
-    if path == "/v1" or path.startswith("/v1/"):
-        body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
-    else:
-        body = {"error": message}
-    payload = json.dumps(body).encode()
+    payload = json.dumps(error_body(path, message, status, code)).encode()
     await send(
         {
             "type": "http.response.start",

@@ -7,10 +7,11 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
+
+from .timestamps import rfc3339
 
 
 class RunnerState(StrEnum):
@@ -41,11 +42,6 @@ ALLOWED_TRANSITIONS: Mapping[RunnerState, frozenset[RunnerState]] = MappingProxy
     S.FAILED:                frozenset({S.WAITING_FOR_TOKENIZER, S.STARTING, S.STOPPING, S.STOPPED}),
 })
 del S
-
-
-def rfc3339(epoch: float) -> str:
-    """A UTC time as RFC 3339 with a Z, the form every timestamp of the API uses."""
-    return datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def _json_ready(value: Any) -> Any:

@@ -2,6 +2,9 @@
 
 Readiness of a tokenizer server is decided by probing its port — never by reading its log, which
 is block-buffered when piped (the earlier wrapper waited forever on a log line).
+
+No `httpx` error leaves this module: a call that must succeed raises `TokenizerUnavailable`, a
+best-effort call (capabilities, counts) returns None.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import httpx
 
 
 class TokenizerUnavailable(Exception):
-    pass
+    """A tokenizer server or the tokenizer service did not do what was asked."""
 
 
 class TokenizerClient:
@@ -71,9 +74,13 @@ class TokenizerClient:
         return data
 
     async def configure(self, host: str, port: int, **settings: Any) -> None:
-        reply = await self._http.post(f"http://{host}:{port}/config", json=settings)
+        url = f"http://{host}:{port}/config"
+        try:
+            reply = await self._http.post(url, json=settings)
+        except httpx.HTTPError as exc:
+            raise TokenizerUnavailable(f"{url} unreachable: {exc!r}") from exc
         if reply.status_code >= 400:
-            raise TokenizerUnavailable(f"tokenizer /config failed: {reply.text.strip()}")
+            raise TokenizerUnavailable(f"{url} answered {reply.status_code}: {reply.text.strip()}")
 
     async def tokenize(self, host: str, port: int, text: str) -> list[int] | None:
         try:

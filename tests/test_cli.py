@@ -60,17 +60,21 @@ def test_serve_names_an_unknown_config_key(tmp_path: Path) -> None:
     assert "unknown setting 'hangtimeout'" in result.stderr
 
 
+# The shape the daemon's /api/status sends (see CardEngine.status and ModelManager.model_status).
 STATUS = {
     "models": [
         {
             "name": "qwen3-1.7b",
             "state": "ready",
-            "since": time.time() - 125,
-            "progress": {"step": 31, "total": 31},
-            "queue": {"length": 3, "oldest_age_s": 1.5},
-            "context": {"used": 46, "max": 2048},
+            "since": "2026-12-02T10:00:00Z",
+            "since_epoch": time.time() - 125,
+            "progress": {"percent": 100, "step": 31, "total": 31, "message": "init post axmodel ok"},
+            "queue": {"length": 3, "running": 1, "max": 512, "concurrency": 1, "waiting": []},
+            "context": {"used": 46, "remaining": 2002, "size": 2048, "conversation_messages": 2},
             "restarts": 2,
-            "last_error": "runner exited with status 255: lLaMa.Init failed",
+            "fresh_context_restarts": 0,
+            "last_error": {"at": time.time() - 200, "reason": "runner exited with status 255 while loading",
+                           "details": {"returncode": 255}, "log_tail": ["lLaMa.Init failed"]},
         },
         {"name": "bare-model"},  # every other key missing
     ]
@@ -106,7 +110,7 @@ def test_status_prints_a_table_using_the_key_from_the_environment(status_daemon:
     # The fixture's `since` lies ~2 minutes back when it starts; a slow run may read it later.
     assert [name, state, ago, *rest] == ["qwen3-1.7b", "ready", "ago", "31/31", "3", "46/2048"]
     assert age in ("2m", "3m", "4m"), age
-    assert "lLaMa.Init failed" in first
+    assert first.endswith("runner exited with status 255 while loading")
     assert second.split()[:2] == ["bare-model", "?"]
 
 

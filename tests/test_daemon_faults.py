@@ -263,7 +263,6 @@ def test_descriptor_hot_reload(tmp_path):
         assert _runner_pid(daemon, "keep") == keep_pid
 
 
-@pytest.mark.xfail(strict=True, reason="regression: /config lets httpx.ConnectError end the engine's task")
 def test_tokenizer_server_down_while_a_chat_changes_its_system_prompt(tmp_path):
     """A tokenizer server that is gone while a chat changes the system prompt: an explicit error
     (or a recovered answer), the daemon stays up, the other model serves, and the model recovers.
@@ -286,7 +285,6 @@ def test_tokenizer_server_down_while_a_chat_changes_its_system_prompt(tmp_path):
         assert_recovers(daemon)
 
 
-@pytest.mark.xfail(strict=True, reason="regression: an unexpected exception in one engine's owner task stops every model")
 def test_an_unencodable_prompt_fails_alone_and_every_model_keeps_serving(tmp_path):
     """A lone surrogate is valid JSON but no valid text: that request fails with a clear error,
     and neither that model nor any other stops serving."""

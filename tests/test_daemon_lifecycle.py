@@ -142,7 +142,6 @@ def test_axllm_runner_without_script_or_tokenizer_server(tmp_path):
         assert any(e["line"].endswith("LLM init ok") for e in log), log[-10:]
 
 
-@pytest.mark.xfail(strict=True, reason="regression: asyncio.run() in the CLI meant uvicorn never installed uvloop")
 def test_the_daemon_runs_on_uvloop(tmp_path):
     with running_daemon(tmp_path, [scripted_model(tmp_path, "m", reply_words=WORDS)]) as daemon:
         assert _generate(daemon, "m", "hi").status_code == 200
@@ -150,7 +149,6 @@ def test_the_daemon_runs_on_uvloop(tmp_path):
         assert "uvloop" in maps, "the event loop is not uvloop's"
 
 
-@pytest.mark.xfail(strict=True, reason="regression: planned restarts for a fresh context counted as restarts")
 def test_fresh_context_restarts_are_counted_apart_from_crashes(tmp_path):
     """A runner without `reset` restarts for every independent request: that is its normal
     service, not a fault, and must not look like one in the status (or trip the README's alert)."""

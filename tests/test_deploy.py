@@ -155,7 +155,6 @@ def _readme_alert_rules() -> str:
     return rules
 
 
-@pytest.mark.xfail(strict=True, reason="regression: the restart alert fired on planned fresh-context restarts")
 def test_readme_alert_rules_fire_on_faults_and_not_on_a_healthy_runner(tmp_path: Path) -> None:
     """The README's rules, run by promtool: crash restarts alert; the planned restarts of a
     runner without `reset`, serving one-shot requests, do not."""

@@ -10,6 +10,7 @@ import pytest
 from llm_service.descriptor import (
     DescriptorResult, ModelSpec, diff_specs, load_descriptor, parse_descriptor, parse_keep_alive,
 )
+from llm_service.engines.http import HttpConfig
 
 SOURCE = "model/model-descriptor.json"
 
@@ -55,16 +56,16 @@ def test_original_string_format(tmp_path: Path) -> None:
     spec = result.models["qwen3"]
     assert spec.name == "qwen3"
     assert spec.include_thinking is True and spec.run_on_startup is False
-    assert spec.tokenizer_port == 12345
-    assert spec.model_path == folder.resolve() and spec.model_path.is_absolute()
-    assert spec.tokenizer_path == folder.resolve()
-    assert spec.script_path == folder.resolve() / "run_qwen3_1.7b_axcl_aarch64.sh"
-    assert spec.command == ("/bin/sh", str(spec.script_path))
+    assert spec.config.tokenizer_port == 12345
+    assert spec.config.model_path == folder.resolve() and spec.config.model_path.is_absolute()
+    assert spec.config.tokenizer_path == folder.resolve()
+    assert spec.config.script_path == folder.resolve() / "run_qwen3_1.7b_axcl_aarch64.sh"
+    assert spec.config.command == ("/bin/sh", str(spec.config.script_path))
     assert spec.details.parameter_size == "1.7B" and spec.details.families == ("qwen3",)
     # defaults of the new optional fields
-    assert (spec.engine, spec.dialect, spec.context_size, spec.keep_alive, spec.aliases) == (
+    assert (spec.engine, spec.config.dialect, spec.context_size, spec.keep_alive, spec.aliases) == (
         "ax-runner", "auto", 2048, 300.0, ())
-    assert (spec.max_concurrency, spec.retries) == (1, 2)
+    assert (spec.config.load_timeout_s, spec.config.hang_timeout_s) == (300.0, 120.0)
 
 
 def test_typed_values_equal_string_values(tmp_path: Path) -> None:
@@ -83,7 +84,7 @@ def test_repository_descriptor_loads() -> None:
     assert result.file_error is None and result.errors == {}
     assert result.models
     for spec in result.models.values():  # a run script for the card's runners; `axllm run .` for dialect C
-        assert (spec.script_path and spec.script_path.is_file()) or (spec.dialect == "c" and spec.command), spec
+        assert (spec.config.script_path and spec.config.script_path.is_file()) or (spec.config.dialect == "c" and spec.config.command), spec
 
 
 @pytest.mark.parametrize("run_cmd", [
@@ -94,15 +95,15 @@ def test_run_cmd_forms(tmp_path: Path, run_cmd: str) -> None:
     if run_cmd == "ABSOLUTE":
         run_cmd = str(folder / "run_qwen3_1.7b_axcl_aarch64.sh")
     spec = parse([original_entry() | {"run_cmd": run_cmd}], tmp_path).models["qwen3"]
-    assert spec.script_path == folder.resolve() / "run_qwen3_1.7b_axcl_aarch64.sh"
-    assert spec.command[1:] == (str(spec.script_path),)
-    assert Path(spec.command[0]).name == "sh"
+    assert spec.config.script_path == folder.resolve() / "run_qwen3_1.7b_axcl_aarch64.sh"
+    assert spec.config.command[1:] == (str(spec.config.script_path),)
+    assert Path(spec.config.command[0]).name == "sh"
 
 
 def test_run_cmd_keeps_script_arguments(tmp_path: Path) -> None:
     make_model_dir(tmp_path)
     spec = parse([original_entry() | {"run_cmd": "bash run_qwen3_1.7b_axcl_aarch64.sh 12345"}], tmp_path).models["qwen3"]
-    assert spec.command == ("bash", str(spec.script_path), "12345")
+    assert spec.config.command == ("bash", str(spec.config.script_path), "12345")
 
 
 def test_dialect_c_command(tmp_path: Path) -> None:
@@ -110,8 +111,8 @@ def test_dialect_c_command(tmp_path: Path) -> None:
     entry = original_entry() | {"run_cmd": "axllm run .", "dialect": "c"}
     del entry["tokenizer_py"]
     spec = parse([entry], tmp_path).models["qwen3"]
-    assert spec.script_path is None and spec.command == ("axllm", "run", ".")
-    assert spec.model_path == folder.resolve()
+    assert spec.config.script_path is None and spec.config.command == ("axllm", "run", ".")
+    assert spec.config.model_path == folder.resolve()
     message = only_error(parse([entry | {"dialect": "b"}], tmp_path))
     assert 'field "run_cmd"' in message and "not found" in message
     missing_dir = entry | {"model_path": "absent"}
@@ -147,7 +148,7 @@ def test_symlink_inside_the_folder_is_fine(tmp_path: Path) -> None:
     folder = make_model_dir(tmp_path)
     (folder / "current.sh").symlink_to(folder / "run_qwen3_1.7b_axcl_aarch64.sh")
     spec = parse([original_entry() | {"run_cmd": "./current.sh"}], tmp_path).models["qwen3"]
-    assert spec.script_path == folder.resolve() / "run_qwen3_1.7b_axcl_aarch64.sh"
+    assert spec.config.script_path == folder.resolve() / "run_qwen3_1.7b_axcl_aarch64.sh"
 
 
 # (change to the entry, field named in the error, words the problem must contain)
@@ -172,8 +173,7 @@ ERROR_CASES = [
     ({"details": "small"}, "details", "ModelDetails"),
     ({"engine": "gpu"}, "engine", "ax-runner"),
     ({"dialect": "z"}, "dialect", "'auto'"),
-    ({"max_concurrency": 0}, "max_concurrency", "greater than"),
-    ({"retries": -1}, "retries", "greater than"),
+    ({"max_concurrency": "2"}, "max_concurrency", "not used by the ax-runner engine"),
     ({"load_timeout_s": "0"}, "load_timeout_s", "greater than"),
 ]
 
@@ -220,7 +220,7 @@ def test_unknown_fields_are_warnings(tmp_path: Path) -> None:
     assert "qwen3" in result.models
     assert result.warnings == [f'{SOURCE}: model "qwen3": unknown field "colour" ignored',
                                f'{SOURCE}: model "qwen3": unknown field "script_path" ignored']
-    assert result.models["qwen3"].script_path.name == "run_qwen3_1.7b_axcl_aarch64.sh"
+    assert result.models["qwen3"].config.script_path.name == "run_qwen3_1.7b_axcl_aarch64.sh"
 
 
 def http_entry(name: str = "upstream") -> dict[str, object]:
@@ -230,13 +230,14 @@ def http_entry(name: str = "upstream") -> dict[str, object]:
 
 def test_http_engine(tmp_path: Path) -> None:
     spec = parse([http_entry()], tmp_path).models["upstream"]
-    assert spec.upstream_model == "upstream" and spec.max_concurrency == 2 and spec.retries == 2
-    assert spec.script_path is None and spec.command == ()
+    assert spec.config.upstream_model == "upstream" and spec.config.max_concurrency == 2 and spec.config.retries == 2
     cases = [
         ({"base_url": None}, "base_url", "missing"),
         ({"base_url": "ftp://host/v1"}, "base_url", "http"),
         ({"run_cmd": "./run.sh"}, "run_cmd", "not used"),
         ({"api_key_env": "sk-123 secret"}, "api_key_env", "environment variable"),
+        ({"max_concurrency": 0}, "max_concurrency", "greater than"),
+        ({"retries": -1}, "retries", "greater than"),
     ]
     for change, field, words in cases:
         entry = {k: v for k, v in (http_entry() | change).items() if v is not None}
@@ -260,7 +261,7 @@ def test_load_descriptor_resolves_against_its_folder(tmp_path: Path) -> None:
     folder = make_model_dir(tmp_path / "conf")
     (tmp_path / "conf" / "descriptor.json").write_text(json.dumps([original_entry()]))
     result = load_descriptor(tmp_path / "conf" / "descriptor.json")
-    assert result.models["qwen3"].model_path == folder.resolve()
+    assert result.models["qwen3"].config.model_path == folder.resolve()
 
 
 def test_huge_descriptor(tmp_path: Path) -> None:
@@ -288,7 +289,7 @@ def test_parse_keep_alive_rejects(value: object) -> None:
 
 def test_diff_specs() -> None:
     def spec(name: str, **changes: object) -> ModelSpec:
-        return ModelSpec(name=name, engine="openai-http", base_url="http://h/v1", **changes)
+        return ModelSpec(name=name, engine="openai-http", config=HttpConfig(base_url="http://h/v1"), **changes)
 
     old = {"a": spec("a"), "b": spec("b"), "c": spec("c")}
     new = {"b": spec("b"), "c": spec("c", context_size=4096), "d": spec("d")}

@@ -27,15 +27,20 @@ from llm_service.engines.base import (
     ModelUnavailable,
     SamplingOptions,
 )
-from llm_service.engines.http import HttpEngine
-from llm_service.scheduler import Scheduler
+from llm_service.engines.base import EngineContext
+from llm_service.engines.http import HttpConfig, HttpEngine
+from llm_service.admission import AdmissionQueue
+from llm_service.metrics import MetricsHub
+from llm_service.settings import DaemonSettings
+from llm_service.tokenizer_client import TokenizerClient
 from upstream_support import FakeUpstream, smollm2_checkpoint, transformers_serve
 
-BACKOFF = {"backoff_min_s": 0.05, "backoff_max_s": 0.4}
+SETTINGS = DaemonSettings(backoff_min_s=0.05, backoff_max_s=0.4, metrics_dir=None)
 
 
 def spec_for(base_url: str, **fields: Any) -> ModelSpec:
-    return ModelSpec(name="remote", engine="openai-http", base_url=base_url, **fields)
+    config = HttpConfig(base_url=base_url, **fields).resolved(Path("."), "remote")
+    return ModelSpec(name="remote", engine="openai-http", config=config)
 
 
 def chat(text: str, **options: Any) -> GenerationRequest:
@@ -43,9 +48,10 @@ def chat(text: str, **options: Any) -> GenerationRequest:
 
 
 @asynccontextmanager
-async def running(spec: ModelSpec, states: list[str] | None = None) -> AsyncIterator[HttpEngine]:
+async def running(spec: ModelSpec) -> AsyncIterator[HttpEngine]:
     """The engine with its owner task, as the model manager runs it."""
-    engine = HttpEngine(spec, **BACKOFF, on_state=None if states is None else states.append)
+    context = EngineContext(SETTINGS, MetricsHub(None, "test").model(spec.name), TokenizerClient(SETTINGS.tokenizer_service_port))
+    engine = HttpEngine(spec, context)
     async with anyio.create_task_group() as tg:
         tg.start_soon(engine.run)
         try:
@@ -99,10 +105,9 @@ def test_streams_a_real_answer_with_real_usage(hf_upstream, checkpoint: Path) ->
     spec = spec_for(hf_upstream.base_url, upstream_model=str(checkpoint))
 
     async def scenario() -> None:
-        states: list[str] = []
-        async with running(spec, states) as engine:
+        async with running(spec) as engine:
             assert await engine.wait_ready(time.monotonic() + 30) >= 0
-            assert states == ["starting", "initializing", "ready"]
+            assert [t["to"] for t in engine.transition_history()] == ["starting", "initializing", "ready"]
             assert engine.capabilities.embeddings is False  # transformers serve has no /v1/embeddings
             chunks, result = await collect(engine, chat("Say hello in one word.", num_predict=6, temperature=0.0))
             text = "".join(c.content for c in chunks)
@@ -294,11 +299,11 @@ def test_concurrency_limit_is_what_the_spec_says(fake: FakeUpstream, max_concurr
             assert engine.capabilities.max_concurrency == max_concurrency
             assert engine.capabilities.per_request_sampling
             await engine.wait_ready(time.monotonic() + 10)
-            # The model manager's admission: the scheduler sized by the engine's capabilities.
-            scheduler = Scheduler(max_queue=16, concurrency=engine.capabilities.max_concurrency)
+            # The model manager's admission: the queue sized by the engine's capabilities.
+            admission = AdmissionQueue(max_queue=16, concurrency=engine.capabilities.max_concurrency)
 
             async def one(i: int) -> None:
-                async with scheduler.slot(f"r{i}"):
+                async with admission.slot(f"r{i}"):
                     await collect(engine, chat(f"request {i}"))
 
             async with anyio.create_task_group() as tg:
@@ -341,7 +346,8 @@ def test_unreachable_upstream_fails_at_start_and_embeddings_follow_the_upstream(
             try:
                 await engine.wait_ready(time.monotonic() + 10)
                 assert engine.capabilities.embeddings
-                vectors, tokens = await engine.embed(["a", "abc"])
+                embeddings = await engine.embed(["a", "abc"])
+                vectors, tokens = embeddings.vectors, embeddings.prompt_tokens
                 assert vectors == [[1.0, 0.5, -1.0], [3.0, 0.5, -1.0]] and tokens == 6
             finally:
                 await anyio.to_thread.run_sync(upstream.stop)

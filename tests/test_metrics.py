@@ -262,7 +262,6 @@ def test_failed_writes_do_not_reach_the_request(tmp_path: Path, caplog: pytest.L
     assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.INFO]
 
 
-@pytest.mark.xfail(strict=True, reason="regression: metric files were written on the event loop")
 def test_scheduled_file_writes_run_off_the_event_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A write takes milliseconds (more on an SD card): it must not stall the requests the loop serves."""
     import asyncio

@@ -271,7 +271,6 @@ def test_sampling_fields_reach_the_upstream(client: openai.OpenAI, fake: FakeUps
     assert (second["max_tokens"], second["stop"]) == (4, ["END"])
 
 
-@pytest.mark.xfail(strict=True, reason="regression: reading stopped at [DONE], so no connection went back to the pool")
 def test_streamed_answers_reuse_one_upstream_connection(daemon, fake: FakeUpstream) -> None:
     """Ten answers one after another travel over one kept-alive connection to the upstream
     (against a TLS upstream, a new connection each time would cost a handshake per request)."""

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from llm_service.runner_output import (
-    BosEos, Banner, InitOk, InputTokens, KvCache, LogLine, Marker, PlainLine, Progress,
+from llm_service.engines.card.output import (
+    BosEos, Banner, ContextUsed, InitOk, InputTokens, KvCache, LogLine, Marker, PlainLine, Progress,
     RunnerError, RunnerOutputParser, Text, Ttft, TurnEnd, Uid,
 )
 
@@ -23,7 +23,7 @@ TRANSCRIPTS = Path(__file__).parent / "transcripts"
 NAMES = sorted(path.stem for path in TRANSCRIPTS.glob("*.txt"))
 BEGIN_TURN = ">>> begin_turn"
 EVENT_TYPES = {cls.__name__: cls for cls in (
-    BosEos, Banner, InitOk, InputTokens, KvCache, LogLine, Marker, PlainLine, Progress,
+    BosEos, Banner, ContextUsed, InitOk, InputTokens, KvCache, LogLine, Marker, PlainLine, Progress,
     RunnerError, Text, Ttft, TurnEnd, Uid)}
 
 

@@ -16,7 +16,6 @@ def generate(daemon, prompt: str, model: str = "m", timeout: float = 30) -> http
         return http.post("/api/generate", json={"model": model, "prompt": prompt, "stream": False})
 
 
-@pytest.mark.xfail(strict=True, reason="regression: the engine ran /bin/sh <script> <port>, not the run_cmd")
 def test_run_cmd_with_its_own_shell_and_arguments_runs_as_written(tmp_path):
     """`bash run.sh --flag` keeps its shell and its arguments (a bash-only test fails in dash)."""
     entry = scripted_model(tmp_path, "m", reply_words=WORDS, port_from_dollar1=False)
@@ -30,7 +29,6 @@ def test_run_cmd_with_its_own_shell_and_arguments_runs_as_written(tmp_path):
         assert reply.json()["response"] == reply_text("through-bash", WORDS, think=False)
 
 
-@pytest.mark.xfail(strict=True, reason="regression: an unguarded int() on precompute_len ended the engine's task")
 def test_a_malformed_precompute_len_line_does_not_stop_the_model(tmp_path):
     entries = [shell_runner_model(tmp_path, "m", precompute_line="precompute_len: 2x1")]
     with running_daemon(tmp_path, entries, "--request-deadline-s", "10") as daemon:
@@ -39,7 +37,6 @@ def test_a_malformed_precompute_len_line_does_not_stop_the_model(tmp_path):
         assert reply.json()["response"] == "You said: still-parsed"
 
 
-@pytest.mark.xfail(strict=True, reason="regression: a runner's exit was noticed only at the end of its stdout")
 def test_a_crash_is_seen_while_a_child_of_the_script_holds_stdout(tmp_path):
     """A script that leaves a background child (a logger, a watchdog) holding the runner's stdout:
     the runner's crash is still seen at once, and the child does not outlive the runner."""

@@ -142,12 +142,11 @@ def test_client_leaving_a_stream_cancels_the_handler(server: Harness) -> None:
     assert server.stream_finished.is_set(), "the stream kept running after its client left"
 
 
-@pytest.mark.xfail(strict=True, reason="regression: the OpenAI error builder gave a 401 another type than the middleware")
 def test_one_openai_error_shape_for_a_401_wherever_it_is_built(server: Harness) -> None:
     """OpenAI answers a bad key with type invalid_request_error, code invalid_api_key."""
-    from llm_service.openai_format import error_body
+    from llm_service.api.errors import openai_error_body
 
     wire = httpx.post(server.url + "/v1/chat/completions", json={}, headers=auth("nope"), timeout=5).json()
-    built = error_body(wire["error"]["message"], 401, "invalid_api_key")
+    built = openai_error_body(wire["error"]["message"], 401, "invalid_api_key")
     assert built == wire == {"error": {"message": wire["error"]["message"], "type": "invalid_request_error",
                                        "param": None, "code": "invalid_api_key"}}

@@ -22,11 +22,8 @@ async def status_one(request: Request, model: str) -> dict[str, Any]:
 
 @router.get("/api/status_history/{model:path}")
 async def status_history(request: Request, model: str) -> dict[str, Any]:
-    manager = request.app.state.manager
-    status = manager.model_status(model)
-    full_history = getattr(manager.engine(model), "transition_history", None)
-    history = full_history() if full_history else status.get("history", [])
-    return {"model": status["name"], "state": status["state"], "history": history}
+    engine = request.app.state.manager.engine(model)
+    return {"model": engine.spec.name, "state": engine.state, "history": engine.transition_history()}
 
 
 @router.get("/health")
@@ -44,10 +41,7 @@ async def ready(request: Request) -> JSONResponse:
 @router.get("/api/logs/{model:path}")
 async def logs(request: Request, model: str, follow: bool = False, after: int = -1) -> Response:
     """The runner's own output (bounded ring). `follow=true` streams new lines as NDJSON."""
-    engine = request.app.state.manager.engine(model)
-    ring = getattr(engine, "logs", None)
-    if ring is None:
-        return JSONResponse({"model": model, "lines": []})
+    ring = request.app.state.manager.engine(model).logs
     if not follow:
         return JSONResponse({"model": model, "lines": [e for e in ring.entries() if e["seq"] > after]})
 

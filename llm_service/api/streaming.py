@@ -1,19 +1,25 @@
-"""Request plumbing shared by the Ollama and OpenAI routes: ids, first-item prefetch, disconnects.
+"""Request plumbing shared by the Ollama and OpenAI routes: ids, first-item prefetch, disconnects,
+and the deadline of a streamed answer.
 
 Errors must carry a status code when they happen before the first byte (404, 503 queue full, a
 model that failed to load), so the first item of an answer is fetched before the response starts.
-A client that goes away — while queued, loading or generating — cancels its request.
+A client that goes away — while queued, loading or generating — cancels its request. The
+request's deadline is enforced here, once per request, around whole coroutines: never a timer
+per chunk.
 """
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
 from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Send
 
-from ..engines.base import Chunk, EngineError
+from ..engines.base import EngineError, RequestTimedOut
 from ..logging_setup import request_id_var
 
 T = TypeVar("T")
@@ -24,6 +30,10 @@ def new_request_id() -> str:
     request_id = uuid.uuid4().hex[:16]
     request_id_var.set(request_id)
     return request_id
+
+
+def deadline_error() -> RequestTimedOut:
+    return RequestTimedOut("request did not finish within its deadline")
 
 
 async def until_disconnect(request: Request, work: Callable[[], Awaitable[T]]) -> tuple[bool, T | None]:
@@ -84,24 +94,20 @@ class PrefetchedStream:
             await self._stream.aclose()  # type: ignore[attr-defined]
 
 
-async def collect(answer: PrefetchedStream, whole: Callable[[Any, str, str], T]) -> T:
-    """A non-streaming answer: `whole(final_record, content, thinking)` of the gathered chunks."""
-    content: list[str] = []
-    thinking: list[str] = []
-    async for item in answer.items():
-        if isinstance(item, Chunk):
-            content.append(item.content)
-            thinking.append(item.thinking)
-        else:
-            return whole(item, "".join(content), "".join(thinking))
-    raise EngineError("the answer ended without its final record")
-
-
-async def open_stream(request: Request, stream: AsyncIterator[Any]) -> PrefetchedStream | None:
-    """Prefetch the first item while watching for a disconnect. None when the client left."""
+async def open_stream(request: Request, stream: AsyncIterator[Any], deadline: float) -> PrefetchedStream | None:
+    """Prefetch the first item while watching for a disconnect and the deadline. None when the
+    client left."""
     prefetched = PrefetchedStream(stream)
+
+    async def prefetch() -> None:
+        try:
+            with anyio.fail_after(max(0.0, deadline - time.monotonic())):
+                await prefetched.prefetch()
+        except TimeoutError:
+            raise deadline_error() from None
+
     try:
-        completed, _ = await until_disconnect(request, prefetched.prefetch)
+        completed, _ = await until_disconnect(request, prefetch)
     except BaseException:
         await prefetched.aclose()
         raise
@@ -109,3 +115,35 @@ async def open_stream(request: Request, stream: AsyncIterator[Any]) -> Prefetche
         await prefetched.aclose()
         return None
     return prefetched
+
+
+class StreamingAnswer(StreamingResponse):
+    """A streamed answer that ends at the request's deadline with one last error item.
+
+    The deadline wraps the whole body in one cancel scope, here in a plain coroutine: a scope
+    inside the body's async generators would span their `yield`s, which anyio forbids.
+    """
+
+    def __init__(
+        self,
+        body: AsyncIterator[bytes],
+        *,
+        deadline: float,
+        error_item: Callable[[EngineError], bytes],
+        media_type: str,
+        headers: dict[str, str],
+    ) -> None:
+        super().__init__(body, media_type=media_type, headers=headers)
+        self._deadline = deadline
+        self._error_item = error_item
+
+    async def stream_response(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        with anyio.move_on_after(max(0.0, self._deadline - time.monotonic())) as scope:
+            async for chunk in self.body_iterator:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        if scope.cancelled_caught:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            await send({"type": "http.response.body", "body": self._error_item(deadline_error()), "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -1,17 +1,39 @@
-"""The one interface the API layer uses for every backend.
+"""The one contract between the model manager and the API on one side and every backend on the other.
 
-An engine serves one model: the card's stdio runner (`CardEngine`) or an OpenAI-compatible
-upstream (`HttpEngine`). The API layer builds a `GenerationRequest`, iterates
-`Engine.generate()` for `Chunk`s and finally one `GenerationResult`, and never learns which
-engine it talks to. Failures are `EngineError`s carrying the HTTP status a client should see.
+An engine serves one model: the card's stdio runner, an OpenAI-compatible upstream, an in-process
+engine for tests. The API layer builds a `GenerationRequest`, iterates `Engine.generate()` for
+`Chunk`s and finally one `GenerationResult`, and never learns which engine it talks to. Failures
+are `EngineError`s carrying the HTTP status a client should see.
+
+Every engine is built as `Engine(spec, context)` and owns its state through one owner task
+(`run`, the loop below): requests, timers and child tasks only post messages to its inbox. An
+unexpected exception in the loop never ends it: `recover` fails the requests in flight with a
+clear error and the engine restarts with back-off.
 """
 from __future__ import annotations
 
 import abc
+import logging
+import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import anyio
+from anyio.abc import TaskGroup
+
+from ..descriptor import EngineConfig, ModelSpec
+from ..states import RunnerState, StateMachine
+from .log_ring import LogRing
+
+if TYPE_CHECKING:  # the metrics module imports this one
+    from ..metrics import ModelMetrics
+    from ..settings import DaemonSettings
+    from ..tokenizer_client import TokenizerClient
+
+log = logging.getLogger(__name__)
+S = RunnerState
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -88,12 +110,30 @@ class GenerationResult:
 
 
 @dataclass(frozen=True, slots=True)
+class Embeddings:
+    vectors: list[list[float]]  # in the order of the inputs
+    prompt_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
 class EngineCapabilities:
     chat_history: bool = True  # can open a context holding a whole history
     embeddings: bool = False
     per_request_sampling: bool = False
     max_concurrency: int = 1
 
+
+@dataclass(frozen=True)
+class EngineContext:
+    """What every engine gets besides its spec: the daemon's settings, the model's metrics, and
+    the client of the tokenizer service."""
+
+    settings: DaemonSettings
+    metrics: ModelMetrics
+    tokenizers: TokenizerClient
+
+
+# ---- errors a client sees -------------------------------------------------------------------
 
 class EngineError(Exception):
     """A failure a client must see, with the HTTP status that fits it."""
@@ -151,10 +191,45 @@ class BadRequest(EngineError):
     code = "bad_request"
 
 
-class Engine(abc.ABC):
-    """A backend serving one model."""
+class EngineBug(EngineError):
+    """An unexpected exception inside an engine: the request fails, the engine restarts."""
 
-    capabilities: EngineCapabilities
+    status_code = 500
+    code = "internal_error"
+
+
+# ---- messages of the owner loop that every engine shares ---------------------------------------
+
+@dataclass(slots=True)
+class _TaskFailed:
+    """A child task of the owner loop raised: handled like an exception in the loop itself."""
+
+    error: BaseException
+
+
+# ---- the contract -----------------------------------------------------------------------------
+
+class Engine(abc.ABC):
+    """A backend serving one model. Subclasses set `kind` (the descriptor's `engine` value) and
+    `config_class` (the descriptor fields they read), and are listed in the registry."""
+
+    kind: ClassVar[str]
+    config_class: ClassVar[type[EngineConfig]]
+
+    def __init__(self, spec: ModelSpec, context: EngineContext) -> None:
+        self.spec = spec
+        self.context = context
+        self.settings = context.settings
+        self.metrics = context.metrics
+        self.capabilities = EngineCapabilities()
+        self.logs = LogRing(context.settings.runner_log_lines)
+        self.last_error: dict[str, Any] | None = None
+        self._machine = StateMachine()
+        self._state_changed = anyio.Event()
+        self._inbox_send, self._inbox = anyio.create_memory_object_stream[Any](math.inf)
+        self._tasks: TaskGroup | None = None
+
+    # ---- what the manager and the routes call ----------------------------------------------
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -172,22 +247,41 @@ class Engine(abc.ABC):
     async def stop(self, reason: str) -> None:
         """Stop and release the backend; waits until it is stopped."""
 
+    async def close(self) -> None:
+        """The model left the descriptor: release what outlives a stop. Called after `stop`."""
+
     @abc.abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk | GenerationResult]:
         """Stream the answer: `Chunk`s, then exactly one `GenerationResult`.
 
         Closing the iterator early (client gone) cancels the generation on the backend.
-        The caller holds a scheduler slot; the engine does not queue.
+        The caller holds an admission slot; the engine does not queue.
         """
 
-    @abc.abstractmethod
+    async def embed(self, inputs: list[str]) -> Embeddings:
+        """Vectors for `inputs`. The caller holds an admission slot and has waited for ready."""
+        raise BadRequest(f'model "{self.spec.name}" does not serve embeddings')
+
     def status(self) -> dict[str, Any]:
-        """JSON-ready state for /api/status: state name, since, progress, history, errors…"""
+        """JSON-ready state for /api/status; engines add their own keys."""
+        snap = self._machine.snapshot()
+        return {
+            "name": self.spec.name,
+            "engine": self.kind,
+            "state": snap["state"],
+            "since": snap["since"],
+            "since_epoch": snap["since_epoch"],
+            "last_error": self.last_error,
+            "history": snap["history"][-50:],
+        }
+
+    def transition_history(self) -> list[dict[str, Any]]:
+        """Every recorded transition (bounded), oldest first."""
+        return [t.as_dict() for t in self._machine.history]
 
     @property
-    @abc.abstractmethod
     def state(self) -> str:
-        """The current state name (a `RunnerState` value)."""
+        return self._machine.state.value
 
     @property
     def is_loaded(self) -> bool:
@@ -196,3 +290,89 @@ class Engine(abc.ABC):
     @property
     def is_busy(self) -> bool:
         return self.state in ("processing", "outputting", "resetting")
+
+    # ---- the owner loop -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The owner loop. Runs for the engine's life inside the manager's task group."""
+        async with anyio.create_task_group() as tasks:
+            self._tasks = tasks
+            try:
+                while True:
+                    message = None
+                    with anyio.move_on_after(self._seconds_to_next_timer()):
+                        message = await self._inbox.receive()
+                    try:
+                        if message is None:
+                            await self._on_timers()
+                        elif isinstance(message, _TaskFailed):
+                            raise message.error
+                        else:
+                            await self._handle(message)
+                    except Exception as exc:  # a bug, not a fault of the backend: contain it
+                        log.exception("model %s: unexpected error in its engine", self.spec.name)
+                        self.logs.append(f"[axm1-llm] internal error: {exc!r}")
+                        await self._recover(exc)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self._on_shutdown()
+                tasks.cancel_scope.cancel()
+
+    def _post(self, message: Any) -> None:
+        self._inbox_send.send_nowait(message)
+
+    def _start_task(self, work: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Run `work` beside the owner loop; an exception in it reaches the loop as its own."""
+
+        async def contained() -> None:
+            try:
+                await work(*args)
+            except Exception as exc:
+                self._post(_TaskFailed(exc))
+
+        assert self._tasks is not None, "the owner loop is not running"
+        self._tasks.start_soon(contained)
+
+    @abc.abstractmethod
+    async def _handle(self, message: Any) -> None:
+        """One message of the inbox."""
+
+    def _next_timer_at(self) -> float | None:
+        """Monotonic time of the next timer, None for none."""
+        return None
+
+    async def _on_timers(self) -> None:
+        """Called when the time of `_next_timer_at` has come."""
+
+    @abc.abstractmethod
+    async def _recover(self, error: Exception) -> None:
+        """After an unexpected exception: fail what is in flight with a clear error (`EngineBug`),
+        and bring the engine back (restart with back-off). Must not raise."""
+
+    async def _on_shutdown(self) -> None:
+        """The daemon stops: release processes and connections now (shielded)."""
+
+    def _seconds_to_next_timer(self) -> float:
+        at = self._next_timer_at()
+        return math.inf if at is None else max(0.0, at - time.monotonic())
+
+    # ---- state ------------------------------------------------------------------------------
+
+    def _set_state(self, to: RunnerState, reason: str, **details: Any) -> None:
+        if self._machine.state is to:
+            return
+        self._machine.transition(to, reason, **details)
+        log.info("model %s: %s (%s)", self.spec.name, to.value, reason)
+        self.metrics.set_state(to.value)
+        self._notify()
+
+    def _notify(self) -> None:
+        """Wake everyone waiting for a change (a transition, or a probe's verdict)."""
+        changed, self._state_changed = self._state_changed, anyio.Event()
+        changed.set()
+
+    def _record_error(self, reason: str, **details: Any) -> None:
+        self.last_error = {"at": time.time(), "reason": reason, "details": details}
+
+    def _bug_message(self, error: Exception) -> str:
+        return f'internal error in the engine of model "{self.spec.name}": {error!r}; the model restarts'

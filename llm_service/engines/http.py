@@ -1,9 +1,10 @@
 """HttpEngine: a model served by an OpenAI-compatible upstream (vLLM, llama.cpp, `axllm serve`, …).
 
-One owner task (`run`) decides every state transition: it probes the upstream (`/health`, else
+The owner loop decides every state transition: it probes the upstream (`/health`, else
 `/v1/models`) on start, while failed (with exponential back-off) and now and then while ready.
 Requests never change the state; a request that cannot reach the upstream asks the owner for a
-fresh probe. Answers are streamed from `/v1/chat/completions` and relayed chunk by chunk.
+fresh probe. Answers are streamed from `/v1/chat/completions` and relayed chunk by chunk, over
+kept-alive connections (each answer is read to its end, so its connection goes back to the pool).
 """
 from __future__ import annotations
 
@@ -12,23 +13,28 @@ import json
 import logging
 import math
 import os
+import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import anyio
 import httpx
+from pydantic import Field, field_validator
 
-from ..descriptor import ModelSpec
-from ..states import RunnerState, StateMachine
+from ..descriptor import EngineConfig
+from ..states import RunnerState
 from ..thinking import ThinkSplitter
 from .base import (
     BadRequest,
     Chunk,
+    Embeddings,
     Engine,
     EngineCapabilities,
+    EngineContext,
     EngineError,
     FinishReason,
     GenerationRequest,
@@ -44,6 +50,38 @@ _PROBE_TIMEOUT_S = 5.0
 _MIN_PROBE_INTERVAL_S = 0.05  # back-off settings may be 0; never probe in a tight loop
 _ERROR_BODY_LIMIT = 2000  # characters of an upstream's error body worth quoting
 _FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# After [DONE], how long the rest of the body may take before the connection is given up.
+_DRAIN_TIMEOUT_S = 1.0
+
+
+class HttpConfig(EngineConfig):
+    """The descriptor fields of a model served by an OpenAI-compatible upstream."""
+
+    base_url: str
+    upstream_model: str | None = None  # the upstream's name of the model; default: the model's name
+    api_key_env: str | None = None  # the NAME of the variable holding the key, never the key
+    max_concurrency: int = Field(default=1, ge=1)
+    request_timeout_s: float = Field(default=300.0, gt=0)
+    retries: int = Field(default=2, ge=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return value
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _api_key_env(cls, value: str | None) -> str | None:
+        if value is not None and not _ENV_NAME.fullmatch(value):
+            raise ValueError("must be the name of an environment variable (the key itself never goes in the file)")
+        return value
+
+    def resolved(self, base_dir, model_name: str) -> HttpConfig:
+        return self.model_copy(update={"upstream_model": self.upstream_model or model_name})
 
 
 def _api_root(base_url: str) -> str:
@@ -97,52 +135,38 @@ def _delta_parts(choice: Any) -> tuple[str, str, str | None]:
 
 
 class HttpEngine(Engine):
-    def __init__(
-        self,
-        spec: ModelSpec,
-        *,
-        backoff_min_s: float,
-        backoff_max_s: float,
-        on_state: Callable[[str], None] | None = None,
-    ) -> None:
-        self.spec = spec
-        self.base_url = _api_root(spec.base_url)
-        self.upstream_model = spec.upstream_model or spec.name
-        self._backoff_min_s = backoff_min_s
-        self._backoff_max_s = backoff_max_s
-        self._on_state = on_state
+    kind = "openai-http"
+    config_class = HttpConfig
+
+    def __init__(self, spec, context: EngineContext) -> None:
+        super().__init__(spec, context)
+        self.config: HttpConfig = spec.config
+        self.base_url = _api_root(self.config.base_url)
+        self.upstream_model = self.config.upstream_model or spec.name
         self.capabilities = EngineCapabilities(
             chat_history=True,
             embeddings=False,  # learned when the upstream becomes ready
             per_request_sampling=True,
-            max_concurrency=spec.max_concurrency,
+            max_concurrency=self.config.max_concurrency,
         )
-        self._machine = StateMachine()
-        self._changed = anyio.Event()  # set at every transition and after every probe
         self._probes_done = 0
-        self._inbox_send, self._inbox = anyio.create_memory_object_stream[tuple[str, Any]](math.inf)
         self._client: httpx.AsyncClient | None = None
         self._next_probe_at = math.inf
-        self._backoff = backoff_min_s
+        self._backoff = self.settings.backoff_min_s
         self._in_flight = 0
-        self._last_error: dict[str, Any] | None = None
         self._recoveries = 0
 
     # ---- Engine interface -------------------------------------------------------------------
 
-    @property
-    def state(self) -> str:
-        return self._machine.state.value
-
     async def start(self) -> None:
-        self._inbox_send.send_nowait(("start", None))
+        self._post(("start", None))
 
     async def wait_ready(self, deadline: float | None) -> float:
         began = time.monotonic()
         probes_seen = self._probes_done
         waited_for_load = False
         while True:
-            changed = self._changed
+            changed = self._state_changed
             state = self._machine.state
             if state is S.READY:
                 return time.monotonic() - began if waited_for_load else 0.0
@@ -150,9 +174,9 @@ class HttpEngine(Engine):
                 if self._probes_done > probes_seen:
                     raise ModelUnavailable(self._failure_message())
                 # A fresh look, not a stale verdict: the upstream may be back already.
-                self._inbox_send.send_nowait(("probe", None))
+                self._post(("probe", None))
             elif state in (S.STOPPED, S.STOPPING):
-                self._inbox_send.send_nowait(("start", None))
+                self._post(("start", None))
             else:
                 waited_for_load = True
             remaining = math.inf if deadline is None else deadline - time.monotonic()
@@ -165,17 +189,16 @@ class HttpEngine(Engine):
 
     async def stop(self, reason: str) -> None:
         done = anyio.Event()
-        self._inbox_send.send_nowait(("stop", (reason, done)))
+        self._post(("stop", (reason, done)))
         await done.wait()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk | GenerationResult]:
         body = self._chat_body(request)
         warnings = [] if request.options.num_ctx is None else ["num_ctx: the upstream server fixes its context size"]
         began = time.monotonic()
-        attempt = 0
         self._in_flight += 1
         try:
-            while True:
+            for attempt in range(self.config.retries + 1):
                 relayed: list[float] = []  # monotonic time of each relayed chunk
                 try:
                     # aclosing: when our consumer leaves, the upstream connection closes now, not at GC.
@@ -189,7 +212,7 @@ class HttpEngine(Engine):
                     failure: httpx.TransportError = exc
                 except httpx.TimeoutException as exc:
                     raise RequestTimedOut(
-                        f"upstream {self.base_url} sent nothing for {self.spec.request_timeout_s:g}s ({type(exc).__name__})"
+                        f"upstream {self.base_url} sent nothing for {self.config.request_timeout_s:g}s ({type(exc).__name__})"
                     ) from None
                 except httpx.TransportError as exc:
                     failure = exc
@@ -199,35 +222,35 @@ class HttpEngine(Engine):
                         f"lost the connection to upstream {self.base_url} in mid-answer: {failure!r}",
                         status_code=502,
                     )
-                if attempt >= self.spec.retries:
-                    self._request_probe()
-                    raise ModelUnavailable(
-                        f"upstream {self.base_url} unreachable after {attempt + 1} attempt(s): {failure!r}"
-                    )
-                await anyio.sleep(min(self._backoff_min_s * 2**attempt, self._backoff_max_s))
-                attempt += 1
+                if attempt < self.config.retries:
+                    await anyio.sleep(min(self.settings.backoff_min_s * 2**attempt, self.settings.backoff_max_s))
+            self._request_probe()
+            raise ModelUnavailable(
+                f"upstream {self.base_url} unreachable after {self.config.retries + 1} attempt(s): {failure!r}"
+            )
         finally:
             self._in_flight -= 1
 
-    async def embed(self, inputs: list[str]) -> tuple[list[list[float]], int]:
-        """Vectors for `inputs` (in order) and the prompt tokens the upstream counted."""
+    async def embed(self, inputs: list[str]) -> Embeddings:
         if not self.capabilities.embeddings:
-            raise BadRequest(f'model "{self.spec.name}" does not serve embeddings')
+            raise BadRequest(f'model "{self.spec.name}" does not serve embeddings (its upstream has no /v1/embeddings)')
         client = self._require_client()
         body = {"model": self.upstream_model, "input": inputs}
-        for attempt in range(self.spec.retries + 1):
+        for attempt in range(self.config.retries + 1):
             try:
                 response = await client.post("/v1/embeddings", json=body)
                 break
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                if attempt == self.spec.retries:
+                if attempt == self.config.retries:
                     self._request_probe()
                     raise ModelUnavailable(
                         f"upstream {self.base_url} unreachable after {attempt + 1} attempt(s): {exc!r}"
                     ) from None
-                await anyio.sleep(min(self._backoff_min_s * 2**attempt, self._backoff_max_s))
+                await anyio.sleep(min(self.settings.backoff_min_s * 2**attempt, self.settings.backoff_max_s))
             except httpx.TimeoutException:
-                raise RequestTimedOut(f"upstream {self.base_url} did not answer within {self.spec.request_timeout_s:g}s") from None
+                raise RequestTimedOut(f"upstream {self.base_url} did not answer within {self.config.request_timeout_s:g}s") from None
+            except httpx.HTTPError as exc:
+                raise EngineError(f"upstream {self.base_url} failed: {exc!r}", status_code=502) from None
         if response.status_code != 200:
             raise self._answer_error(response)
         try:
@@ -237,53 +260,52 @@ class HttpEngine(Engine):
             prompt_tokens = int((answer.get("usage") or {}).get("prompt_tokens") or 0)
         except (ValueError, KeyError, TypeError) as exc:
             raise EngineError(f"upstream {self.base_url} sent a malformed embeddings answer: {exc!r}", status_code=502) from None
-        return vectors, prompt_tokens
+        return Embeddings(vectors, prompt_tokens)
 
     def status(self) -> dict[str, Any]:
-        snap = self._machine.snapshot()
-        return {
-            "name": self.spec.name,
-            "engine": "openai-http",
-            "state": snap["state"],
-            "since": snap["since"],
-            "since_epoch": snap["since_epoch"],
-            "upstream": {"base_url": self.base_url, "model": self.upstream_model},
-            "in_flight": self._in_flight,
-            "capabilities": dataclasses.asdict(self.capabilities),
-            "recoveries": self._recoveries,
-            "last_error": self._last_error,
-            "history": snap["history"][-50:],
-        }
+        status = super().status()
+        status.update(
+            upstream={"base_url": self.base_url, "model": self.upstream_model},
+            in_flight=self._in_flight,
+            capabilities=dataclasses.asdict(self.capabilities),
+            recoveries=self._recoveries,
+        )
+        return status
 
-    # ---- the owner task ---------------------------------------------------------------------
+    # ---- the owner loop ---------------------------------------------------------------------
 
-    async def run(self) -> None:
-        """The owner loop. Runs for the engine's life inside the manager's task group."""
-        try:
-            while True:
-                message = None
-                with anyio.move_on_after(max(0.0, self._next_probe_at - time.monotonic())):
-                    message = await self._inbox.receive()
-                if message is None:
-                    await self._probe_and_apply(periodic=True)
-                    continue
-                kind, payload = message
-                if kind == "start" and self._machine.state is S.STOPPED:
-                    self._open_client()
-                    self._set_state(S.STARTING, "start requested")
-                    await self._probe_and_apply()
-                elif kind == "probe" and self._machine.state not in (S.STOPPED, S.STOPPING):
-                    await self._probe_and_apply()
-                elif kind == "stop":
-                    reason, done = payload
-                    await self._stop_now(reason)
-                    done.set()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self._close_client()
+    async def _handle(self, message: tuple[str, Any]) -> None:
+        kind, payload = message
+        if kind == "start" and self._machine.state is S.STOPPED:
+            self._open_client()
+            self._set_state(S.STARTING, "start requested")
+            await self._probe_and_apply()
+        elif kind == "probe" and self._machine.state not in (S.STOPPED, S.STOPPING):
+            await self._probe_and_apply()
+        elif kind == "stop":
+            reason, done = payload
+            await self._stop_now(reason)
+            done.set()
+
+    def _next_timer_at(self) -> float | None:
+        return None if self._next_probe_at == math.inf else self._next_probe_at
+
+    async def _on_timers(self) -> None:
+        await self._probe_and_apply(periodic=True)
+
+    async def _recover(self, error: Exception) -> None:
+        self._record_error(f"internal error in the engine: {error!r}")
+        if self._machine.can(S.FAILED):
+            self._set_state(S.FAILED, self.last_error["reason"])
+        self._next_probe_at = time.monotonic() + max(self._backoff, _MIN_PROBE_INTERVAL_S)
+        self._backoff = min(self._backoff * 2, self.settings.backoff_max_s)
+        self._notify()
+
+    async def _on_shutdown(self) -> None:
+        await self._close_client()
 
     def _request_probe(self) -> None:
-        self._inbox_send.send_nowait(("probe", None))
+        self._post(("probe", None))
 
     async def _stop_now(self, reason: str) -> None:
         if self._machine.state is S.STOPPED:
@@ -297,7 +319,7 @@ class HttpEngine(Engine):
         state = self._machine.state
         if periodic and state is S.READY and self._in_flight:
             # An answer streaming right now is proof of life; a probe could queue behind it.
-            self._next_probe_at = time.monotonic() + max(self._backoff_max_s, _MIN_PROBE_INTERVAL_S)
+            self._next_probe_at = time.monotonic() + max(self.settings.backoff_max_s, _MIN_PROBE_INTERVAL_S)
             return
         outcome = await self._probe()
         self._probes_done += 1
@@ -310,8 +332,8 @@ class HttpEngine(Engine):
             if self._machine.state is S.INITIALIZING:
                 await self._learn_capabilities()
                 self._set_state(S.READY, outcome.detail)
-            self._backoff = self._backoff_min_s
-            self._next_probe_at = time.monotonic() + max(self._backoff_max_s, _MIN_PROBE_INTERVAL_S)
+            self._backoff = self.settings.backoff_min_s
+            self._next_probe_at = time.monotonic() + max(self.settings.backoff_max_s, _MIN_PROBE_INTERVAL_S)
         else:
             if outcome.kind == "loading" and state is not S.READY:
                 if state is S.FAILED:
@@ -320,7 +342,7 @@ class HttpEngine(Engine):
             else:
                 self._fail(outcome.detail)
             self._next_probe_at = time.monotonic() + max(self._backoff, _MIN_PROBE_INTERVAL_S)
-            self._backoff = min(self._backoff * 2, self._backoff_max_s)
+            self._backoff = min(self._backoff * 2, self.settings.backoff_max_s)
         self._notify()
 
     async def _probe(self) -> _ProbeOutcome:
@@ -356,41 +378,29 @@ class HttpEngine(Engine):
         self.capabilities = dataclasses.replace(self.capabilities, embeddings=embeddings)
 
     def _fail(self, reason: str) -> None:
-        self._last_error = {"at": time.time(), "reason": reason}
+        self._record_error(reason)
+        self.logs.append(f"[axm1-llm] {reason}")
         if self._machine.state is not S.FAILED:
             self._set_state(S.FAILED, reason, retry_in_s=round(self._backoff, 3))
 
     def _failure_message(self) -> str:
-        reason = (self._last_error or {}).get("reason", "upstream not ready")
+        reason = (self.last_error or {}).get("reason", "upstream not ready")
         return f'model "{self.spec.name}" is unavailable: {reason}'
-
-    def _set_state(self, to: RunnerState, reason: str, **details: Any) -> None:
-        if self._machine.state is to:
-            return
-        self._machine.transition(to, reason, **details)
-        log.info("model %s: %s (%s)", self.spec.name, to.value, reason)
-        if self._on_state is not None:
-            self._on_state(to.value)
-        self._notify()
-
-    def _notify(self) -> None:
-        changed, self._changed = self._changed, anyio.Event()
-        changed.set()
 
     def _open_client(self) -> None:
         headers = {}
-        if self.spec.api_key_env:
-            key = os.environ.get(self.spec.api_key_env)
+        if self.config.api_key_env:
+            key = os.environ.get(self.config.api_key_env)
             if key:
                 headers["Authorization"] = f"Bearer {key}"
             else:
-                log.warning("model %s: environment variable %s is not set", self.spec.name, self.spec.api_key_env)
-        timeout = self.spec.request_timeout_s
+                log.warning("model %s: environment variable %s is not set", self.spec.name, self.config.api_key_env)
+        timeout = self.config.request_timeout_s
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=8),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=max(8, self.config.max_concurrency)),
         )
 
     async def _close_client(self) -> None:
@@ -438,7 +448,8 @@ class HttpEngine(Engine):
             finish: str | None = None
             usage: dict[str, Any] | None = None
             done = False
-            async for line in response.aiter_lines():
+            lines = response.aiter_lines()
+            async for line in lines:
                 if not line.startswith("data:"):
                     continue  # blank separators, comments, event names
                 data = line[len("data:") :].strip()
@@ -472,6 +483,12 @@ class HttpEngine(Engine):
                     finish = finish_reason or finish
             if not done and finish is None:
                 raise EngineError(f"upstream {self.base_url} ended the stream without finishing the answer", status_code=502)
+            if done:
+                # Read the body to its end (normally just the last chunk's terminator), so that
+                # the connection goes back to the pool instead of being closed.
+                with anyio.move_on_after(_DRAIN_TIMEOUT_S):
+                    async for _ in lines:
+                        pass
             thinking, visible = splitter.flush()
             if thinking or visible:
                 relayed.append(time.monotonic())

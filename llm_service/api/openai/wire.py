@@ -1,6 +1,6 @@
 """OpenAI wire format: request bodies in, chunks and answers out, errors in OpenAI's envelope.
 
-Pure: no I/O. The routes in `api/openai.py` do the talking.
+Pure: no I/O. The routes in `routes.py` do the talking; error bodies come from `api/errors.py`.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .engines.base import BadRequest, ChatMessage, Chunk, GenerationResult, SamplingOptions
+from ...engines.base import BadRequest, ChatMessage, Chunk, GenerationResult, SamplingOptions
 
 # Thinking goes out under both names: Ollama and vLLM clients read `reasoning`,
 # llama.cpp's and many others read `reasoning_content`.
@@ -64,13 +64,6 @@ class EmbeddingBody(_Lenient):
     model: str = Field(min_length=1)
     input: str | list[str]
     encoding_format: Literal["float", "base64"] = "float"
-
-
-def error_body(message: str, status_code: int, code: str | None, param: str | None = None) -> dict[str, Any]:
-    kind = "invalid_request_error" if status_code < 500 else "server_error"
-    if status_code == 401:
-        kind = "authentication_error"
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def _text_of(message: OpenAIMessage) -> str:

@@ -21,6 +21,8 @@ import codecs
 import re
 from dataclasses import dataclass
 
+from .dialects import DIALECTS, MARKERS, dialect_of_log_style, dialect_of_startup_line, dialects_with_marker
+
 # ---------------------------------------------------------------------------------------------
 # Events
 
@@ -73,6 +75,12 @@ class KvCache:
 
 
 @dataclass(frozen=True, slots=True)
+class ContextUsed:
+    """`precompute_len: N` at start-up or after a reset: the system prompt already fills N tokens."""
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
 class InputTokens:
     count: int
 
@@ -104,14 +112,12 @@ class RunnerError:
     message: str
 
 
-Event = (LogLine | Progress | InitOk | Marker | Text | Ttft | TurnEnd | KvCache | InputTokens
+Event = (LogLine | Progress | InitOk | Marker | Text | Ttft | TurnEnd | KvCache | ContextUsed | InputTokens
          | BosEos | Uid | Banner | PlainLine | RunnerError)
 
 # ---------------------------------------------------------------------------------------------
 # Recognisers
 
-MARKERS = (b"prompt >> ", b">> ")  # longest first: a line is checked against each in turn
-DIALECTS = ("a", "b", "c")
 C_LEVELS = {"INF": "I", "WRN": "W", "ERR": "E", "NTC": "N", "DBG": "D"}
 # Errors that end the turn: the runner goes back to its marker without a `hit eos` line.
 TURN_ABORTING_ERRORS = frozenset({"context_overflow", "prompt_too_long"})
@@ -155,6 +161,7 @@ _AB_PREFIX = _prefix_pattern(_AB_HEADER_TOKENS)
 _AB_HEADER = _header_pattern(_AB_HEADER_TOKENS)
 _C_PREFIX = _prefix_pattern(_C_HEADER_TOKENS)
 _C_HEADER = _header_pattern(_C_HEADER_TOKENS)
+_LOG_PATTERNS = {"ab": (_AB_HEADER, _AB_PREFIX), "c": (_C_HEADER, _C_PREFIX)}
 
 _AB_LINE = re.compile(r"\[([IWEND])\]\[ *([^\]\r\n]{0,100}?) *\]\[ *(\d{1,6})\]:(?: (.*)|)",
                       re.ASCII | re.DOTALL)
@@ -170,6 +177,7 @@ _UID = re.compile(r"uid\s*:\s*(\S+)")
 _TTFT = re.compile(r"ttft\s*:\s*([0-9.]+)\s*ms", re.ASCII)
 _HIT_EOS = re.compile(r"hit eos(?:\s*,\s*avg\s*([0-9.]+))?", re.ASCII)
 _KV_CACHE = re.compile(r"precompute_len\s*:\s*(\d+)\s*,\s*remaining\s*:\s*(-?\d+)", re.ASCII)
+_CONTEXT_USED = re.compile(r"precompute_len\s*:\s*(\d+)\s*", re.ASCII)
 _INPUT_TOKENS = re.compile(r"(?:input token num\s*:|input_num_token\s*:)\s*(\d+)", re.ASCII)
 _BANNER_CONTINUATION = re.compile(r'Ctrl\+c |"\w+" to ')
 _ERROR_KINDS = [
@@ -226,7 +234,7 @@ class RunnerOutputParser:
         if dialect == "auto":
             dialect = None
         if dialect is not None and dialect not in DIALECTS:
-            raise ValueError(f"unknown runner dialect {dialect!r}: expected one of {DIALECTS} or None")
+            raise ValueError(f"unknown runner dialect {dialect!r}: expected one of {tuple(DIALECTS)} or None")
         self._dialect = dialect
         self._dialect_given = dialect is not None
         self._events: list[Event] = []
@@ -358,7 +366,7 @@ class RunnerOutputParser:
             for marker in MARKERS:
                 if held < len(marker) and head.startswith(marker):
                     self._line.clear()
-                    self._on_marker(marker.decode())
+                    self._on_marker(marker)
                     return position + len(marker) - held
         self._line += segment[position:end]
         while len(self._line) > MAX_LINE_BYTES:
@@ -374,13 +382,12 @@ class RunnerOutputParser:
         self._line.clear()
         return line
 
-    def _on_marker(self, marker: str) -> None:
+    def _on_marker(self, marker: bytes) -> None:
         if not self._dialect_given:
-            if marker == ">> ":
-                self._dialect = "a"
-            elif self._dialect is None:
-                self._dialect = "b"
-        self._emit(Marker(marker))
+            candidates = [d.name for d in dialects_with_marker(marker)]
+            if self._dialect not in candidates:  # keep what earlier lines showed, if the marker agrees
+                self._dialect = candidates[0]
+        self._emit(Marker(marker.decode()))
 
     def _turn_bytes(self, segment: bytes, position: int) -> int:
         newline = segment.find(b"\n", position)
@@ -410,11 +417,9 @@ class RunnerOutputParser:
         return newline + 1
 
     def _patterns(self) -> tuple[tuple[re.Pattern[bytes], re.Pattern[bytes]], ...]:
-        if self._dialect == "c":
-            return ((_C_HEADER, _C_PREFIX),)
-        if self._dialect in ("a", "b"):
-            return ((_AB_HEADER, _AB_PREFIX),)
-        return ((_AB_HEADER, _AB_PREFIX), (_C_HEADER, _C_PREFIX))
+        if self._dialect is None:
+            return _LOG_PATTERNS["ab"], _LOG_PATTERNS["c"]
+        return (_LOG_PATTERNS[DIALECTS[self._dialect].log_style],)
 
     def _header_pattern_matches(self) -> bool:
         return any(header.match(self._candidate) for header, _ in self._patterns())
@@ -493,8 +498,8 @@ class RunnerOutputParser:
         if bos_eos:
             self._emit(BosEos(int(bos_eos.group(1)), int(bos_eos.group(2))))
             return
-        if text.startswith("build time:") and not self._dialect_given:
-            self._dialect = "a"
+        if not self._dialect_given and (hinted := dialect_of_startup_line(text)) is not None:
+            self._dialect = hinted.name
         self._emit(PlainLine(text))
         kind = runner_error_kind(text)
         if kind:
@@ -503,8 +508,8 @@ class RunnerOutputParser:
     def _log_events(self, log: LogLine, family: str) -> str | None:
         """Emit a log line and what it means; returns the RunnerError kind, if any."""
         if not self._dialect_given:
-            if family == "c":
-                self._dialect = "c"
+            if (styled := dialect_of_log_style(family)) is not None:
+                self._dialect = styled.name
             elif self._dialect is None and log.message == "LLM init ok":
                 self._dialect = "b"  # an A runner would have printed its build time first
         self._emit(log)
@@ -523,6 +528,8 @@ class RunnerOutputParser:
             self._emit(Ttft(_float(match.group(1))))
         elif match := _KV_CACHE.search(message):
             self._emit(KvCache(int(match.group(1)), int(match.group(2))))
+        elif match := _CONTEXT_USED.fullmatch(message):
+            self._emit(ContextUsed(int(match.group(1))))
         elif match := _UID.match(message):
             if not self._dialect_given and self._dialect is None:
                 self._dialect = "b"

@@ -1,8 +1,8 @@
-"""Per-model admission: a bounded FIFO queue in front of N generation slots.
+"""Per-model admission: a bounded FIFO queue in front of N slots.
 
-A card runner takes one generation at a time (N = 1); an HTTP upstream may take more. Waiters are
-served strictly in arrival order. A waiter that is cancelled (its client went away) leaves the
-queue without touching the request that is running.
+A card runner takes one request at a time (N = 1); an HTTP upstream may take more. Waiters are
+served strictly in arrival order. A waiter that is cancelled (its client went away) or whose
+deadline passes leaves the queue without touching the request that is running.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from .engines.base import QueueFull
+from .engines.base import QueueFull, RequestTimedOut
 
 
 @dataclass(slots=True, eq=False)
@@ -24,7 +24,7 @@ class _Waiter:
     granted: anyio.Event = field(default_factory=anyio.Event)
 
 
-class Scheduler:
+class AdmissionQueue:
     def __init__(self, max_queue: int, concurrency: int = 1, clock=time.monotonic) -> None:
         self.max_queue = max_queue
         self.concurrency = max(1, concurrency)
@@ -58,10 +58,19 @@ class Scheduler:
         }
 
     @asynccontextmanager
-    async def slot(self, request_id: str) -> AsyncIterator[float]:
-        """Hold a generation slot for the body of the `async with`; yields the seconds waited."""
+    async def slot(self, request_id: str, deadline: float | None = None) -> AsyncIterator[float]:
+        """Hold a slot for the body of the `async with`; yields the seconds waited.
+
+        Raises QueueFull when the queue is full, RequestTimedOut when `deadline` (monotonic)
+        passes in the queue."""
         arrived = self._clock()
-        await self._acquire(request_id, arrived)
+        try:
+            with anyio.fail_after(None if deadline is None else max(0.0, deadline - time.monotonic())):
+                await self._acquire(request_id, arrived)
+        except TimeoutError:
+            raise RequestTimedOut(
+                f"request waited {self._clock() - arrived:.0f}s in the queue and reached its deadline"
+            ) from None
         try:
             yield self._clock() - arrived
         finally:

@@ -1,0 +1,4 @@
+"""Ollama's API: `routes.py` (the routes) and `wire.py` (its wire format)."""
+from .routes import router
+
+__all__ = ["router"]

@@ -1,0 +1,204 @@
+"""Ollama's API on port 11535: generate, chat, tags, ps, show, version, and `/`.
+
+Wire format as Ollama's: NDJSON streaming by default, durations in nanoseconds, errors as
+`{"error": "..."}` with a status code before the first byte and as one last NDJSON line after.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from ... import __version__
+from ...engines.base import BadRequest, ChatMessage, Chunk, EngineError, GenerationRequest
+from ...models import ModelEntry, requested_keep_alive
+from ...timestamps import now_rfc3339, rfc3339_in
+from ..streaming import PrefetchedStream, StreamingAnswer, new_request_id, open_stream, until_disconnect
+from . import wire
+from .wire import ChatBody, ChatShapes, GenerateBody, GenerateShapes, ModelBody
+
+router = APIRouter()
+
+CLIENT_GONE = 499  # nginx's convention for a client that closed the connection first
+
+
+def _check_unsupported(images: list[str] | None, messages: list[wire.OllamaMessage] = ()) -> None:
+    if images or any(m.images for m in messages):
+        raise BadRequest("images are not supported: the card's runners take text only")
+
+
+async def _answer(
+    request: Request, model: str, gen_request: GenerationRequest, keep_alive: Any, stream: bool,
+    shapes: GenerateShapes | ChatShapes,
+) -> Response:
+    """Run a generation and answer it as NDJSON or one JSON object."""
+    manager = request.app.state.manager
+    headers = {"X-Request-Id": gen_request.id}
+    if not stream:
+        completed, whole = await until_disconnect(request, lambda: manager.complete(model, gen_request, keep_alive))
+        if not completed:
+            return Response(status_code=CLIENT_GONE)
+        return JSONResponse(shapes.final(whole.result, whole.content, whole.thinking), headers=headers)
+    answer = await open_stream(request, manager.generate(model, gen_request, keep_alive=keep_alive), gen_request.deadline)
+    if answer is None:
+        return Response(status_code=CLIENT_GONE)
+    return StreamingAnswer(
+        _ndjson(answer, shapes), deadline=gen_request.deadline, error_item=lambda exc: wire.error_line(exc.message),
+        media_type="application/x-ndjson", headers=headers,
+    )
+
+
+async def _ndjson(answer: PrefetchedStream, shapes: GenerateShapes | ChatShapes) -> AsyncIterator[bytes]:
+    try:
+        async for item in answer.items():
+            body = shapes.chunk(item) if isinstance(item, Chunk) else shapes.final(item)
+            yield (json.dumps(body) + "\n").encode()
+    except EngineError as exc:
+        yield wire.error_line(exc.message)
+
+
+def _new_request(messages: list[ChatMessage], body: GenerateBody | ChatBody, kind: str, deadline_s: float) -> GenerationRequest:
+    request = GenerationRequest(
+        id=new_request_id(),
+        messages=messages,
+        options=wire.sampling_options(body.options),
+        kind=kind,  # type: ignore[arg-type]
+        think=wire.think_flag(body.think),
+    )
+    request.deadline = request.arrived_at + deadline_s
+    return request
+
+
+async def _load_or_unload(request: Request, model: str, keep_alive: Any, kind: str) -> Response:
+    """An empty prompt loads the model; with keep_alive 0 it unloads it (Ollama's convention)."""
+    manager = request.app.state.manager
+    name = manager.resolve(model)
+    body: dict[str, Any] = {"model": model, "created_at": now_rfc3339()}
+    if kind == "chat":
+        body["message"] = {"role": "assistant", "content": ""}
+    else:
+        body["response"] = ""
+    if keep_alive is not None and requested_keep_alive(keep_alive) == 0:
+        await manager.unload(name)
+        body.update(done=True, done_reason="unload")
+        return JSONResponse(body)
+    started = time.monotonic()
+    deadline = started + manager.settings.request_deadline_s
+    completed, _ = await until_disconnect(request, lambda: manager.load(name, keep_alive, deadline))
+    if not completed:
+        return Response(status_code=CLIENT_GONE)
+    body.update(done=True, done_reason="load", total_duration=wire.ns(time.monotonic() - started))
+    return JSONResponse(body)
+
+
+@router.post("/api/generate")
+async def generate(request: Request, body: GenerateBody) -> Response:
+    if body.raw and (body.template or body.system or body.context):
+        raise BadRequest("raw mode does not support template, system, or context")
+    _check_unsupported(body.images)
+    if not body.prompt:
+        return await _load_or_unload(request, body.model, body.keep_alive, "generate")
+    messages = []
+    if body.system:
+        messages.append(ChatMessage("system", body.system))
+    messages.append(ChatMessage("user", body.prompt))
+    gen_request = _new_request(messages, body, "generate", request.app.state.settings.request_deadline_s)
+    return await _answer(request, body.model, gen_request, body.keep_alive, body.stream, GenerateShapes(body.model))
+
+
+@router.post("/api/chat")
+async def chat(request: Request, body: ChatBody) -> Response:
+    _check_unsupported(None, body.messages)
+    if not body.messages:
+        return await _load_or_unload(request, body.model, body.keep_alive, "chat")
+    if body.messages[-1].role != "user":
+        raise BadRequest('the last message must have the role "user"')
+    messages = [ChatMessage(m.role, m.content) for m in body.messages]
+    gen_request = _new_request(messages, body, "chat", request.app.state.settings.request_deadline_s)
+    return await _answer(request, body.model, gen_request, body.keep_alive, body.stream, ChatShapes(body.model))
+
+
+def _size_bytes(entry: ModelEntry) -> int:
+    return (entry.spec.npu_memory_mb or 0) * 1024 * 1024
+
+
+@router.get("/api/tags")
+async def tags(request: Request) -> dict[str, Any]:
+    return {
+        "models": [
+            {
+                "name": entry.spec.name,
+                "model": entry.spec.name,
+                "modified_at": entry.modified_at,
+                "size": _size_bytes(entry),
+                "digest": wire.digest(entry.spec.name),
+                "details": wire.details(dict(entry.spec.details)),
+            }
+            for entry in request.app.state.manager.entries()
+        ]
+    }
+
+
+@router.get("/api/ps")
+async def ps(request: Request) -> dict[str, Any]:
+    models = []
+    for entry in request.app.state.manager.entries():
+        if not entry.engine.is_loaded:
+            continue
+        models.append(
+            {
+                "name": entry.spec.name,
+                "model": entry.spec.name,
+                "size": _size_bytes(entry),
+                "digest": wire.digest(entry.spec.name),
+                "details": wire.details(dict(entry.spec.details)),
+                "expires_at": "0001-01-01T00:00:00Z"
+                if entry.expires_at is None
+                else rfc3339_in(entry.expires_at - time.monotonic()),
+                "size_vram": _size_bytes(entry),
+                "context_length": entry.spec.context_size,
+                "state": entry.engine.state,
+            }
+        )
+    return {"models": models}
+
+
+@router.post("/api/show")
+async def show(request: Request, body: ModelBody) -> dict[str, Any]:
+    requested = body.model or body.name
+    if not requested:
+        raise BadRequest("model is required")
+    entry = request.app.state.manager.entry(requested)
+    spec = entry.spec
+    details = wire.details(dict(spec.details))
+    capabilities = ["completion"]
+    if spec.include_thinking:
+        capabilities.append("thinking")
+    return {
+        "modelfile": f"# served by axm1-llm ({spec.engine})\nFROM {spec.name}\n",
+        "parameters": "",
+        "template": "{{ .Prompt }}",
+        "details": details,
+        "model_info": {
+            "general.architecture": details["family"] or "unknown",
+            "general.basename": spec.name,
+            f"{details['family'] or 'llm'}.context_length": spec.context_size,
+        },
+        "capabilities": capabilities,
+        "modified_at": entry.modified_at,
+    }
+
+
+@router.get("/api/version")
+async def version() -> dict[str, str]:
+    return {"version": wire.OLLAMA_API_VERSION, "axm1_llm_version": __version__}
+
+
+@router.get("/", response_class=PlainTextResponse)
+@router.head("/", response_class=PlainTextResponse)
+async def root() -> str:
+    return "Ollama is running"

@@ -1,0 +1,177 @@
+"""Ollama's wire format: request bodies in, answer objects and model listings out.
+
+Pure: no I/O. The routes in `routes.py` do the talking.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ...engines.base import BadRequest, Chunk, GenerationResult, SamplingOptions
+from ...timestamps import now_rfc3339
+
+# The Ollama API version whose wire format this daemon speaks (clients gate features on it).
+OLLAMA_API_VERSION = "0.12.0"
+
+
+class OllamaMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+    thinking: str | None = None
+    images: list[str] | None = None
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1)
+    stream: bool = True
+    format: Any = None
+    options: dict[str, Any] | None = None
+    keep_alive: str | float | int | None = None
+    think: bool | str | None = None
+
+
+class GenerateBody(_Common):
+    prompt: str = ""
+    system: str | None = None
+    raw: bool = False
+    images: list[str] | None = None
+    suffix: str | None = None
+    template: str | None = None
+    context: list[int] | None = None
+
+
+class ChatBody(_Common):
+    messages: list[OllamaMessage] = Field(default_factory=list)
+    tools: list[Any] | None = None
+
+
+class ModelBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    name: str | None = None  # older clients send `name`
+
+
+def sampling_options(options: dict[str, Any] | None) -> SamplingOptions:
+    """Ollama's `options` object; unknown keys are accepted and ignored, as Ollama does."""
+    options = options or {}
+    stop = options.get("stop") or ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    try:
+        return SamplingOptions(
+            temperature=_number(options, "temperature", float),
+            top_p=_number(options, "top_p", float),
+            top_k=_number(options, "top_k", int),
+            seed=_number(options, "seed", int),
+            repeat_penalty=_number(options, "repeat_penalty", float),
+            num_predict=_number(options, "num_predict", int),
+            num_ctx=_number(options, "num_ctx", int),
+            stop=tuple(str(s) for s in stop),
+        )
+    except (TypeError, ValueError) as exc:
+        raise BadRequest(f"invalid options: {exc}") from None
+
+
+def _number(options: dict[str, Any], name: str, kind: type) -> Any:
+    value = options.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"options.{name} must be a number")
+    return kind(value)
+
+
+def think_flag(value: bool | str | None) -> bool | None:
+    if isinstance(value, str):  # gpt-oss style levels ("low", "high") mean "on"
+        return value.lower() not in ("", "false", "none", "off")
+    return value
+
+
+def ns(seconds: float | None) -> int:
+    return int((seconds or 0.0) * 1e9)
+
+
+def final_fields(result: GenerationResult) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "done_reason": result.finish_reason,
+        "total_duration": ns(result.total_duration),
+        "load_duration": ns(result.load_duration),
+        "prompt_eval_count": result.prompt_tokens,
+        "prompt_eval_duration": ns(result.prompt_eval_duration),
+        "eval_count": result.completion_tokens,
+        "eval_duration": ns(result.eval_duration),
+    }
+    if result.warnings:
+        fields["warnings"] = result.warnings
+    return fields
+
+
+def error_line(message: str) -> bytes:
+    """The last NDJSON line of a stream that failed after it began."""
+    return (json.dumps({"error": message}) + "\n").encode()
+
+
+class GenerateShapes:
+    """Objects of one /api/generate answer, streamed or whole."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+
+    def chunk(self, item: Chunk) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.model, "created_at": now_rfc3339(), "response": item.content}
+        if item.thinking:
+            body["thinking"] = item.thinking
+        body["done"] = False
+        return body
+
+    def final(self, result: GenerationResult, content: str = "", thinking: str = "") -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.model, "created_at": now_rfc3339(), "response": content}
+        if thinking:
+            body["thinking"] = thinking
+        body["done"] = True
+        body.update(final_fields(result))
+        return body
+
+
+class ChatShapes:
+    """Objects of one /api/chat answer, streamed or whole."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+
+    def chunk(self, item: Chunk) -> dict[str, Any]:
+        message = {"role": "assistant", "content": item.content}
+        if item.thinking:
+            message["thinking"] = item.thinking
+        return {"model": self.model, "created_at": now_rfc3339(), "message": message, "done": False}
+
+    def final(self, result: GenerationResult, content: str = "", thinking: str = "") -> dict[str, Any]:
+        message = {"role": "assistant", "content": content}
+        if thinking:
+            message["thinking"] = thinking
+        body: dict[str, Any] = {"model": self.model, "created_at": now_rfc3339(), "message": message, "done": True}
+        body.update(final_fields(result))
+        return body
+
+
+def digest(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+def details(raw: dict[str, Any]) -> dict[str, Any]:
+    families = raw.get("families")
+    if isinstance(families, str):
+        families = [f.strip() for f in families.split(",") if f.strip()]
+    return {
+        "parent_model": "",
+        "format": raw.get("format", "axmodel"),
+        "family": raw.get("family", ""),
+        "families": families or ([raw["family"]] if raw.get("family") else None),
+        "parameter_size": raw.get("parameter_size", ""),
+        "quantization_level": raw.get("quantization_level", ""),
+    }

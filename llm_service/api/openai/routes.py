@@ -1,0 +1,157 @@
+"""OpenAI's API under /v1: chat completions, completions, models, embeddings.
+
+SSE streaming (`data: {chunk}` … `data: [DONE]`); errors in OpenAI's envelope (built by
+`api/errors.py`, which the exception handlers use for every /v1 path) with their status before
+the first byte, and as one `data: {"error": …}` event (then `[DONE]`) after it.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from ...engines.base import ChatMessage, Chunk, EngineError, GenerationRequest
+from ...models import Completion, ModelEntry
+from ..errors import openai_error_body
+from ..streaming import PrefetchedStream, StreamingAnswer, new_request_id, open_stream, until_disconnect
+from . import wire
+
+router = APIRouter()
+
+CLIENT_GONE = 499  # nginx's convention, as the Ollama routes use it
+
+
+def _sse(body: dict[str, Any] | str) -> bytes:
+    return f"data: {body if isinstance(body, str) else json.dumps(body)}\n\n".encode()
+
+
+def _sse_error(exc: EngineError) -> bytes:
+    return _sse(openai_error_body(exc.message, exc.status_code, exc.code)) + _sse("[DONE]")
+
+
+def _new_request(request: Request, messages: list[ChatMessage], options, kind: str, think: bool | None = None) -> GenerationRequest:
+    gen_request = GenerationRequest(id=new_request_id(), messages=messages, options=options, kind=kind, think=think)  # type: ignore[arg-type]
+    gen_request.deadline = gen_request.arrived_at + request.app.state.settings.request_deadline_s
+    return gen_request
+
+
+async def _answer(
+    request: Request,
+    model: str,
+    gen_request: GenerationRequest,
+    stream: bool,
+    stream_events: Callable[[PrefetchedStream], AsyncIterator[dict[str, Any]]],
+    whole: Callable[[Completion], dict[str, Any]],
+) -> Response:
+    manager = request.app.state.manager
+    headers = {"X-Request-Id": gen_request.id}
+    if not stream:
+        completed, completion = await until_disconnect(request, lambda: manager.complete(model, gen_request))
+        if not completed:
+            return Response(status_code=CLIENT_GONE)
+        return JSONResponse(whole(completion), headers=headers)
+    answer = await open_stream(request, manager.generate(model, gen_request), gen_request.deadline)
+    if answer is None:
+        return Response(status_code=CLIENT_GONE)
+    return StreamingAnswer(
+        _sse_stream(stream_events(answer)), deadline=gen_request.deadline, error_item=_sse_error,
+        media_type="text/event-stream", headers=headers,
+    )
+
+
+async def _sse_stream(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    """The events, then [DONE]. A client that leaves cancels us; the answer stream closes on the way out."""
+    try:
+        async for event in events:
+            yield _sse(event)
+    except EngineError as exc:
+        yield _sse_error(exc)
+        return
+    yield _sse("[DONE]")
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request, body: wire.ChatCompletionBody) -> Response:
+    gen_request = _new_request(
+        request,
+        wire.chat_messages(body),
+        wire.sampling_options(body, body.max_completion_tokens or body.max_tokens),
+        "chat",
+        wire.wants_thinking(body),
+    )
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    shapes = wire.ChatShapes(f"chatcmpl-{gen_request.id}", body.model, int(time.time()), include_usage)
+
+    async def events(answer: PrefetchedStream) -> AsyncIterator[dict[str, Any]]:
+        yield shapes.role_chunk()
+        async for item in answer.items():
+            if isinstance(item, Chunk):
+                yield shapes.delta_chunk(item)
+            else:
+                for chunk in shapes.final_chunks(item):
+                    yield chunk
+
+    def whole(completion: Completion) -> dict[str, Any]:
+        return shapes.whole(completion.result, completion.content, completion.thinking)
+
+    return await _answer(request, body.model, gen_request, body.stream, events, whole)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request, body: wire.CompletionBody) -> Response:
+    prompt = wire.completion_prompt(body)
+    gen_request = _new_request(request, [ChatMessage("user", prompt)], wire.sampling_options(body, body.max_tokens), "generate")
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    shapes = wire.CompletionShapes(f"cmpl-{gen_request.id}", body.model, int(time.time()), include_usage)
+    echoed = prompt if body.echo else ""
+
+    async def events(answer: PrefetchedStream) -> AsyncIterator[dict[str, Any]]:
+        if echoed:
+            yield shapes.text_chunk(echoed)
+        async for item in answer.items():
+            if isinstance(item, Chunk):
+                if item.content:  # the legacy format has no place for reasoning
+                    yield shapes.text_chunk(item.content)
+            else:
+                for chunk in shapes.final_chunks(item):
+                    yield chunk
+
+    def whole(completion: Completion) -> dict[str, Any]:
+        return shapes.whole(completion.result, echoed + completion.content)
+
+    return await _answer(request, body.model, gen_request, body.stream, events, whole)
+
+
+def _created(entry: ModelEntry) -> int:
+    try:
+        return int(datetime.fromisoformat(entry.modified_at).timestamp())
+    except (TypeError, ValueError):
+        return 0
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    entries = request.app.state.manager.entries()
+    return {"object": "list", "data": [wire.model_object(e.spec.name, _created(e)) for e in entries]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(request: Request, model_id: str) -> Response:
+    entry = request.app.state.manager.entry(model_id)
+    return JSONResponse(wire.model_object(entry.spec.name, _created(entry)))
+
+
+@router.post("/v1/embeddings")
+async def embeddings(request: Request, body: wire.EmbeddingBody) -> Response:
+    manager = request.app.state.manager
+    inputs = [body.input] if isinstance(body.input, str) else body.input
+    request_id = new_request_id()
+    completed, result = await until_disconnect(request, lambda: manager.embed(body.model, inputs, request_id))
+    if not completed:
+        return Response(status_code=CLIENT_GONE)
+    return JSONResponse(wire.embedding_list(body.model, result.vectors, result.prompt_tokens, body.encoding_format))

@@ -1,0 +1,87 @@
+"""The descriptor fields of a card model: its folder, run command, dialect and tokenizer server.
+
+Pure apart from resolving paths and checking that they exist.
+"""
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import Field, field_validator
+
+from ...descriptor import EngineConfig, FieldError, resolve_path
+from .dialects import DIALECTS
+
+_SHELLS = frozenset({"sh", "bash", "dash"})
+
+
+class CardConfig(EngineConfig):
+    computed: ClassVar[frozenset[str]] = frozenset({"script_path", "command"})
+
+    run_cmd: str
+    model_path: Path  # absolute and resolved once checked
+    dialect: str = "auto"
+    tokenizer_path: Path | None = None  # absolute, resolved
+    tokenizer_py: str | None = None
+    tokenizer_ip: str = "127.0.0.1"
+    tokenizer_port: int | None = Field(default=None, ge=1, le=65535)
+    load_timeout_s: float = Field(default=300.0, gt=0)
+    hang_timeout_s: float = Field(default=120.0, gt=0)
+    # Computed from run_cmd: the resolved run script (None when the dialect starts a program such
+    # as `axllm run .`), and the argv that starts the runner with model_path as working directory.
+    script_path: Path | None = None
+    command: tuple[str, ...] = ()
+
+    @field_validator("dialect")
+    @classmethod
+    def _dialect(cls, value: str) -> str:
+        names = ("auto", *DIALECTS)
+        if value not in names:
+            raise ValueError(f"Input should be {', '.join(repr(n) for n in names)}")
+        return value
+
+    def resolved(self, base_dir: Path, model_name: str) -> CardConfig:
+        model_dir = resolve_path(base_dir, self.model_path)
+        if not model_dir.is_dir():
+            raise FieldError("model_path", f"not a directory: {model_dir}")
+        script_path, command = run_command(self.run_cmd, model_dir, self.dialect)
+        tokenizer_dir = resolve_path(base_dir, self.tokenizer_path) if self.tokenizer_path else None
+        if tokenizer_dir is not None and not tokenizer_dir.is_dir():
+            raise FieldError("tokenizer_path", f"not a directory: {tokenizer_dir}")
+        if self.tokenizer_py is not None:
+            script_dir = tokenizer_dir or model_dir
+            tokenizer_script = resolve_path(script_dir, Path(self.tokenizer_py))
+            if not tokenizer_script.is_relative_to(script_dir):
+                raise FieldError("tokenizer_py", "resolves outside tokenizer_path")
+            if not tokenizer_script.is_file():
+                raise FieldError("tokenizer_py", f"not found in {script_dir}")
+        return self.model_copy(update={
+            "model_path": model_dir, "tokenizer_path": tokenizer_dir, "script_path": script_path, "command": command,
+        })
+
+
+def run_command(run_cmd: str, model_dir: Path, dialect: str) -> tuple[Path | None, tuple[str, ...]]:
+    """The run script and the argv for `run.sh`, `./run.sh`, `sh run.sh`, `bash run.sh ARGS`,
+    `/bin/sh run.sh` or an absolute path. Scripts have no shebang, so they always run through a
+    shell (the one run_cmd names, else /bin/sh). A dialect started as a program may name one
+    instead of a script (`axllm run .`)."""
+    try:
+        words = shlex.split(run_cmd)
+    except ValueError as exc:
+        raise FieldError("run_cmd", f"cannot be split into words: {exc}") from None
+    if not words:
+        raise FieldError("run_cmd", "missing")
+    if len(words) > 1 and Path(words[0]).name in _SHELLS:
+        shell, script_word, arguments = words[0], words[1], words[2:]
+    else:
+        shell, script_word, arguments = "/bin/sh", words[0], words[1:]
+    script = resolve_path(model_dir, Path(script_word))
+    started_as_program = dialect in DIALECTS and not DIALECTS[dialect].launched_by_script
+    if started_as_program and not script.is_file():
+        return None, tuple(words)
+    if not script.is_relative_to(model_dir):
+        raise FieldError("run_cmd", "resolves outside model_path")
+    if not script.is_file():
+        raise FieldError("run_cmd", f"script {script_word!r} not found in model_path")
+    return script, (shell, str(script), *arguments)

@@ -1,0 +1,1093 @@
+"""CardEngine: one runner program of the AX-M1 card, driven over its stdin and stdout.
+
+The owner loop (`Engine.run`) decides every state transition and never waits on the network or a
+process itself: the stdout/stderr/exit watchers, the tokenizer calls (start-up, `/config`,
+`/tokenize`, `/stats`) and kills run beside it and post their results to its inbox, so timers
+and stops are handled while they run. Requests never touch the state or the process; they hand
+the owner a `_TurnJob` and read its answer stream.
+
+Runner facts this relies on (see the protocol reference): output is block-buffered and read in
+chunks; the marker has no newline; `hit eos` ends every turn, including after SIGINT; stdin must
+never be closed (the runner would spin on its marker); the dialect's quit command ends it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectSendStream
+
+from ...states import RunnerState
+from ...stop_sequences import StopScanner
+from ...thinking import ThinkSplitter
+from ...tokenizer_client import TokenizerUnavailable
+from ..base import (
+    ChatMessage,
+    Chunk,
+    Engine,
+    EngineBug,
+    EngineCapabilities,
+    EngineContext,
+    EngineError,
+    GenerationRequest,
+    GenerationResult,
+    ModelUnavailable,
+    RequestTimedOut,
+    RunnerCrashed,
+    RunnerHung,
+    BadRequest,
+)
+from .config import CardConfig
+from .dialects import DIALECTS, Dialect
+from .output import (
+    Banner,
+    ContextUsed,
+    InputTokens,
+    KvCache,
+    LogLine,
+    Marker,
+    PlainLine,
+    Progress,
+    RunnerError,
+    RunnerOutputParser,
+    Text,
+    Ttft,
+    TurnEnd,
+    Uid,
+)
+from .planner import (
+    CONTEXT_MARGIN,
+    Action,
+    Held,
+    Plan,
+    Runner,
+    continues,
+    conversation_texts,
+    fits,
+    line_texts,
+    plan_turn,
+    read_turn,
+    token_bound,
+    token_guess,
+)
+from .process import Exited, Output, RunnerProcess, WriteFailed, describe_exit
+
+log = logging.getLogger(__name__)
+S = RunnerState
+
+# The card prints text every 3 tokens: each text flush counts as 3 tokens while streaming.
+TOKENS_PER_FLUSH = 3
+_RESET_TIMEOUT_S = 30.0
+_TOKENIZER_CALL_TIMEOUT_S = 5.0
+
+
+# ---- messages to the owner loop -------------------------------------------------------------
+
+@dataclass(slots=True)
+class _Start:
+    reason: str
+
+
+@dataclass(slots=True)
+class _Stop:
+    reason: str
+    done: anyio.Event
+
+
+@dataclass(slots=True)
+class _Cancel:
+    job: _TurnJob
+
+
+@dataclass(slots=True)
+class _TokenizerReady:
+    generation: int
+    capabilities: dict[str, Any] | None
+    applied: dict[str, Any]  # the settings /config installed
+    error: str | None
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """The head job's plan, with the tokenizer settings already installed for it."""
+
+    job: _TurnJob
+    generation: int
+    plan: Plan | None
+    applied: dict[str, Any]
+    error: EngineError | None = None
+    tokenizer_down: bool = False
+
+
+@dataclass(slots=True)
+class _ResetAheadPrepared:
+    generation: int
+    applied: dict[str, Any]
+    error: str | None
+
+
+@dataclass(slots=True)
+class _Counted:
+    job: _TurnJob
+    generation: int
+    result: GenerationResult
+
+
+@dataclass(eq=False)
+class _TurnJob:
+    request: GenerationRequest
+    send: MemoryObjectSendStream
+    splitter: ThinkSplitter
+    stops: StopScanner
+    phase: str = "new"  # new -> preparing -> (resetting | restarting) -> prompting -> counting
+    plan: Plan | None = None
+    prompt_written_at: float | None = None
+    first_text_at: float | None = None
+    answer: list[str] = field(default_factory=list)
+    flushes: int = 0
+    prompt_tokens: int | None = None
+    runner_ttft_ms: float | None = None
+    runner_tps: float | None = None
+    interrupted: str | None = None  # why we sent SIGINT: cancel | stop | length | hang
+    error: EngineError | None = None
+    delivered: bool = False  # the final record or an error has been sent
+
+    def deliver(self, item: Any) -> None:
+        if self.delivered:
+            return
+        if isinstance(item, (GenerationResult, BaseException)):
+            self.delivered = True
+        try:
+            self.send.send_nowait(item)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self.delivered = True  # the consumer is gone
+
+
+class CardEngine(Engine):
+    """A model served by the card's runner program through its run script."""
+
+    kind = "ax-runner"
+    config_class = CardConfig
+
+    def __init__(self, spec, context: EngineContext) -> None:
+        super().__init__(spec, context)
+        self.config: CardConfig = spec.config
+        self.capabilities = EngineCapabilities(chat_history=True, per_request_sampling=False, max_concurrency=1)
+        self._tokenizers = context.tokenizers
+
+        # The runner (owned by the owner loop).
+        self._generation = 0  # of the newest launch; messages of older launches are ignored
+        self._runner: RunnerProcess | None = None
+        self._dying: RunnerProcess | None = None  # killed, its exit not seen yet
+        self._parser: RunnerOutputParser | None = None
+        self._dialect_name: str | None = None if self.config.dialect == "auto" else self.config.dialect
+        self._banner_offers_reset = False
+        self._uid: str | None = None
+        self._tokenizer_caps: dict[str, Any] | None = None
+        self._tokenizer_probed = False
+        self._tokenizer_config: dict[str, Any] = {}  # what /config last set on the server
+        self._tokenizer_scope: anyio.CancelScope | None = None
+        self._progress: dict[str, Any] | None = None
+        self._load_started: float | None = None
+        self.last_load_duration: float | None = None
+        self._context: tuple[int, int] | None = None  # (precompute_len, remaining)
+        self._held: tuple[ChatMessage, ...] | None = None  # the conversation the runner's context holds
+        self._held_system: str | None = None
+        self._reset_system: str | None = None  # the system prompt the reset under way installs
+        # The system prompt the next launch gives the tokenizer for the runner's init /reset, and
+        # what else a job waiting for a restart needs the server to hold (history, thinking).
+        self._launch_system: str | None = spec.system_prompt
+        self._launch_extra: dict[str, Any] = {}
+        self._launch_pending: str | None = None  # a launch waits for the dying runner's exit
+
+        # Jobs and failures.
+        self._job: _TurnJob | None = None
+        self._pending: deque[_TurnJob] = deque()
+        self._preparing = False  # a tokenizer call for the head job or a reset ahead is out
+        self._stop_waiters: list[anyio.Event] = []
+        self._restarts = 0  # after crashes, hangs, failed loads: faults
+        self._fresh_context_restarts = 0  # planned: a runner without reset, for a fresh context
+        self._backoff = self.settings.backoff_min_s
+        self._failed_at = 0.0
+
+        # Timers (monotonic deadlines; None = off).
+        self._restart_at: float | None = None
+        self._load_stall_at: float | None = None
+        self._load_cap_at: float | None = None
+        self._hang_at: float | None = None
+        self._interrupt_at: float | None = None
+        self._reset_at: float | None = None
+        self._stop_term_at: float | None = None
+        self._stop_kill_at: float | None = None
+
+    # ---- Engine interface (called by requests and the manager) --------------------------------
+
+    async def start(self) -> None:
+        self._post(_Start("start requested"))
+
+    async def wait_ready(self, deadline: float | None) -> float:
+        began = time.monotonic()
+        loaded_for_us = False
+        while True:
+            changed = self._state_changed
+            state = self._machine.state
+            if state is S.READY and not self._pending and self._job is None:
+                return (time.monotonic() - began) if loaded_for_us else 0.0
+            if state is S.FAILED and self._failed_at > began:
+                raise ModelUnavailable(self._failure_message())
+            if state in (S.WAITING_FOR_TOKENIZER, S.STARTING, S.INITIALIZING):
+                loaded_for_us = True
+            if state in (S.STOPPED, S.FAILED, S.STOPPING):
+                self._post(_Start("request needs the model"))
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise RequestTimedOut(f'model "{self.spec.name}" was not ready before the request deadline (state {state})')
+            with anyio.move_on_after(remaining if remaining is not None else math.inf):
+                await changed.wait()
+
+    async def stop(self, reason: str) -> None:
+        done = anyio.Event()
+        self._post(_Stop(reason, done))
+        await done.wait()
+
+    async def close(self) -> None:
+        if self.config.tokenizer_py:
+            await self._tokenizers.stop_server(self.spec.name, self._tokenizer_host)
+
+    async def generate(self, request: GenerationRequest):
+        send, receive = anyio.create_memory_object_stream(math.inf)
+        job = _TurnJob(request=request, send=send, splitter=ThinkSplitter(), stops=StopScanner(request.options.stop))
+        self._post(job)
+        try:
+            async with receive:
+                async for item in receive:
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+                    if isinstance(item, GenerationResult):
+                        return
+        finally:
+            if not job.delivered:
+                self._post(_Cancel(job))
+
+    def status(self) -> dict[str, Any]:
+        status = super().status()
+        job = self._job
+        precompute, remaining = self._context or (None, None)
+        dialect = self._dialect
+        if dialect is not None and dialect.builtin_tokenizer:
+            newlines = "replaced with spaces: the runner's built-in tokenizer cannot restore them"
+        elif self._tokenizer_caps is not None:
+            newlines = "restored by the tokenizer server"
+        elif self._tokenizer_probed:
+            newlines = "replaced with spaces: the stock tokenizer script cannot restore them"
+        else:
+            newlines = "unknown until the tokenizer server runs"
+        status.update(
+            progress=self._progress,
+            dialect=self._dialect_name or "unknown until the runner starts",
+            supports_reset=self._supports_reset,
+            pid=self._runner.pid if self._runner else None,
+            runner_pid=self._runner.runner_pid() if self._runner else None,
+            in_flight=None if job is None else {
+                "id": job.request.id,
+                "age_s": round(time.monotonic() - job.request.arrived_at, 3),
+                "tokens_so_far": job.flushes * TOKENS_PER_FLUSH,
+                "phase": job.phase,
+            },
+            context={
+                "used": precompute,
+                "remaining": remaining,
+                "size": self.spec.context_size,
+                "conversation_messages": None if self._held is None else len(self._held),
+            },
+            restarts=self._restarts,
+            fresh_context_restarts=self._fresh_context_restarts,
+            last_load_duration_s=self.last_load_duration,
+            newlines=newlines,
+        )
+        return status
+
+    # ---- the owner loop's messages --------------------------------------------------------------
+
+    async def _handle(self, message: Any) -> None:
+        if isinstance(message, Output):
+            if self._runner is not None and message.generation == self._runner.generation:
+                await self._on_output(message.data)
+        elif isinstance(message, _TurnJob):
+            self._pending.append(message)
+            await self._advance()
+        elif isinstance(message, _Cancel):
+            await self._on_cancel(message.job)
+        elif isinstance(message, Exited):
+            await self._on_exited(message)
+        elif isinstance(message, WriteFailed):
+            if self._runner is not None and message.generation == self._runner.generation:
+                await self._runner_failed(f"could not write to the runner: {message.error}", RunnerCrashed, "crash")
+        elif isinstance(message, _Prepared):
+            await self._on_prepared(message)
+        elif isinstance(message, _Counted):
+            await self._on_counted(message)
+        elif isinstance(message, _ResetAheadPrepared):
+            await self._on_reset_ahead_prepared(message)
+        elif isinstance(message, _TokenizerReady):
+            if message.generation == self._generation:
+                await self._on_tokenizer_ready(message)
+        elif isinstance(message, _Start):
+            await self._on_start(message.reason)
+        elif isinstance(message, _Stop):
+            await self._on_stop(message)
+
+    async def _recover(self, error: Exception) -> None:
+        self._restarts += 1
+        self.metrics.restarted("internal_error")
+        self._preparing = False
+        self._kill_runner(f"internal error: {error!r}")
+        self._fail_all_jobs(EngineBug(self._bug_message(error)))
+        state = self._machine.state
+        if self._machine.can(S.FAILED):
+            self._fail(f"internal error in the engine: {error!r}")
+        elif state is S.FAILED:  # e.g. in the restart itself: try again later
+            self._restart_at = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, self.settings.backoff_max_s)
+        elif state is S.STOPPING:
+            self._set_state(S.STOPPED, f"internal error while stopping: {error!r}")
+            self._finish_stop()
+
+    async def _on_shutdown(self) -> None:
+        if self._tokenizer_scope is not None:
+            self._tokenizer_scope.cancel()
+        for runner in (self._runner, self._dying):
+            if runner is not None:
+                await runner.kill_and_wait(self.settings.stop_grace_s)
+        self._runner = self._dying = None
+
+    # ---- state -----------------------------------------------------------------------------
+
+    @property
+    def _dialect(self) -> Dialect | None:
+        return DIALECTS.get(self._dialect_name) if self._dialect_name else None
+
+    @property
+    def _supports_reset(self) -> bool:
+        dialect = self._dialect
+        return dialect is not None and dialect.supports_reset(self._banner_offers_reset)
+
+    @property
+    def _our_tokenizer(self) -> bool:
+        return self._tokenizer_caps is not None
+
+    @property
+    def _tokenizer_host(self) -> str:
+        return self.config.tokenizer_ip or "127.0.0.1"
+
+    def _set_state(self, to: RunnerState, reason: str, **details: Any) -> None:
+        if to is not S.INITIALIZING:
+            self._progress = None
+        super()._set_state(to, reason, **details)
+
+    def _fail(self, reason: str, *, log_tail: bool = True, **details: Any) -> None:
+        """Record a failure and schedule a restart with back-off."""
+        self._record_error(reason, **details)
+        assert self.last_error is not None
+        self.last_error["log_tail"] = self.logs.tail(20) if log_tail else []
+        self._failed_at = time.monotonic()
+        self._restart_at = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, self.settings.backoff_max_s)
+        self._clear_process_timers()
+        self._set_state(S.FAILED, reason, restart_in_s=round(self._restart_at - time.monotonic(), 3), **details)
+
+    def _failure_message(self) -> str:
+        err = self.last_error or {}
+        tail = [line for line in err.get("log_tail", []) if line.strip()][-5:]
+        text = f'model "{self.spec.name}" failed: {err.get("reason", "unknown error")}'
+        if tail:
+            text += "; runner output: " + " | ".join(tail)
+        if self._restart_at is not None:
+            text += f"; restarting in {max(0.0, self._restart_at - time.monotonic()):.1f}s"
+        return text
+
+    def _fail_all_jobs(self, error: EngineError) -> None:
+        if self._job is not None:
+            self._job.deliver(error)
+            self._job = None
+        while self._pending:
+            self._pending.popleft().deliver(error)
+
+    # ---- start-up --------------------------------------------------------------------------
+
+    async def _on_start(self, reason: str) -> None:
+        state = self._machine.state
+        if state is S.FAILED and self._restart_at is not None and time.monotonic() < self._restart_at:
+            return  # the restart is already scheduled (card memory may still be busy)
+        if state not in (S.STOPPED, S.FAILED):
+            return
+        await self._launch(reason)
+
+    async def _launch(self, reason: str) -> None:
+        if self._dying is not None:
+            self._launch_pending = reason  # the old runner still holds the card: launch at its exit
+            return
+        self._launch_pending = None
+        self._generation += 1
+        self._restart_at = None
+        self._preparing = False
+        self._uid = None
+        self._tokenizer_config = {}
+        self._context = None
+        self._held = ()
+        self._held_system = self._launch_system
+        dialect = self._dialect
+        if self.config.tokenizer_port and not (dialect is not None and dialect.builtin_tokenizer):
+            self._set_state(S.WAITING_FOR_TOKENIZER, reason, port=self.config.tokenizer_port)
+            settings = {"system_prompt": self._launch_system, "thinking": None, "history": [], **self._launch_extra}
+            self._launch_extra = {}
+            self._tokenizer_scope = anyio.CancelScope()
+            self._start_task(self._prepare_tokenizer, self._generation, self._tokenizer_scope, settings)
+        else:
+            self._set_state(S.STARTING, reason)
+            await self._spawn()
+
+    async def _prepare_tokenizer(self, generation: int, scope: anyio.CancelScope, settings: dict[str, Any]) -> None:
+        """Child task: start the model's tokenizer server, wait for it, learn what it offers."""
+        config, host = self.config, self._tokenizer_host
+        caps: dict[str, Any] | None = None
+        applied: dict[str, Any] = {}
+        error: str | None = None
+        with scope:
+            try:
+                if config.tokenizer_py:
+                    await self._tokenizers.start_server(
+                        self.spec.name,
+                        host,
+                        {
+                            "tokenizer_path": str(config.tokenizer_path or config.model_path),
+                            "tokenizer_py": config.tokenizer_py,
+                            "port": config.tokenizer_port,
+                        },
+                    )
+                await self._tokenizers.wait_until_serving(host, config.tokenizer_port, self.settings.tokenizer_timeout_s)
+                caps = await self._tokenizers.capabilities(host, config.tokenizer_port)
+                if caps is not None:
+                    # The runner's init /reset picks up the system prompt the descriptor sets.
+                    await self._tokenizers.configure(host, config.tokenizer_port, **settings)
+                    applied = settings
+            except TokenizerUnavailable as exc:
+                error = str(exc)
+        if not scope.cancel_called:
+            self._post(_TokenizerReady(generation, caps, applied, error))
+
+    async def _on_tokenizer_ready(self, message: _TokenizerReady) -> None:
+        if self._machine.state is not S.WAITING_FOR_TOKENIZER:
+            return
+        if message.error:
+            self._fail(f"tokenizer not available: {message.error}", log_tail=False)
+            self._fail_all_jobs(ModelUnavailable(self._failure_message()))
+            return
+        self._tokenizer_caps = message.capabilities
+        self._tokenizer_config = dict(message.applied)
+        self._tokenizer_probed = True
+        self._set_state(S.STARTING, "tokenizer is serving", extensions=message.capabilities is not None)
+        await self._spawn()
+
+    def _command(self) -> list[str]:
+        config = self.config
+        command = list(config.command)
+        if config.script_path is not None and len(command) == 2 and config.tokenizer_port:
+            # A bare script gets the tokenizer port as $1 (the original wrapper's convention;
+            # scripts that hard-code it ignore it). A run_cmd with arguments runs as written.
+            command.append(str(config.tokenizer_port))
+        return command
+
+    async def _spawn(self) -> None:
+        env = dict(os.environ)
+        # The runner programs of this environment (e.g. the emulator) come first on PATH.
+        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+        command = self._command()
+        self._parser = RunnerOutputParser(self._dialect_name if self.config.dialect != "auto" else None)
+        self._load_started = now = time.monotonic()
+        stall = self._load_stall_s
+        self._load_stall_at = now + stall
+        self._load_cap_at = now + max(stall, self.settings.load_timeout_cap_s)
+        try:
+            self._runner = await RunnerProcess.launch(command, self.config.model_path, env, self._generation)
+        except OSError as exc:
+            self._fail(f"cannot launch {' '.join(command)}: {exc}")
+            self._fail_all_jobs(ModelUnavailable(self._failure_message()))
+            return
+        self.logs.append(f"[axm1-llm] started {' '.join(command)} (pid {self._runner.pid})")
+        assert self._tasks is not None
+        self._runner.watch(self._tasks, self._post, self._on_stderr_line, self.settings.stop_grace_s)
+
+    def _on_stderr_line(self, line: str) -> None:
+        self.logs.append("[stderr] " + line)
+
+    # ---- runner output -----------------------------------------------------------------------
+
+    async def _on_output(self, data: bytes) -> None:
+        assert self._parser is not None
+        self._note_liveness()  # any output counts, even bytes that complete no event yet
+        events = self._parser.feed(data) if data else self._parser.end_of_stream()
+        for event in events:
+            await self._on_event(event)
+
+    def _note_liveness(self) -> None:
+        """Output moves the load stall deadline and the hang deadline."""
+        state = self._machine.state
+        now = time.monotonic()
+        if state in (S.PROCESSING, S.OUTPUTTING) and self._hang_at is not None:
+            self._hang_at = now + self._hang_s
+        elif state in (S.STARTING, S.INITIALIZING) and self._load_stall_at is not None:
+            self._load_stall_at = now + self._load_stall_s
+
+    async def _on_event(self, event: Any) -> None:
+        if self._machine.state is S.STARTING:
+            self._set_state(S.INITIALIZING, "runner is loading the model")
+        state = self._machine.state
+        job = self._job
+        if isinstance(event, Text):
+            await self._on_text(event.text)
+        elif isinstance(event, LogLine):
+            self.logs.append(f"[{event.level}][{event.function}][{event.line}]: {event.message}")
+        elif isinstance(event, ContextUsed):
+            if state in (S.INITIALIZING, S.RESETTING):
+                # The system prompt prefilled at start-up already occupies the context.
+                self._context = (event.tokens, self.spec.context_size - event.tokens)
+        elif isinstance(event, PlainLine):
+            if event.text.strip():
+                self.logs.append(event.text)
+        elif isinstance(event, Progress):
+            self.logs.append(f"{event.percent}% {event.step}/{event.total} {event.message}")
+            if state is S.INITIALIZING:
+                self._progress = {"percent": event.percent, "step": event.step, "total": event.total, "message": event.message}
+        elif isinstance(event, Uid):
+            self._uid = event.uid
+        elif isinstance(event, Banner):
+            self._banner_offers_reset = event.supports_reset
+        elif isinstance(event, KvCache):
+            self._context = (event.precompute_len, event.remaining)
+            self.metrics.context(event.precompute_len, self.spec.context_size)
+        elif isinstance(event, InputTokens):
+            if job is not None:
+                job.prompt_tokens = event.count
+                job.request.prompt_tokens = event.count
+        elif isinstance(event, Ttft):
+            if job is not None:
+                job.runner_ttft_ms = event.ms
+        elif isinstance(event, TurnEnd):
+            if job is not None:
+                job.runner_tps = event.tokens_per_second
+        elif isinstance(event, RunnerError):
+            self.logs.append(f"[error:{event.kind}] {event.message}")
+            if job is not None and event.kind in ("context_overflow", "prompt_too_long"):
+                job.error = BadRequest(f"the prompt does not fit the model's context: {event.message}")
+                self._held = None  # what the runner holds now is not reliable
+        elif isinstance(event, Marker):
+            await self._on_marker()
+
+    async def _on_marker(self) -> None:
+        state = self._machine.state
+        if self._parser is not None and self._dialect_name is None:
+            self._dialect_name = self._parser.dialect
+        if state is S.INITIALIZING:
+            self.last_load_duration = time.monotonic() - (self._load_started or time.monotonic())
+            self._load_stall_at = self._load_cap_at = None
+            self._backoff = self.settings.backoff_min_s
+            self._set_state(S.READY, "runner is at its prompt", load_seconds=round(self.last_load_duration, 3))
+            self.metrics.load_finished(self.last_load_duration)
+            await self._advance()
+        elif state is S.RESETTING:
+            self._reset_at = None
+            self._held = ()
+            self._held_system = self._reset_system
+            self._set_state(S.READY, "context reset")
+            await self._advance()
+        elif state in (S.PROCESSING, S.OUTPUTTING):
+            await self._finish_turn()
+        # At READY a marker is the runner re-printing it (e.g. after an empty line): nothing to do.
+
+    async def _on_text(self, text: str) -> None:
+        job = self._job
+        if job is None or job.phase != "prompting":
+            if text.strip():
+                self.logs.append(f"[unexpected text] {text!r}")
+            return
+        if self._machine.state is S.PROCESSING:
+            self._set_state(S.OUTPUTTING, "first text from the runner")
+        if job.first_text_at is None:
+            job.first_text_at = time.monotonic()
+        job.flushes += 1
+        job.answer.append(text)
+        if job.interrupted:
+            return  # draining after SIGINT: nothing more reaches the client
+        thinking, content = job.splitter.feed(text)
+        visible = job.stops.feed(content)
+        if thinking or visible:
+            job.deliver(Chunk(content=visible, thinking=thinking, tokens=TOKENS_PER_FLUSH))
+        num_predict = job.request.options.num_predict
+        if job.stops.stopped:
+            self._interrupt(job, "stop")
+            job.deliver(self._result(job, "stop", final=True))
+        elif num_predict and num_predict > 0 and job.flushes * TOKENS_PER_FLUSH >= num_predict:
+            self._interrupt(job, "length")
+            job.deliver(self._result(job, "length", final=True))
+
+    # ---- turns -------------------------------------------------------------------------------
+
+    async def _advance(self) -> None:
+        """Move the head job on when the runner is at its prompt and nothing else is out."""
+        if self._machine.state is not S.READY or self._preparing:
+            return
+        job = self._job
+        if job is not None:
+            if job.phase not in ("resetting", "restarting"):
+                return  # its tokenizer call or its count is out: a message will move it on
+            if job.delivered:
+                self._job = None  # its client left during the reset or restart
+            else:
+                self._write_prompt(job)
+                return
+        while self._pending and self._pending[0].delivered:
+            self._pending.popleft()  # its client left while it waited
+        if not self._pending:
+            return
+        job = self._job = self._pending.popleft()
+        job.phase = "preparing"
+        self._preparing = True
+        held = Held(self._held, self._held_system, self._context[1] if self._context else None)
+        runner = Runner(self._dialect or DIALECTS["b"], self._supports_reset, self._our_tokenizer, self.spec.context_size)
+        self._start_task(self._prepare, job, self._generation, held, runner, dict(self._tokenizer_config))
+
+    async def _prepare(self, job: _TurnJob, generation: int, held: Held, runner: Runner, known: dict[str, Any]) -> None:
+        """Child task: plan the turn (counting tokens where bytes cannot prove a fit) and install
+        the tokenizer settings it needs, unless a restart will install them."""
+        try:
+            turn = read_turn(job.request, self.spec.system_prompt, runner.our_tokenizer)
+            line_tokens = conversation_tokens = None
+            if runner.dialect.keeps_context:
+                if continues(turn, held):
+                    room = None if held.remaining is None else held.remaining - CONTEXT_MARGIN
+                    line_tokens = await self._count_tokens(line_texts(turn), room, runner.our_tokenizer)
+                if line_tokens is None or not fits(line_tokens, held.remaining):
+                    conversation_tokens = await self._count_tokens(
+                        conversation_texts(turn), runner.context_size - CONTEXT_MARGIN, runner.our_tokenizer
+                    )
+            plan = plan_turn(turn, held, runner, line_tokens=line_tokens, conversation_tokens=conversation_tokens)
+        except BadRequest as exc:
+            self._post(_Prepared(job, generation, None, {}, exc))
+            return
+        applied: dict[str, Any] = {}
+        if plan.action is not Action.RESTART:
+            applied = {k: v for k, v in plan.tokenizer_settings.items() if k not in known or known[k] != v}
+            if applied:
+                try:
+                    await self._configure_tokenizer(applied)
+                except TokenizerUnavailable as exc:
+                    error = ModelUnavailable(f'the tokenizer server of "{self.spec.name}" is not answering ({exc}); the model restarts')
+                    self._post(_Prepared(job, generation, None, {}, error, tokenizer_down=True))
+                    return
+        self._post(_Prepared(job, generation, plan, applied))
+
+    async def _count_tokens(self, texts: list[str], room: int | None, our_tokenizer: bool) -> int:
+        """Tokens the texts need (with template overhead), asking the tokenizer only when needed."""
+        bound = token_bound(texts)
+        if room is None or bound <= room:
+            return bound  # fits for sure: no round trip on the way to the first token
+        if our_tokenizer:
+            with anyio.move_on_after(_TOKENIZER_CALL_TIMEOUT_S):
+                ids = await self._tokenizers.tokenize(self._tokenizer_host, self.config.tokenizer_port, "\n".join(texts))
+                if ids is not None:
+                    return len(ids) + 8 * len(texts)
+        return token_guess(texts)
+
+    async def _configure_tokenizer(self, settings: dict[str, Any]) -> None:
+        try:
+            with anyio.fail_after(_TOKENIZER_CALL_TIMEOUT_S):
+                await self._tokenizers.configure(self._tokenizer_host, self.config.tokenizer_port, **settings)
+        except TimeoutError:
+            raise TokenizerUnavailable(f"/config took longer than {_TOKENIZER_CALL_TIMEOUT_S:.0f}s") from None
+
+    async def _on_prepared(self, message: _Prepared) -> None:
+        if message.generation != self._generation:
+            return  # the runner it was planned for is gone (the job failed with it)
+        self._preparing = False
+        self._tokenizer_config.update(message.applied)
+        job = message.job
+        if job is not self._job or job.delivered:
+            if job is self._job:
+                self._job = None
+            await self._advance()
+            return
+        if message.error is not None:
+            job.deliver(message.error)
+            self._job = None
+            if message.tokenizer_down:
+                await self._runner_failed(message.error.message, ModelUnavailable, "tokenizer")
+            else:
+                await self._advance()
+            return
+        if self._machine.state is not S.READY:
+            return
+        plan = job.plan = message.plan
+        assert plan is not None
+        if plan.action is Action.PROMPT:
+            self._write_prompt(job)
+        elif plan.action is Action.RESET:
+            job.phase = "resetting"
+            self._reset(plan.system, "fresh context for a new conversation", request=job.request.id)
+        else:
+            job.phase = "restarting"
+            self._launch_system = plan.system
+            self._launch_extra = {k: v for k, v in plan.tokenizer_settings.items() if k != "system_prompt"}
+            self._restart_for_fresh_context("fresh context needs a restart (runner has no reset)")
+
+    def _reset(self, system: str | None, reason: str, **details: Any) -> None:
+        """Clear the runner's KV cache; the tokenizer server already holds `system` for its /reset."""
+        dialect = self._dialect
+        assert dialect is not None and dialect.reset_command is not None and self._runner is not None
+        self._reset_system = system
+        self._reset_at = time.monotonic() + _RESET_TIMEOUT_S
+        self._context = None  # known again from the runner's reset lines or its next turn
+        self._set_state(S.RESETTING, reason, **details)
+        self._runner.write_line(dialect.reset_command)
+
+    def _reset_ahead(self) -> None:
+        """After a one-shot request, reset while idle, so the next one finds a fresh context."""
+        if self._pending or self._job is not None or self._preparing:
+            return
+        if not self._supports_reset or self._machine.state is not S.READY:
+            return
+        self._preparing = True
+        known = dict(self._tokenizer_config)
+        self._start_task(self._prepare_reset_ahead, self._generation, known)
+
+    async def _prepare_reset_ahead(self, generation: int, known: dict[str, Any]) -> None:
+        settings = {"system_prompt": self.spec.system_prompt} if self._our_tokenizer else {}
+        applied = {k: v for k, v in settings.items() if k not in known or known[k] != v}
+        error = None
+        if applied:
+            try:
+                await self._configure_tokenizer(applied)
+            except TokenizerUnavailable as exc:
+                applied, error = {}, str(exc)
+        self._post(_ResetAheadPrepared(generation, applied, error))
+
+    async def _on_reset_ahead_prepared(self, message: _ResetAheadPrepared) -> None:
+        if message.generation != self._generation:
+            return
+        self._preparing = False
+        self._tokenizer_config.update(message.applied)
+        if message.error:
+            self.logs.append(f"[axm1-llm] reset ahead of the next request failed: {message.error}")
+        elif self._machine.state is S.READY and self._job is None and not self._pending:
+            self._reset(self.spec.system_prompt, "fresh context ahead of the next request")
+            return
+        await self._advance()  # a job came meanwhile: its own plan decides
+
+    def _write_prompt(self, job: _TurnJob) -> None:
+        assert job.plan is not None and self._parser is not None and self._runner is not None
+        job.phase = "prompting"
+        self._parser.begin_turn()
+        if self._our_tokenizer:
+            self._tokenizer_config["history"] = []  # the runner's /encode for this line consumes it
+        self._set_state(S.PROCESSING, "prompt sent", request=job.request.id)
+        job.prompt_written_at = time.monotonic()
+        self._hang_at = job.prompt_written_at + self._hang_s
+        self._runner.write_line(job.plan.line)
+
+    async def _finish_turn(self) -> None:
+        job = self._job
+        self._hang_at = self._interrupt_at = None
+        if job is None:
+            self._set_state(S.READY, "turn over")
+            await self._advance()
+            return
+        assert job.plan is not None
+        if job.error is None and job.interrupted is None:
+            answer = ChatMessage("assistant", "".join(job.answer))
+            self._held = job.plan.conversation + (answer,)
+            self._held_system = job.plan.system
+        else:
+            self._held = None
+        self._set_state(S.READY, "turn over")
+        if job.error is not None:
+            job.deliver(job.error)
+        if job.delivered:
+            self._job = None
+            await self._after_turn(job)
+            return
+        reason = "length" if self._context is not None and self._context[1] <= 1 else "stop"
+        result = self._result(job, reason, final=True)
+        if self._our_tokenizer and self._uid:
+            job.phase = "counting"
+            self._preparing = True
+            self._start_task(self._count_real_tokens, job, self._generation, result, self._uid)
+        else:
+            job.deliver(result)
+            self._job = None
+            await self._after_turn(job)
+
+    async def _after_turn(self, job: _TurnJob) -> None:
+        await self._advance()
+        if job.request.kind == "generate":
+            self._reset_ahead()
+
+    def _result(self, job: _TurnJob, reason: str, final: bool = False) -> GenerationResult:
+        now = time.monotonic()
+        if final:
+            thinking, content = job.splitter.flush()
+            content = job.stops.feed(content) + job.stops.flush()
+            if thinking or content:
+                job.deliver(Chunk(content=content, thinking=thinking))
+        written = job.prompt_written_at or now
+        first = job.first_text_at or now
+        return GenerationResult(
+            finish_reason=reason,  # type: ignore[arg-type]
+            prompt_tokens=job.prompt_tokens or 0,
+            completion_tokens=job.flushes * TOKENS_PER_FLUSH,
+            prompt_eval_duration=max(0.0, first - written),
+            eval_duration=max(0.0, now - first),
+            total_duration=now - job.request.arrived_at,
+            time_to_first_token=None if job.first_text_at is None else job.first_text_at - job.request.arrived_at,
+            runner_tokens_per_second=job.runner_tps,
+            warnings=list(job.plan.warnings) if job.plan else [],
+        )
+
+    async def _count_real_tokens(self, job: _TurnJob, generation: int, result: GenerationResult, uid: str) -> None:
+        """Child task: replace the streaming estimate (3 tokens a flush) with real counts."""
+        host, port = self._tokenizer_host, self.config.tokenizer_port
+        with anyio.move_on_after(_TOKENIZER_CALL_TIMEOUT_S):
+            stats = await self._tokenizers.stats(host, port, uid)
+            if stats is not None:
+                result.completion_tokens = stats["reply_tokens"]
+                # The runner's own count of what it prefilled this turn is Ollama's meaning;
+                # the tokenizer's is the whole conversation.
+                result.prompt_tokens = result.prompt_tokens or stats.get("prompt_tokens", 0)
+            else:
+                ids = await self._tokenizers.tokenize(host, port, "".join(job.answer))
+                if ids is not None:
+                    result.completion_tokens = len(ids)
+        self._post(_Counted(job, generation, result))
+
+    async def _on_counted(self, message: _Counted) -> None:
+        if message.generation != self._generation:
+            return
+        self._preparing = False
+        message.job.deliver(message.result)
+        if self._job is message.job:
+            self._job = None
+            await self._after_turn(message.job)
+        else:
+            await self._advance()
+
+    async def _on_cancel(self, job: _TurnJob) -> None:
+        job.delivered = True
+        if job in self._pending:
+            self._pending.remove(job)
+        elif job is self._job:
+            if self._machine.state in (S.PROCESSING, S.OUTPUTTING):
+                self._interrupt(job, "cancel")
+            elif job.phase in ("resetting", "restarting"):
+                await self._advance()  # dropped once the reset or restart is over
+
+    def _interrupt(self, job: _TurnJob, why: str) -> None:
+        """Stop the current generation; the runner prints its usual tail and its marker."""
+        if job.interrupted or self._runner is None:
+            return
+        job.interrupted = why
+        self._interrupt_at = time.monotonic() + self.settings.stop_grace_s
+        self._runner.signal_runner(signal.SIGINT)
+
+    # ---- the runner's end ----------------------------------------------------------------------
+
+    def _kill_runner(self, reason: str) -> None:
+        """SIGKILL the runner's group now; its exit arrives as a message."""
+        if self._tokenizer_scope is not None:
+            self._tokenizer_scope.cancel()
+        runner, self._runner = self._runner, None
+        self._clear_process_timers()
+        if runner is None:
+            return
+        runner.signal_group(signal.SIGKILL)
+        if not runner.exited:
+            self._dying = runner
+        self.logs.append(f"[axm1-llm] runner killed: {reason}")
+
+    def _restart_for_fresh_context(self, reason: str) -> None:
+        """Replace the runner with a fresh one (the current job resumes at READY)."""
+        self._fresh_context_restarts += 1
+        self.metrics.restarted("fresh_context")
+        self._held = None
+        self._set_state(S.STOPPING, reason)
+        self._kill_runner(reason)
+        self._launch_pending = reason
+        if self._dying is None:
+            self._set_state(S.STOPPED, reason)
+            self._post(_Start(reason))
+
+    async def _on_exited(self, message: Exited) -> None:
+        how = describe_exit(message.returncode)
+        if self._dying is not None and message.generation == self._dying.generation:
+            self._dying = None
+            self.logs.append(f"[axm1-llm] killed runner {how}")
+            if self._machine.state is S.STOPPING:
+                self._set_state(S.STOPPED, f"runner {how}")
+                if not self._launch_pending:
+                    self._finish_stop()
+            if self._launch_pending and self._machine.state in (S.STOPPED, S.FAILED):
+                await self._launch(self._launch_pending)
+            return
+        if self._runner is None or message.generation != self._runner.generation:
+            return
+        self._runner = None
+        self.logs.append(f"[axm1-llm] runner {how}")
+        state = self._machine.state
+        if state is S.STOPPING:
+            self._clear_process_timers()
+            self._set_state(S.STOPPED, f"runner {how}")
+            self._finish_stop()
+            return
+        if state in (S.STOPPED, S.FAILED):
+            return
+        self._restarts += 1
+        loading = state in (S.STARTING, S.INITIALIZING)
+        self.metrics.restarted("crash_at_load" if loading else "crash")
+        self._fail(f"runner {how} while {'loading' if loading else 'serving'}", returncode=message.returncode)
+        error_type = ModelUnavailable if loading else RunnerCrashed
+        self._fail_all_jobs(error_type(self._failure_message()))
+
+    async def _runner_failed(self, reason: str, error_type: type[EngineError], metric_reason: str) -> None:
+        """A fault the daemon found (hang, stuck reset, failed load, dead tokenizer): kill the
+        runner, fail what waits on it, restart with back-off."""
+        self._restarts += 1
+        self.metrics.restarted(metric_reason)
+        self._kill_runner(reason)
+        self._fail(reason)
+        self._fail_all_jobs(error_type(self._failure_message()))
+
+    # ---- stop ------------------------------------------------------------------------------
+
+    async def _on_stop(self, message: _Stop) -> None:
+        self._stop_waiters.append(message.done)
+        self._launch_pending = None
+        state = self._machine.state
+        if state is S.STOPPED:
+            self._finish_stop()
+            return
+        self._fail_all_jobs(ModelUnavailable(f'model "{self.spec.name}" is stopping: {message.reason}'))
+        if state is S.FAILED:
+            self._restart_at = None
+            self._set_state(S.STOPPED, message.reason)
+            self._finish_stop()
+            return
+        if state is S.STOPPING:
+            return
+        self._set_state(S.STOPPING, message.reason)
+        runner = self._runner
+        if runner is None:  # still waiting for the tokenizer
+            if self._tokenizer_scope is not None:
+                self._tokenizer_scope.cancel()
+            self._generation += 1
+            if self._dying is None:
+                self._set_state(S.STOPPED, message.reason)
+                self._finish_stop()
+            return
+        self._clear_process_timers()
+        if state in (S.PROCESSING, S.OUTPUTTING):
+            runner.signal_runner(signal.SIGINT)
+        dialect = self._dialect
+        runner.write_line(dialect.quit_command if dialect else "q")
+        now = time.monotonic()
+        self._stop_term_at = now + self.settings.stop_grace_s
+        self._stop_kill_at = now + 2 * self.settings.stop_grace_s
+
+    def _finish_stop(self) -> None:
+        waiters, self._stop_waiters = self._stop_waiters, []
+        for done in waiters:
+            done.set()
+
+    # ---- timers ------------------------------------------------------------------------------
+
+    def _next_timer_at(self) -> float | None:
+        timers = [
+            t
+            for t in (
+                self._restart_at if self._machine.state is S.FAILED else None,
+                self._load_stall_at,
+                self._load_cap_at,
+                self._hang_at,
+                self._interrupt_at,
+                self._reset_at,
+                self._stop_term_at,
+                self._stop_kill_at,
+            )
+            if t is not None
+        ]
+        return min(timers) if timers else None
+
+    def _clear_process_timers(self) -> None:
+        self._load_stall_at = self._load_cap_at = self._hang_at = None
+        self._interrupt_at = self._reset_at = None
+        self._stop_term_at = self._stop_kill_at = None
+
+    async def _on_timers(self) -> None:
+        now = time.monotonic()
+        state = self._machine.state
+        if state is S.FAILED and self._restart_at is not None and now >= self._restart_at:
+            self._restart_at = None
+            await self._launch("restart after failure")
+            return
+        runner = self._runner
+        if self._stop_kill_at is not None and now >= self._stop_kill_at:
+            self._stop_kill_at = None
+            self.logs.append("[axm1-llm] runner ignored its quit command and SIGTERM: SIGKILL")
+            if runner is not None:
+                runner.signal_group(signal.SIGKILL)
+        elif self._stop_term_at is not None and now >= self._stop_term_at:
+            self._stop_term_at = None
+            self.logs.append("[axm1-llm] runner did not quit on its quit command: SIGTERM")
+            if runner is not None:
+                runner.signal_group(signal.SIGTERM)
+        if state in (S.STARTING, S.INITIALIZING):
+            if self._load_cap_at is not None and now >= self._load_cap_at:
+                await self._runner_failed(
+                    f"load took longer than the cap of {self.settings.load_timeout_cap_s:.0f}s", ModelUnavailable, "load_timeout"
+                )
+            elif self._load_stall_at is not None and now >= self._load_stall_at:
+                await self._runner_failed(f"load made no progress for {self._load_stall_s:.0f}s", ModelUnavailable, "load_timeout")
+            return
+        if state is S.RESETTING and self._reset_at is not None and now >= self._reset_at:
+            await self._runner_failed("runner did not come back after reset", RunnerHung, "hang")
+            return
+        if self._interrupt_at is not None and now >= self._interrupt_at:
+            await self._runner_failed("runner did not stop generating after SIGINT", RunnerHung, "hang")
+            return
+        if state in (S.PROCESSING, S.OUTPUTTING) and self._hang_at is not None and now >= self._hang_at:
+            self._hang_at = None
+            job = self._job
+            if job is not None:
+                job.deliver(RunnerHung(
+                    f'runner of "{self.spec.name}" produced no output for {self._hang_s:.0f}s; generation interrupted'
+                ))
+                self._interrupt(job, "hang")
+
+    @property
+    def _load_stall_s(self) -> float:
+        """The descriptor's value when it sets one, else the daemon's setting."""
+        if "load_timeout_s" in self.config.model_fields_set:
+            return self.config.load_timeout_s
+        return self.settings.load_stall_timeout_s
+
+    @property
+    def _hang_s(self) -> float:
+        if "hang_timeout_s" in self.config.model_fields_set:
+            return self.config.hang_timeout_s
+        return self.settings.hang_timeout_s
