@@ -7,6 +7,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
+import selectors
 import signal
 import socket
 import subprocess
@@ -16,7 +17,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ax_emulator.model_folder import write_model_folder
 
@@ -125,6 +126,21 @@ class Daemon:
         raise TimeoutError(f"{model} never reached {states}: {json.dumps(status)[:800]}")
 
 
+def daemon_source_env(source: Path | None) -> dict[str, str]:
+    """The environment that makes `axm1-llm` run the daemon of another checkout: a PYTHONPATH
+    entry is searched before the editable install's finder, which points at this one."""
+    return {"PYTHONPATH": str(source.resolve())} if source else {}
+
+
+def daemon_package_file(extra_env: dict[str, str] | None = None) -> str:
+    """Where the daemon's interpreter, given `extra_env`, imports llm_service from. -P and cwd=/
+    keep the current directory out of sys.path, as it is for the `axm1-llm` script."""
+    env = {**os.environ, **(extra_env or {})}
+    check = subprocess.run([sys.executable, "-P", "-c", "import llm_service; print(llm_service.__file__)"],
+                           env=env, cwd="/", capture_output=True, text=True, check=True, timeout=60)
+    return check.stdout.strip()
+
+
 def _kill_group_leftovers(marker: str) -> None:
     needle = f"AXM1_BENCH_RUN={marker}".encode()
     for entry in Path("/proc").iterdir():
@@ -138,7 +154,8 @@ def _kill_group_leftovers(marker: str) -> None:
 
 
 @contextmanager
-def running_daemon(root: Path, entries: list[dict[str, Any]], *flags: str) -> Iterator[Daemon]:
+def running_daemon(root: Path, entries: list[dict[str, Any]], *flags: str,
+                   extra_env: dict[str, str] | None = None) -> Iterator[Daemon]:
     port, tokenizer_service_port = free_port(), free_port()
     descriptor = root / "model-descriptor.json"
     descriptor.write_text(json.dumps(entries, indent=2))
@@ -151,6 +168,7 @@ def running_daemon(root: Path, entries: list[dict[str, Any]], *flags: str) -> It
         HF_HUB_OFFLINE="1",
         PATH=str(BIN) + os.pathsep + env.get("PATH", ""),
     )
+    env.update(extra_env or {})
     command = [
         str(BIN / "axm1-llm"), "serve",
         "--port", str(port),
@@ -274,18 +292,41 @@ class TimedResponse:
         return "".join(obj.get(key) or "" for _, obj in self.lines)
 
 
-def timed_request(port: int, path: str, body: dict | None, method: str = "POST", timeout: float = 300) -> TimedResponse:
-    """One HTTP/1.1 request over a raw socket; every recv is timestamped, then the (chunked)
-    body is split into lines, each stamped with the arrival of its last byte."""
+def ndjson_line(line: bytes) -> dict | None:
+    return json.loads(line) if line.strip() else None
+
+
+def sse_line(line: bytes) -> dict | None:
+    """The JSON of a `data:` line of an event stream; None for blank lines, comments and [DONE]."""
+    if not line.startswith(b"data:"):
+        return None
+    data = line[len(b"data:"):].strip()
+    return None if data == b"[DONE]" else json.loads(data)
+
+
+def _request_bytes(method: str, path: str, body: dict | None) -> bytes:
     payload = json.dumps(body).encode() if body is not None else b""
     head = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode()
+    return head + payload
+
+
+def _connect(port: int, timeout: float) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def timed_request(port: int, path: str, body: dict | None, method: str = "POST", timeout: float = 300,
+                  decode_line: Callable[[bytes], dict | None] = ndjson_line) -> TimedResponse:
+    """One HTTP/1.1 request over a raw socket; every recv is timestamped, then the (chunked)
+    body is split into lines, each stamped with the arrival of its last byte. `decode_line`
+    turns a line into its object (None: not one), for NDJSON (the default) or SSE (`sse_line`)."""
+    sock = _connect(port, timeout)
     recvs: list[tuple[int, bytes]] = []
     try:
         sent = time.monotonic_ns()
-        sock.sendall(head + payload)
+        sock.sendall(_request_bytes(method, path, body))
         while True:
             data = sock.recv(262144)
             now = time.monotonic_ns()
@@ -294,6 +335,46 @@ def timed_request(port: int, path: str, body: dict | None, method: str = "POST",
             recvs.append((now, data))
     finally:
         sock.close()
+    return _timed_response(sent, recvs, decode_line)
+
+
+def timed_requests_at_once(port: int, requests: list[tuple[str, dict]], timeout: float = 300,
+                           decode_line: Callable[[bytes], dict | None] = ndjson_line) -> list[TimedResponse]:
+    """POST (path, body) requests all at once, like timed_request. One thread stamps every recv of
+    every socket and parses nothing before the last answer is in: with a thread per request, a
+    thread parsing its finished answer would hold the GIL while the others' data waits unstamped."""
+    socks = [_connect(port, timeout) for _ in requests]
+    selector = selectors.DefaultSelector()
+    recvs: dict[socket.socket, list[tuple[int, bytes]]] = {sock: [] for sock in socks}
+    sent: dict[socket.socket, int] = {}
+    try:
+        for sock, (path, body) in zip(socks, requests):
+            sent[sock] = time.monotonic_ns()
+            sock.sendall(_request_bytes("POST", path, body))
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ)
+        while selector.get_map():
+            ready = selector.select(timeout)
+            if not ready:
+                raise TimeoutError(f"no answer byte for {timeout}s")
+            for key, _ in ready:
+                try:
+                    data = key.fileobj.recv(262144)
+                except BlockingIOError:
+                    continue
+                now = time.monotonic_ns()
+                if data:
+                    recvs[key.fileobj].append((now, data))
+                else:
+                    selector.unregister(key.fileobj)
+    finally:
+        selector.close()
+        for sock in socks:
+            sock.close()
+    return [_timed_response(sent[sock], recvs[sock], decode_line) for sock in socks]
+
+
+def _timed_response(sent: int, recvs: list[tuple[int, bytes]], decode_line: Callable[[bytes], dict | None]) -> TimedResponse:
     raw = b"".join(d for _, d in recvs)
     ends, total = [], 0
     for _, d in recvs:
@@ -328,13 +409,14 @@ def timed_request(port: int, path: str, body: dict | None, method: str = "POST",
             if newline < 0:
                 pending += data[start:]
                 break
-            text = pending + data[start:newline]
+            obj = decode_line(pending + data[start:newline])
             pending = b""
             start = newline + 1
-            if text.strip():
-                lines.append((arrival(raw_start + newline), json.loads(text)))
-    if pending.strip():
-        lines.append((recvs[-1][0], json.loads(pending)))
+            if obj is not None:
+                lines.append((arrival(raw_start + newline), obj))
+    last = decode_line(pending)
+    if last is not None:
+        lines.append((recvs[-1][0], last))
     return TimedResponse(sent, int(status_line.split()[1]), headers, lines, recvs[-1][0] if recvs else sent)
 
 

@@ -1,4 +1,5 @@
-"""`python -m bench`: the daemon measured side by side with the raw runner.
+"""`python -m bench`: the daemon measured side by side with the raw runner, and (bench/http_path.py)
+with an OpenAI-compatible upstream called directly.
 
 See bench/README.md for what each number means. Results go to bench/results/latest.json.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import random
 import shutil
@@ -19,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from ax_emulator.scripted import reply_text
+from bench.figures import fmt, ms, pct, render_table, summary
 from bench.harness import (
-    REPO_ROOT, RawRunner, cpu_seconds, free_port, heavy_libraries, probed_model, read_probe, rss_mb,
-    running_daemon, timed_request,
+    REPO_ROOT, RawRunner, cpu_seconds, daemon_package_file, daemon_source_env, free_port, heavy_libraries,
+    probed_model, read_probe, rss_mb, running_daemon, timed_request,
 )
+from bench.http_path import http_path_bench, http_path_table
 
 MARKER = b"prompt >> "
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -30,22 +34,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SPEEDS = ((30, 120, 1), (300, 300, 3), (3000, 600, 3))
 QUEUE_CLIENTS = 50
 POLLERS = 50
-
-
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
-
-
-def summary(values: list[float]) -> dict[str, Any]:
-    return {"n": len(values), "p50": pct(values, 50), "p90": pct(values, 90), "p99": pct(values, 99),
-            "max": max(values) if values else None, "mean": statistics.fmean(values) if values else None}
-
-
-def ms(ns: int) -> float:
-    return ns / 1e6
 
 
 def reply_times(records: list[tuple[int, bytes]], reply: bytes, after: int = 0) -> list[tuple[int, int]]:
@@ -293,7 +281,7 @@ def decode_speed(progress: list[tuple[int, int]]) -> float | None:
 
 
 def text_chunks(records: list[tuple[int, bytes]]) -> list[tuple[int, int]]:
-    from llm_service.runner_output import RunnerOutputParser, Text
+    from llm_service.engines.card.output import RunnerOutputParser, Text
 
     parser, out, total = RunnerOutputParser("b"), [], 0
     parser.feed(b"prompt >> ")
@@ -306,7 +294,7 @@ def text_chunks(records: list[tuple[int, bytes]]) -> list[tuple[int, int]]:
     return out
 
 
-def real_model(root: Path) -> dict[str, Any]:
+def real_model(root: Path, daemon_env: dict[str, str] | None = None) -> dict[str, Any]:
     folder, port = real_model_folder(root / "raw")
     script = next(folder.glob("run_*.sh"))
     runner = RawRunner(root, "smollm2", 0, 0, command=["/bin/sh", str(script)], cwd=folder,
@@ -331,7 +319,7 @@ def real_model(root: Path) -> dict[str, Any]:
         "tokenizer_py": "smollm2_tokenizer_uid.py", "tokenizer_ip": "127.0.0.1", "tokenizer_port": str(port),
     }
     ttft, speed, reported = [], [], []
-    with running_daemon(root / "daemon", [entry], "--load-stall-timeout-s", "300") as daemon:
+    with running_daemon(root / "daemon", [entry], "--load-stall-timeout-s", "300", extra_env=daemon_env) as daemon:
         daemon.wait_state("smollm2-135m", ("ready",), 300)
         for prompt in REAL_PROMPTS:
             response = timed_request(daemon.port, "/api/generate", {"model": "smollm2-135m", "prompt": prompt})
@@ -356,18 +344,23 @@ def real_model(root: Path) -> dict[str, Any]:
 def machine() -> dict[str, Any]:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    import os
-
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "kernel": platform.release(), "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]}
 
 
-def fmt(value: Any, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
 def table(r: dict[str, Any]) -> str:
     rows = [("measure", "raw runner", "through daemon", "goal")]
+    if "daemon" in r:
+        rows += runner_rows(r)
+    if r.get("real_model"):
+        m = r["real_model"]
+        rows.append(("SmolLM2: TTFT p50 ms", fmt(m["raw"]["ttft_ms"]["p50"], 0), fmt(m["daemon"]["ttft_ms"]["p50"], 0), "~ raw"))
+        rows.append(("SmolLM2: decode tok/s p50", fmt(m["raw"]["decode_tok_s"]["p50"], 1), fmt(m["daemon"]["decode_tok_s"]["p50"], 1), "~ raw"))
+    return render_table(rows)
+
+
+def runner_rows(r: dict[str, Any]) -> list[tuple[str, ...]]:
+    rows = []
     for tps, *_ in SPEEDS:
         d, raw = r["daemon"][str(tps)], r["raw"][str(tps)]
         lag = d["lag_ms"]
@@ -397,82 +390,98 @@ def table(r: dict[str, Any]) -> str:
                  f"{q['correct_answers']} / {q['served_in_arrival_order']} (snapshot violations {q['snapshot_order_violations']})", "50 / True"))
     rows.append(("queue: wait to first token p50/max ms", "-",
                  f"{fmt(q['wait_to_first_token_ms']['p50'], 0)} / {fmt(q['wait_to_first_token_ms']['max'], 0)}", "-"))
-    if r.get("real_model"):
-        m = r["real_model"]
-        rows.append(("SmolLM2: TTFT p50 ms", fmt(m["raw"]["ttft_ms"]["p50"], 0), fmt(m["daemon"]["ttft_ms"]["p50"], 0), "~ raw"))
-        rows.append(("SmolLM2: decode tok/s p50", fmt(m["raw"]["decode_tok_s"]["p50"], 1), fmt(m["daemon"]["decode_tok_s"]["p50"], 1), "~ raw"))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return rows
+
+
+def scripted_runner(root: Path, daemon_env: dict[str, str]) -> dict[str, Any]:
+    """The raw scripted runner, then the same streams through the daemon; status and queueing."""
+    results: dict[str, Any] = {"raw": {}, "daemon": {}}
+    for tps, words, requests in SPEEDS:
+        print(f"raw runner at {tps} tok/s ...", file=sys.stderr, flush=True)
+        results["raw"][str(tps)] = raw_scripted(root / "raw", tps, words, requests)
+    names = {tps: f"bench-{tps}" for tps, *_ in SPEEDS}
+    entries = [probed_model(root / "daemon", names[tps], tps, words) for tps, words, _ in SPEEDS]
+    entries.append(probed_model(root / "daemon", "bench-queue", 3000, 4))
+    with running_daemon(root / "daemon", entries, extra_env=daemon_env) as daemon:
+        pid = daemon.process.pid
+        for entry in entries:
+            daemon.get(f"/api/status/{entry['model_name']}")
+            timed_request(daemon.port, "/api/generate", {"model": entry["model_name"]})  # load
+            daemon.wait_state(entry["model_name"], ("ready",), 120)
+        time.sleep(2.0)
+        results["rss_idle_mb"] = rss_mb(pid)
+        results["heavy_libraries"] = heavy_libraries(pid)
+        for tps, words, requests in SPEEDS:
+            print(f"daemon at {tps} tok/s ...", file=sys.stderr, flush=True)
+            folder = root / "daemon" / names[tps]
+            runs = [daemon_stream(daemon, folder, names[tps], f"daemon-{tps}-{i} bench", words, cpu_pid=pid)
+                    for i in range(requests)]
+            merged = {
+                "lag_ms": summary([x for run in runs for x in _lags(run)]),
+                "lag_first_quarter_p50_ms": max(run["lag_first_quarter_p50_ms"] for run in runs),
+                "lag_last_quarter_p50_ms": max(run["lag_last_quarter_p50_ms"] for run in runs),
+                "ttft_ms": summary([run["ttft_ms"] for run in runs]),
+                "ttft_added_ms": summary([run["ttft_added_ms"] for run in runs]),
+                "ttft_parts_p50_ms": {key: pct([run[key] for run in runs if run[key] is not None], 50) for key in (
+                    "request_to_reset_written_ms", "runner_reset_ms", "reset_done_to_prompt_written_ms",
+                    "request_to_prompt_written_ms", "runner_prompt_to_first_text_ms", "first_text_relay_ms")},
+                "client_duration_s": statistics.fmean(run["client"]["duration_s"] for run in runs),
+                "runner_duration_s": statistics.fmean(run["runner"]["duration_s"] for run in runs),
+                "cpu_percent_of_core": statistics.fmean(run["cpu_percent_of_core"] for run in runs),
+                "cpu_s_per_1000_tokens": statistics.fmean(run["cpu_s_per_1000_tokens"] for run in runs),
+                "rss_streaming_mb": max(run["rss_streaming_mb"] for run in runs),
+                "runs": runs,
+            }
+            results["daemon"][str(tps)] = merged
+        print("status under load ...", file=sys.stderr, flush=True)
+        results["status_under_load"] = status_under_load(daemon, root / "daemon" / "bench-300", "bench-300", 300)
+        print("queueing ...", file=sys.stderr, flush=True)
+        results["queueing"] = queueing(daemon, "bench-queue", 4)
+    return results
+
+
+PARTS = ("runner", "http", "real")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--skip-real", action="store_true", help="skip the SmolLM2 (transformers engine) part")
+    parser.add_argument("--only", choices=PARTS,
+                        help="run one part: the scripted runner, the HTTP engine path or SmolLM2")
+    parser.add_argument("--daemon-source", type=Path, metavar="DIR",
+                        help="measure the daemon of another checkout (DIR goes first on the daemon's PYTHONPATH)")
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args(argv)
+    parts = [args.only] if args.only else [part for part in PARTS if not (part == "real" and args.skip_real)]
+    daemon_env = daemon_source_env(args.daemon_source)
+    results: dict[str, Any] = {"machine": machine(), "daemon_llm_service": daemon_package_file(daemon_env)}
+    print(f"daemon code: {results['daemon_llm_service']}", file=sys.stderr, flush=True)
+    if args.daemon_source and not results["daemon_llm_service"].startswith(str(args.daemon_source.resolve()) + os.sep):
+        parser.error(f"the daemon would not run {args.daemon_source}: it imports {results['daemon_llm_service']}")
     root = Path(tempfile.mkdtemp(prefix="axm1-bench-"))
-    results: dict[str, Any] = {"machine": machine(), "raw": {}, "daemon": {}}
     finished = False
     try:
-        for tps, words, requests in SPEEDS:
-            print(f"raw runner at {tps} tok/s ...", file=sys.stderr, flush=True)
-            results["raw"][str(tps)] = raw_scripted(root / "raw", tps, words, requests)
-        names = {tps: f"bench-{tps}" for tps, *_ in SPEEDS}
-        entries = [probed_model(root / "daemon", names[tps], tps, words) for tps, words, _ in SPEEDS]
-        entries.append(probed_model(root / "daemon", "bench-queue", 3000, 4))
-        with running_daemon(root / "daemon", entries) as daemon:
-            pid = daemon.process.pid
-            for entry in entries:
-                daemon.get(f"/api/status/{entry['model_name']}")
-                timed_request(daemon.port, "/api/generate", {"model": entry["model_name"]})  # load
-                daemon.wait_state(entry["model_name"], ("ready",), 120)
-            time.sleep(2.0)
-            results["rss_idle_mb"] = rss_mb(pid)
-            results["heavy_libraries"] = heavy_libraries(pid)
-            for tps, words, requests in SPEEDS:
-                print(f"daemon at {tps} tok/s ...", file=sys.stderr, flush=True)
-                folder = root / "daemon" / names[tps]
-                runs = [daemon_stream(daemon, folder, names[tps], f"daemon-{tps}-{i} bench", words, cpu_pid=pid)
-                        for i in range(requests)]
-                merged = {
-                    "lag_ms": summary([x for run in runs for x in _lags(run)]),
-                    "lag_first_quarter_p50_ms": max(run["lag_first_quarter_p50_ms"] for run in runs),
-                    "lag_last_quarter_p50_ms": max(run["lag_last_quarter_p50_ms"] for run in runs),
-                    "ttft_ms": summary([run["ttft_ms"] for run in runs]),
-                    "ttft_added_ms": summary([run["ttft_added_ms"] for run in runs]),
-                    "ttft_parts_p50_ms": {key: pct([run[key] for run in runs if run[key] is not None], 50) for key in (
-                        "request_to_reset_written_ms", "runner_reset_ms", "reset_done_to_prompt_written_ms",
-                        "request_to_prompt_written_ms", "runner_prompt_to_first_text_ms", "first_text_relay_ms")},
-                    "client_duration_s": statistics.fmean(run["client"]["duration_s"] for run in runs),
-                    "runner_duration_s": statistics.fmean(run["runner"]["duration_s"] for run in runs),
-                    "cpu_percent_of_core": statistics.fmean(run["cpu_percent_of_core"] for run in runs),
-                    "cpu_s_per_1000_tokens": statistics.fmean(run["cpu_s_per_1000_tokens"] for run in runs),
-                    "rss_streaming_mb": max(run["rss_streaming_mb"] for run in runs),
-                    "runs": runs,
-                }
-                results["daemon"][str(tps)] = merged
-            print("status under load ...", file=sys.stderr, flush=True)
-            results["status_under_load"] = status_under_load(daemon, root / "daemon" / "bench-300", "bench-300", 300)
-            print("queueing ...", file=sys.stderr, flush=True)
-            results["queueing"] = queueing(daemon, "bench-queue", 4)
-        if not args.skip_real:
+        if "runner" in parts:
+            results.update(scripted_runner(root, daemon_env))
+        if "http" in parts:
+            results["http_path"] = http_path_bench(root / "http", daemon_env)
+        if "real" in parts:
             print("real model (SmolLM2, transformers engine) ...", file=sys.stderr, flush=True)
-            results["real_model"] = real_model(root / "real")
+            results["real_model"] = real_model(root / "real", daemon_env)
         finished = True
     finally:
         if finished:
             shutil.rmtree(root, ignore_errors=True)
         else:  # keep the daemon's log and the probe logs for the post-mortem
             print(f"bench failed: logs kept in {root}", file=sys.stderr)
-    text = table(results)
-    print(text)
+    tables = [table(results)] if "runner" in parts or "real" in parts else []
+    if "http_path" in results:
+        tables.append(http_path_table(results["http_path"]))
+    print("\n\n".join(tables))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwritten to {args.output}", file=sys.stderr)
     return 0
-
 
 
 def _lags(run: dict[str, Any]) -> list[float]:
