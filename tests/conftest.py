@@ -56,3 +56,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "soak" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """The event loop of `@pytest.mark.anyio` tests: asyncio, as the daemon's."""
+    return "asyncio"
