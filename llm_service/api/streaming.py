@@ -37,32 +37,36 @@ def deadline_error() -> RequestTimedOut:
 
 
 async def until_disconnect(request: Request, work: Callable[[], Awaitable[T]]) -> tuple[bool, T | None]:
-    """Run `work` unless the client disconnects first. Returns (completed, result)."""
-    outcome: list[T] = []
-    failure: list[BaseException] = []
+    """Run `work` unless the client disconnects first. Returns (completed, result).
 
+    `work` runs in this task; only the watcher is a child task (one spawn per request, not two).
+    """
+    gone = False
+    failure: Exception | None = None
+    result: T | None = None
     async with anyio.create_task_group() as tg:
 
         async def watch() -> None:
+            nonlocal gone
             # The body has been read: the next message on the channel can only be the disconnect.
             while True:
                 message = await request.receive()
                 if message["type"] == "http.disconnect":
+                    gone = True
                     tg.cancel_scope.cancel()
                     return
 
-        async def run() -> None:
-            try:
-                outcome.append(await work())
-            except Exception as exc:  # re-raised below as itself, not inside an exception group
-                failure.append(exc)
-            tg.cancel_scope.cancel()
-
         tg.start_soon(watch)
-        tg.start_soon(run)
-    if failure:
-        raise failure[0]
-    return (True, outcome[0]) if outcome else (False, None)
+        try:
+            result = await work()
+        except Exception as exc:  # re-raised below as itself, not inside an exception group
+            failure = exc
+        tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    if gone:
+        return False, None
+    return True, result
 
 
 class PrefetchedStream:

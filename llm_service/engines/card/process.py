@@ -4,13 +4,17 @@ The script runs in a process group of its own (`start_new_session`), so stopping
 whole tree. Three watchers post to the engine's inbox and never decide anything themselves:
 stdout in raw chunks (the runner's output is block-buffered and its marker has no newline),
 stderr in lines, and the exit. Exit is watched apart from stdout: a child the script left
-behind may hold stdout open long after the runner died. Lines to stdin go through one writer
-task, in order, so the owner loop never waits on a pipe.
+behind may hold stdout open long after the runner died.
+
+A line to stdin is written at once (asyncio's pipe transport writes what the pipe takes and
+buffers the rest, never blocking); a writer task only drains that buffer and reports a broken
+pipe, so the owner loop never waits on the runner and a prompt reaches it without a task switch.
+asyncio's subprocess API is used directly for that synchronous write; the daemon runs on asyncio.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
-import math
 import os
 import signal
 import subprocess
@@ -20,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from anyio.abc import Process, TaskGroup
+from anyio.abc import TaskGroup
 
 log = logging.getLogger(__name__)
 
@@ -64,24 +68,26 @@ def describe_exit(returncode: int | None) -> str:
 class RunnerProcess:
     """A running run script. `generation` tells its messages from those of earlier launches."""
 
-    def __init__(self, process: Process, generation: int, command: list[str]) -> None:
+    def __init__(self, process: asyncio.subprocess.Process, generation: int, command: list[str]) -> None:
         self.process = process
         self.generation = generation
         self.command = command
         self.exited = False
-        self._lines_send, self._lines = anyio.create_memory_object_stream[bytes](math.inf)
+        self._written = anyio.Event()  # set when lines wait in the pipe's buffer for the drain
+        self._closed = False
 
     @classmethod
     async def launch(cls, command: list[str], cwd: Path, env: dict[str, str], generation: int) -> RunnerProcess:
         """Start the command; raises OSError when it cannot be started."""
-        process = await anyio.open_process(
-            command,
+        process = await asyncio.create_subprocess_exec(
+            *command,
             cwd=str(cwd),
             env=env,
             start_new_session=True,  # its own process group: stop and kill reach the whole tree
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            limit=_READ_SIZE,
         )
         return cls(process, generation, command)
 
@@ -104,11 +110,15 @@ class RunnerProcess:
         tasks.start_soon(self._read_stdout, post, stdout_done)
         tasks.start_soon(self._read_stderr, on_stderr)
         tasks.start_soon(self._watch_exit, post, stdout_done, exit_grace_s)
-        tasks.start_soon(self._write_lines, post)
+        tasks.start_soon(self._drain_stdin, post)
 
     def write_line(self, line: str) -> None:
-        """Queue one line for the runner's stdin (never blocks)."""
-        self._lines_send.send_nowait(line.encode("utf-8", "surrogateescape") + b"\n")
+        """Write one line to the runner's stdin now (never blocks; order is kept)."""
+        stdin = self.process.stdin
+        if self._closed or stdin is None or stdin.is_closing():
+            return  # the exit watcher reports the end
+        stdin.write(line.encode("utf-8", "surrogateescape") + b"\n")
+        self._written.set()
 
     def signal_runner(self, sig: signal.Signals) -> None:
         if self.exited:
@@ -129,7 +139,7 @@ class RunnerProcess:
         self.signal_group(signal.SIGKILL)
         with anyio.move_on_after(timeout):
             await self.process.wait()
-        await self._close()
+        self._close()
 
     # ---- watchers ----------------------------------------------------------------------------
 
@@ -137,12 +147,10 @@ class RunnerProcess:
         stdout = self.process.stdout
         assert stdout is not None
         try:
-            while True:
-                try:
-                    data = await stdout.receive(_READ_SIZE)
-                except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
-                    break
+            while data := await stdout.read(_READ_SIZE):
                 post(Output(self.generation, data))
+        except (OSError, RuntimeError):  # the pipe closed under us
+            pass
         finally:
             post(Output(self.generation, b""))
             done.set()
@@ -152,12 +160,12 @@ class RunnerProcess:
         assert stderr is not None
         pending = b""
         try:
-            async for data in stderr:
+            while data := await stderr.read(_READ_SIZE):
                 pending += data
                 *lines, pending = pending.split(b"\n")
                 for line in lines:
                     on_line(line.decode("utf-8", "replace"))
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+        except (OSError, RuntimeError):
             pass
         if pending:
             on_line(pending.decode("utf-8", "replace"))
@@ -169,23 +177,33 @@ class RunnerProcess:
         self.signal_group(signal.SIGKILL)
         with anyio.move_on_after(grace_s):
             await stdout_done.wait()
-        with anyio.CancelScope(shield=True):
-            await self._close()
+        self._close()
         post(Exited(self.generation, returncode))
 
-    async def _write_lines(self, post: Callable[[Any], None]) -> None:
+    async def _drain_stdin(self, post: Callable[[Any], None]) -> None:
+        """Wait while the pipe's buffer is full (the runner is not reading); report a broken pipe."""
         stdin = self.process.stdin
         assert stdin is not None
-        async for line in self._lines:
+        while not self._closed:
+            await self._written.wait()
+            self._written = anyio.Event()
             try:
-                await stdin.send(line)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                post(WriteFailed(self.generation, repr(exc)))
+                await stdin.drain()
+            except (ConnectionError, RuntimeError, OSError) as exc:
+                if not self._closed:
+                    post(WriteFailed(self.generation, repr(exc)))
                 return
 
-    async def _close(self) -> None:
-        self._lines_send.close()
-        try:
-            await self.process.aclose()
-        except OSError as exc:  # a pipe already gone: nothing left to release
-            log.debug("closing runner pipes: %r", exc)
+    def _close(self) -> None:
+        """Close our ends of the pipes (the process has exited or is being killed)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._written.set()  # the drain task ends
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        # asyncio has no public close for a subprocess's pipes; a child the script left behind may
+        # hold stdout open, and only closing the transport releases our end.
+        transport = getattr(self.process, "_transport", None)
+        if transport is not None:
+            transport.close()
