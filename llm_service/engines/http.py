@@ -164,6 +164,8 @@ class HttpEngine(Engine):
         )
         self._probes_done = 0
         self._session: aiohttp.ClientSession | None = None
+        self._session_generation = 0  # tells a probe's result from one of an earlier session
+        self._probing = False
         root = URL(self.base_url)
         self._urls = {name: root / "v1" / name for name in ("chat/completions", "embeddings", "models")}
         self._urls["health"] = root / "health"
@@ -299,9 +301,11 @@ class HttpEngine(Engine):
         if kind == "start" and self._machine.state is S.STOPPED:
             self._open_session()
             self._set_state(S.STARTING, "start requested")
-            await self._probe_and_apply()
+            self._begin_probe()
         elif kind == "probe" and self._machine.state not in (S.STOPPED, S.STOPPING):
-            await self._probe_and_apply()
+            self._begin_probe()
+        elif kind == "probed":
+            self._on_probed(*payload)
         elif kind == "stop":
             reason, done = payload
             await self._stop_now(reason)
@@ -311,9 +315,10 @@ class HttpEngine(Engine):
         return None if self._next_probe_at == math.inf else self._next_probe_at
 
     async def _on_timers(self) -> None:
-        await self._probe_and_apply(periodic=True)
+        self._begin_probe(periodic=True)
 
     async def _recover(self, error: Exception) -> None:
+        self._probing = False
         self._record_error(f"internal error in the engine: {error!r}")
         if self._machine.can(S.FAILED):
             self._set_state(S.FAILED, self.last_error["reason"])
@@ -335,14 +340,30 @@ class HttpEngine(Engine):
         self._next_probe_at = math.inf
         self._set_state(S.STOPPED, reason)
 
-    async def _probe_and_apply(self, periodic: bool = False) -> None:
-        state = self._machine.state
-        if periodic and state is S.READY and self._in_flight:
+    def _begin_probe(self, periodic: bool = False) -> None:
+        """Probe the upstream in a child task (a slow upstream must not hold up a stop)."""
+        if self._probing or self._session is None:
+            return
+        if periodic and self._machine.state is S.READY and self._in_flight:
             # An answer streaming right now is proof of life; a probe could queue behind it.
             self._next_probe_at = time.monotonic() + max(self.settings.backoff_max_s, _MIN_PROBE_INTERVAL_S)
             return
+        self._probing = True
+        self._next_probe_at = math.inf
+        learn = self._machine.state is not S.READY
+        self._start_task(self._probe_task, self._session_generation, learn)
+
+    async def _probe_task(self, generation: int, learn: bool) -> None:
         outcome = await self._probe()
+        embeddings = await self._offers_embeddings() if learn and outcome.kind == "ready" else None
+        self._post(("probed", (generation, outcome, embeddings)))
+
+    def _on_probed(self, generation: int, outcome: _ProbeOutcome, embeddings: bool | None) -> None:
+        if generation != self._session_generation:
+            return  # stopped (and maybe started again) while it ran
+        self._probing = False
         self._probes_done += 1
+        state = self._machine.state
         if outcome.kind == "ready":
             if state is S.FAILED:
                 self._set_state(S.STARTING, "upstream answers again")
@@ -350,7 +371,8 @@ class HttpEngine(Engine):
             if self._machine.state is S.STARTING:
                 self._set_state(S.INITIALIZING, outcome.detail)
             if self._machine.state is S.INITIALIZING:
-                await self._learn_capabilities()
+                if embeddings is not None:
+                    self.capabilities = dataclasses.replace(self.capabilities, embeddings=embeddings)
                 self._set_state(S.READY, outcome.detail)
             self._backoff = self.settings.backoff_min_s
             self._next_probe_at = time.monotonic() + max(self.settings.backoff_max_s, _MIN_PROBE_INTERVAL_S)
@@ -385,10 +407,10 @@ class HttpEngine(Engine):
                 f"upstream {self.base_url}: GET /health answered {health_status}, "
                 f"GET /v1/models answered {models_status}: {upstream_error_message(models_text, models_reason)}",
             )
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError, RuntimeError) as exc:  # RuntimeError: session closed by a stop
             return _ProbeOutcome("down", f"upstream {self.base_url} unreachable: {exc!r}")
 
-    async def _learn_capabilities(self) -> None:
+    async def _offers_embeddings(self) -> bool:
         """Embeddings are offered only if the upstream actually computes one."""
         session = self._require_session()
         try:
@@ -396,10 +418,9 @@ class HttpEngine(Engine):
                 self._urls["embeddings"], json={"model": self.upstream_model, "input": ["ping"]},
                 timeout=aiohttp.ClientTimeout(total=_PROBE_TIMEOUT_S),
             ) as answer:
-                embeddings = answer.status == 200 and bool(json.loads(await _body_text(answer)).get("data"))
-        except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError):
-            embeddings = False
-        self.capabilities = dataclasses.replace(self.capabilities, embeddings=embeddings)
+                return answer.status == 200 and bool(json.loads(await _body_text(answer)).get("data"))
+        except (aiohttp.ClientError, TimeoutError, RuntimeError, ValueError, AttributeError):
+            return False
 
     def _fail(self, reason: str) -> None:
         self._record_error(reason)
@@ -420,6 +441,8 @@ class HttpEngine(Engine):
             else:
                 log.warning("model %s: environment variable %s is not set", self.spec.name, self.config.api_key_env)
         timeout = self.config.request_timeout_s
+        self._session_generation += 1
+        self._probing = False
         self._session = aiohttp.ClientSession(
             headers=headers,
             # No total bound (the request's deadline is the daemon's); a silent upstream is a timeout.
