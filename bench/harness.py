@@ -1,6 +1,8 @@
-"""Processes for the benchmark: the real daemon, model folders, a raw runner, a timed HTTP client.
+"""Processes for the benchmark: model folders with probes, a raw runner, a timed HTTP client.
 
-Everything runs on loopback; every process started here is stopped by the same context manager.
+The daemon itself, free ports and waiting for an answer come from the shared `harness` package
+(with the tests); BENCH_DAEMON is how the benchmarks start it. Everything runs on loopback;
+every process started here is stopped by the same context manager.
 """
 from __future__ import annotations
 
@@ -14,55 +16,26 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from ax_emulator.model_folder import write_model_folder
+from harness import models
+from harness.net import WaitFailed, free_port, wait_http
+from harness.paths import BIN, REPO_ROOT, TOKENIZER_DIR
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-TOKENIZER_DIR = REPO_ROOT / "model" / "smollm2-135m" / "tokenizer"
 PROBE = Path(__file__).resolve().parent / "probe.py"
-SYSTEM_PROMPT = "You are a helpful assistant."
-
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+# running_daemon(..., **BENCH_DAEMON): the daemon's own timings (no fast restarts), no fault file
+# (the runners would read it every turn), quiet logs; leftovers killed, not failed on.
+BENCH_DAEMON: dict[str, Any] = dict(fast_restarts=False, faults=False, log_level="warning",
+                                    leftovers_fail=False, leftover_grace_s=0.3)
 
 
 def emulator_flags(name: str, tokens_per_second: float, reply_words: int, tokenizer_url: str) -> list[str]:
-    return [
-        "--emu_engine", "scripted",
-        "--emu_dialect", "b_reset",
-        "--emu_init_seconds", "0.1",
-        "--emu_tokens_per_second", "1000000",  # the pace comes from the fault key (absolute schedule)
-        "--emu_reply_words", str(reply_words),
-        "--emu_think", "0",
-        "--system_prompt", SYSTEM_PROMPT,
-        "--template_filename_axmodel", f"{name}-ax650/{name}_p128_l%d_together.axmodel",
-        "--axmodel_num", "4",
-        "--url_tokenizer_model", tokenizer_url,
-        "--filename_post_axmodel", f"{name}-ax650/{name}_post.axmodel",
-        "--use_mmap_load_embed", "1",
-        "--live_print", "1",
-        "--devices", "0",
-    ]
+    # the pace comes from the fault key (absolute schedule, see pace()), not from the flag
+    return models.emulator_flags(name, tokenizer_url=tokenizer_url, tokens_per_second=1000000,
+                                 reply_words=reply_words, init_seconds=0.1)
 
 
 def pace(tokens_per_second: float) -> str:
@@ -100,31 +73,7 @@ def read_probe(path: Path) -> list[tuple[int, bytes]]:
     return records
 
 
-# ---- the daemon -----------------------------------------------------------------------------
-
-@dataclass
-class Daemon:
-    url: str
-    port: int
-    process: subprocess.Popen
-    root: Path
-    env: dict[str, str] = field(default_factory=dict)
-
-    def get(self, path: str, timeout: float = 10.0) -> Any:
-        import httpx
-
-        return httpx.get(self.url + path, timeout=timeout).json()
-
-    def wait_state(self, model: str, states: tuple[str, ...], timeout: float = 120.0) -> dict:
-        deadline = time.monotonic() + timeout
-        status: dict = {}
-        while time.monotonic() < deadline:
-            status = self.get(f"/api/status/{model}")
-            if status.get("state") in states:
-                return status
-            time.sleep(0.05)
-        raise TimeoutError(f"{model} never reached {states}: {json.dumps(status)[:800]}")
-
+# ---- the daemon of another checkout ---------------------------------------------------------
 
 def daemon_source_env(source: Path | None) -> dict[str, str]:
     """The environment that makes `axm1-llm` run the daemon of another checkout: a PYTHONPATH
@@ -139,61 +88,6 @@ def daemon_package_file(extra_env: dict[str, str] | None = None) -> str:
     check = subprocess.run([sys.executable, "-P", "-c", "import llm_service; print(llm_service.__file__)"],
                            env=env, cwd="/", capture_output=True, text=True, check=True, timeout=60)
     return check.stdout.strip()
-
-
-def _kill_group_leftovers(marker: str) -> None:
-    needle = f"AXM1_BENCH_RUN={marker}".encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                os.kill(int(entry.name), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
-            continue
-
-
-@contextmanager
-def running_daemon(root: Path, entries: list[dict[str, Any]], *flags: str,
-                   extra_env: dict[str, str] | None = None) -> Iterator[Daemon]:
-    port, tokenizer_service_port = free_port(), free_port()
-    descriptor = root / "model-descriptor.json"
-    descriptor.write_text(json.dumps(entries, indent=2))
-    (root / "metrics").mkdir(exist_ok=True)
-    marker = os.urandom(8).hex()
-    env = dict(os.environ)
-    env.update(
-        AXM1_BENCH_RUN=marker,
-        AX_EMU_STATE_DIR=str(root),
-        HF_HUB_OFFLINE="1",
-        PATH=str(BIN) + os.pathsep + env.get("PATH", ""),
-    )
-    env.update(extra_env or {})
-    command = [
-        str(BIN / "axm1-llm"), "serve",
-        "--port", str(port),
-        "--tokenizer-service-port", str(tokenizer_service_port),
-        "--descriptor", str(descriptor),
-        "--metrics-dir", str(root / "metrics"),
-        "--log-level", "warning",
-        *flags,
-    ]
-    with open(root / "daemon.log", "wb") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    daemon = Daemon(f"http://127.0.0.1:{port}", port, process, root, env)
-    try:
-        wait_port(port, 60)
-        yield daemon
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
-        time.sleep(0.3)
-        _kill_group_leftovers(marker)
 
 
 # ---- the raw runner -------------------------------------------------------------------------
@@ -214,8 +108,8 @@ class RawRunner:
             env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True,
         )
         try:
-            wait_port(self.port, 60)
-        except TimeoutError:
+            wait_http(f"http://127.0.0.1:{self.port}/get_uid", 60, process=self.tokenizer)
+        except WaitFailed:
             self.tokenizer.kill()
             self.tokenizer.wait(5)
             raise

@@ -20,9 +20,10 @@ import httpx
 from bench import paced_upstream
 from bench.figures import fmt, ms, pct, render_table, summary
 from bench.harness import (
-    TimedResponse, cpu_seconds, free_port, ndjson_line, running_daemon, sse_line, timed_request,
-    timed_requests_at_once, wait_port,
+    BENCH_DAEMON, TimedResponse, cpu_seconds, ndjson_line, sse_line, timed_request, timed_requests_at_once,
 )
+from harness.daemon import running_daemon
+from harness.net import free_port, wait_http
 
 MODEL = "bench-http"
 # (chunks per second, chunks per stream, streams one after another)
@@ -90,7 +91,7 @@ def running_upstream() -> Iterator[Upstream]:
     process = subprocess.Popen([sys.executable, paced_upstream.__file__, "--port", str(port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        wait_port(port, 30)
+        wait_http(f"http://127.0.0.1:{port}/health", 30, process=process)
         yield Upstream(port, process.pid)
     finally:
         process.send_signal(signal.SIGTERM)
@@ -233,7 +234,8 @@ def added_ttft(results: dict[str, Any], key: str, label: str) -> float:
 def http_path_bench(root: Path, daemon_env: dict[str, str] | None = None) -> dict[str, Any]:
     root.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"load_avg_at_start": loadavg()}
-    with running_upstream() as upstream, running_daemon(root, [daemon_entry(upstream)], extra_env=daemon_env) as daemon:
+    with running_upstream() as upstream, running_daemon(root, [daemon_entry(upstream)], extra_env=daemon_env,
+                                                         **BENCH_DAEMON) as daemon:
         daemon.wait_state(MODEL, ("ready",), 60)
         all_routes = routes(upstream.port, daemon.port)
         for route in all_routes:  # first requests pay for connections and lazy set-up

@@ -23,10 +23,13 @@ from typing import Any
 from ax_emulator.scripted import reply_text
 from bench.figures import fmt, ms, pct, render_table, summary
 from bench.harness import (
-    REPO_ROOT, RawRunner, cpu_seconds, daemon_package_file, daemon_source_env, free_port, heavy_libraries,
-    probed_model, read_probe, rss_mb, running_daemon, timed_request,
+    BENCH_DAEMON, RawRunner, cpu_seconds, daemon_package_file, daemon_source_env, heavy_libraries, probed_model,
+    read_probe, rss_mb, timed_request,
 )
 from bench.http_path import http_path_bench, http_path_table
+from harness.daemon import running_daemon
+from harness.net import free_port
+from harness.paths import REPO_ROOT
 
 MARKER = b"prompt >> "
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -319,7 +322,8 @@ def real_model(root: Path, daemon_env: dict[str, str] | None = None) -> dict[str
         "tokenizer_py": "smollm2_tokenizer_uid.py", "tokenizer_ip": "127.0.0.1", "tokenizer_port": str(port),
     }
     ttft, speed, reported = [], [], []
-    with running_daemon(root / "daemon", [entry], "--load-stall-timeout-s", "300", extra_env=daemon_env) as daemon:
+    with running_daemon(root / "daemon", [entry], "--load-stall-timeout-s", "300", extra_env=daemon_env,
+                        **BENCH_DAEMON) as daemon:
         daemon.wait_state("smollm2-135m", ("ready",), 300)
         for prompt in REAL_PROMPTS:
             response = timed_request(daemon.port, "/api/generate", {"model": "smollm2-135m", "prompt": prompt})
@@ -402,7 +406,7 @@ def scripted_runner(root: Path, daemon_env: dict[str, str]) -> dict[str, Any]:
     names = {tps: f"bench-{tps}" for tps, *_ in SPEEDS}
     entries = [probed_model(root / "daemon", names[tps], tps, words) for tps, words, _ in SPEEDS]
     entries.append(probed_model(root / "daemon", "bench-queue", 3000, 4))
-    with running_daemon(root / "daemon", entries, extra_env=daemon_env) as daemon:
+    with running_daemon(root / "daemon", entries, extra_env=daemon_env, **BENCH_DAEMON) as daemon:
         pid = daemon.process.pid
         for entry in entries:
             daemon.get(f"/api/status/{entry['model_name']}")

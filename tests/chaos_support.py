@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 
 from ax_emulator.scripted import reply_text
-from daemon_support import processes_with_marker
+from harness import net
+from harness.daemon import processes_with_marker
 
 LOG_TRACES = ("\x1b", "[I][", "[N][", "[E][", "[W][", "hit eos", "prompt >>", "GetKVCache", "SetKVCache", "ttft:")
 MARKER_PATTERN = re.compile(r"chaos-\d{4}")
@@ -63,7 +64,7 @@ def ask(url: str, outcome: Outcome, timeout: float = 60.0) -> Outcome:
         return (value.get("content") or "") if isinstance(value, dict) else (value or "")
 
     try:
-        with httpx.Client(base_url=url, timeout=timeout) as http:
+        with net.client(base_url=url, timeout=timeout) as http:
             if not outcome.stream:
                 reply = http.post(path, json=body)
                 outcome.status = reply.status_code
@@ -154,7 +155,7 @@ def wait_answer(url: str, model: str, prompt: str, words: int, timeout: float = 
     started = time.monotonic()
     deadline = started + timeout
     last = ""
-    with httpx.Client(base_url=url, timeout=30) as http:
+    with net.client(base_url=url, timeout=30) as http:
         while time.monotonic() < deadline:
             try:
                 reply = http.post("/api/generate", json={"model": model, "prompt": prompt, "stream": False})

@@ -11,9 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import REPO_ROOT, free_port, wait_http
+from harness.net import free_port, wait_http
+from harness.paths import REPO_ROOT, TOKENIZER_DIR
 
-TOKENIZER_DIR = REPO_ROOT / "model" / "smollm2-135m" / "tokenizer"
 ANSI = re.compile(rb"\x1b\[[0-9;]*m")
 
 
@@ -27,7 +27,7 @@ class TokenizerServer:
             [sys.executable, "-m", "tokenizer_service.server", "--host", "127.0.0.1",
              "--port", str(self.port), "--tokenizer", str(TOKENIZER_DIR)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_http(f"{self.url}/get_uid", timeout=60)
+        wait_http(f"{self.url}/get_uid", 60, process=self.process)
 
     def stop(self) -> None:
         self.process.terminate()

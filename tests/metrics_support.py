@@ -15,17 +15,16 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port
+from harness import net
+from harness.net import free_port, wait_http
 
 PROMTOOL = "promtool"
 NODE_EXPORTER = "prometheus-node-exporter"  # Debian's name for node_exporter
@@ -75,7 +74,7 @@ class NodeExporter:
     log_path: Path
 
     def scrape(self) -> str:
-        response = httpx.get(self.url, timeout=10.0)
+        response = net.get(self.url, timeout=10.0)
         response.raise_for_status()
         return response.text
 
@@ -97,7 +96,7 @@ def running_node_exporter(textfile_dir: Path) -> Iterator[NodeExporter]:
                 stdout=log_file, stderr=subprocess.STDOUT)
         exporter = NodeExporter(textfile_dir, f"http://127.0.0.1:{port}/metrics", process, log_path)
         try:
-            _wait_until_serving(exporter)
+            wait_http(exporter.url, START_TIMEOUT, process=process, output=exporter.log, ok_only=True)
             yield exporter
         finally:
             process.terminate()
@@ -106,19 +105,6 @@ def running_node_exporter(textfile_dir: Path) -> Iterator[NodeExporter]:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=STOP_TIMEOUT)
-
-
-def _wait_until_serving(exporter: NodeExporter) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if exporter.process.poll() is not None:
-            pytest.fail(f"node_exporter exited with {exporter.process.returncode}:\n{exporter.log()}")
-        try:
-            httpx.get(exporter.url, timeout=2.0).raise_for_status()
-            return
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    pytest.fail(f"node_exporter did not serve {exporter.url} within {START_TIMEOUT}s:\n{exporter.log()}")
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from daemon_support import running_daemon, scripted_model
+from harness.daemon import running_daemon
+from harness.models import scripted_model
 
 EXAMPLES_PER_OPERATION = 100
 WORDS = 2

@@ -8,13 +8,14 @@ import itertools
 import threading
 import time
 
-import httpx
 import pytest
 
 from chaos_support import (
     Outcome, ask, check, children, kill_all, metric_files, wait_answer,
 )
-from daemon_support import running_daemon, scripted_model
+from harness import net
+from harness.daemon import running_daemon
+from harness.models import scripted_model
 from metrics_support import assert_promtool_clean
 
 WORDS = 6
@@ -186,7 +187,7 @@ def test_tokenizer_server_answers_a_kept_alive_client_without_a_delayed_ack_stal
     with running_daemon(tmp_path, [entry]) as daemon:
         wait_answer(daemon.url, "nagle", "warm", 2)
         url = f"http://127.0.0.1:{entry['tokenizer_port']}/tokenize"
-        with httpx.Client(timeout=5) as http:
+        with net.client(timeout=5) as http:
             times = []
             for _ in range(9):
                 started = time.perf_counter()

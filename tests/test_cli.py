@@ -13,7 +13,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from conftest import free_port, wait_http
+from harness.net import free_port, wait_http
 from llm_service.security import install_security
 from llm_service.settings import DaemonSettings
 

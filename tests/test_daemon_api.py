@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import threading
 
-import httpx
 import ollama
 import pytest
 
 from ax_emulator.scripted import reply_text
 from tokenizer_service.prompt_escape import escape_prompt_line
-from daemon_support import running_daemon, scripted_model
+from harness import net
+from harness.daemon import running_daemon
+from harness.models import scripted_model
 
 WORDS = 8
 
@@ -140,7 +141,7 @@ def test_twenty_concurrent_clients_each_get_their_own_answer(daemon):
     results: dict[int, str] = {}
 
     def ask(i: int) -> None:
-        with httpx.Client(base_url=daemon.url, timeout=120) as http:
+        with net.client(base_url=daemon.url, timeout=120) as http:
             body = http.post("/api/generate", json={"model": "echo", "prompt": f"client-{i}-marker", "stream": False}).json()
             results[i] = body.get("response", body.get("error"))
 

@@ -10,7 +10,9 @@ import httpx
 import pytest
 
 from ax_emulator.scripted import reply_text
-from daemon_support import running_daemon, scripted_model, write_descriptor
+from harness import net
+from harness.daemon import running_daemon, write_descriptor
+from harness.models import scripted_model
 
 WORDS = 10
 LOG_TRACES = ("\x1b", "[I][", "[N][", "hit eos", "prompt >>", "GetKVCache")
@@ -155,7 +157,7 @@ def test_client_disconnect_while_queued_leaves_the_running_answer_alone(tmp_path
         runner.start()
         daemon.wait_state("m", ("processing", "outputting"), timeout=30)
         with pytest.raises(httpx.ReadTimeout):
-            with httpx.Client(base_url=daemon.url, timeout=0.5) as quick:
+            with net.client(base_url=daemon.url, timeout=0.5) as quick:
                 quick.post("/api/generate", json={"model": "m", "prompt": "gives-up", "stream": False})
         deadline = time.monotonic() + 10
         while daemon.client().get("/api/status/m").json()["queue"]["length"] != 0:
@@ -272,7 +274,7 @@ def test_tokenizer_server_down_while_a_chat_changes_its_system_prompt(tmp_path):
         assert generate(daemon, "warm-up").status_code == 200
         assert generate(daemon, "warm-up", model="other").status_code == 200
         # Stopped through the tokenizer service, so that nothing restarts it behind the daemon's back.
-        assert httpx.post(f"{daemon.tokenizer_service_url}/tokenizers/m/stop", timeout=10).status_code == 200
+        assert net.post(f"{daemon.tokenizer_service_url}/tokenizers/m/stop", timeout=10).status_code == 200
         messages = [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "ahoy"}]
         with daemon.client(timeout=30) as http:
             reply = http.post("/api/chat", json={"model": "m", "messages": messages, "stream": False})

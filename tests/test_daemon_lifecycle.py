@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from ax_emulator.scripted import reply_text
-from daemon_support import processes_with_marker, running_daemon, scripted_model, shell_runner_model
+from harness.daemon import processes_with_marker, running_daemon
+from harness.models import scripted_model, shell_runner_model
 
 WORDS = 6
 

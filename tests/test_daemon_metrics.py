@@ -17,7 +17,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon_support import Daemon, running_daemon, scripted_model, write_descriptor
+from harness import net
+from harness.daemon import Daemon, running_daemon, write_descriptor
+from harness.models import scripted_model
+from harness.net import wait_until
 from metrics_support import assert_promtool_clean, running_node_exporter, samples
 
 FILE_NAME = re.compile(r"^axm1-llm-(?P<model>.+)-metrics\.prom$")
@@ -27,23 +30,11 @@ WAIT_S = 20.0
 # ---- helpers -------------------------------------------------------------------------------------
 
 
-def wait_for(what: str, check, timeout: float = WAIT_S, interval: float = 0.05):
-    """Poll `check()` until it returns something truthy; fail naming `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
-
-
 def stream_generate(daemon: Daemon, model: str, prompt: str, timeout: float = 60.0) -> dict[str, Any]:
     """One streaming /api/generate; returns the final object or the error (a status before the
     first byte, or the last NDJSON line), with the number of text chunks received."""
     chunks = 0
-    with httpx.Client(base_url=daemon.url, timeout=timeout) as http, http.stream(
+    with net.client(base_url=daemon.url, timeout=timeout) as http, http.stream(
         "POST", "/api/generate", json={"model": model, "prompt": prompt}
     ) as reply:
         if reply.status_code != 200:
@@ -59,7 +50,7 @@ def stream_generate(daemon: Daemon, model: str, prompt: str, timeout: float = 60
 
 
 def status(daemon: Daemon, model: str) -> dict[str, Any]:
-    return httpx.get(f"{daemon.url}/api/status/{model}", timeout=5).json()
+    return net.get(f"{daemon.url}/api/status/{model}", timeout=5).json()
 
 
 def crash_once(daemon: Daemon, model: str, **extra_faults: Any) -> dict[str, Any]:
@@ -76,7 +67,7 @@ def crash_once(daemon: Daemon, model: str, **extra_faults: Any) -> dict[str, Any
 
 
 def read_first_chunk_and_leave(daemon: Daemon, model: str, prompt: str) -> None:
-    with httpx.Client(base_url=daemon.url, timeout=30) as http, http.stream(
+    with net.client(base_url=daemon.url, timeout=30) as http, http.stream(
         "POST", "/api/generate", json={"model": model, "prompt": prompt}
     ) as reply:
         assert reply.status_code == 200
@@ -181,7 +172,7 @@ def test_every_file_written_through_faults_restarts_and_removal_passes_promtool(
     with running_daemon(tmp_path, entries) as daemon, FileRecorder(daemon.metrics_dir) as files:
         assert not (folder / "axm1-llm-retired-metrics.prom").exists(), "a file of an earlier run was kept"
         # Every model has its file from the start, before any request.
-        wait_for("a file per model", lambda: files.present() >= {f"axm1-llm-{n}-metrics.prom" for n in names})
+        wait_until(lambda: files.present() >= {f"axm1-llm-{n}-metrics.prom" for n in names}, WAIT_S, "a file per model")
         with daemon.client() as http:
             for name in names:
                 assert http.post("/api/generate", json={"model": name, "prompt": f"hi {name}", "stream": False}).status_code == 200
@@ -193,7 +184,7 @@ def test_every_file_written_through_faults_restarts_and_removal_passes_promtool(
 
         # A crash, then starts that fail (init_fail) for a while, then the card works again.
         crash_once(daemon, "beta", init_fail="set_device")
-        wait_for("beta failing to start again", lambda: status(daemon, "beta")["restarts"] >= 3)
+        wait_until(lambda: status(daemon, "beta")["restarts"] >= 3, WAIT_S, "beta failing to start again")
         daemon.set_faults()
         daemon.wait_state("beta", "ready", timeout=WAIT_S)
         assert stream_generate(daemon, "beta", "after the faults")["done"] is True
@@ -202,20 +193,34 @@ def test_every_file_written_through_faults_restarts_and_removal_passes_promtool(
         gone = "axm1-llm-qwen3:0.6b-metrics.prom"
         assert gone in files.present()
         write_descriptor(daemon.descriptor, entries[:2])
-        wait_for(f"{gone} to disappear", lambda: gone not in files.present())
-        assert httpx.get(f"{daemon.url}/api/status/qwen3:0.6b", timeout=5).status_code == 404
+        wait_until(lambda: gone not in files.present(), WAIT_S, f"{gone} to disappear")
+        assert net.get(f"{daemon.url}/api/status/qwen3:0.6b", timeout=5).status_code == 404
         assert stream_generate(daemon, "alpha", "after removal")["done"] is True
 
         for name in names[:2]:
             daemon.wait_state(name, "ready", timeout=WAIT_S)
-        metrics_body = httpx.get(f"{daemon.url}/metrics", timeout=10)
-        assert metrics_body.status_code == 200
-        # At rest, each file says what /metrics says about its model.
-        live = samples(metrics_body.text)
-        for name in names[:2]:
-            written = samples((daemon.metrics_dir / f"axm1-llm-{name}-metrics.prom").read_text())
-            differ = {k: (v, live.get(k)) for k, v in written.items() if v == v and live.get(k) != v}
-            assert not differ, f"{name}: file and /metrics differ: {differ}"
+
+        # At rest, each file says what /metrics says about its model. A file is written just
+        # after a state change, so the last one may land a moment after "ready" is seen.
+        def differences() -> dict[str, dict]:
+            nonlocal metrics_body
+            metrics_body = net.get(f"{daemon.url}/metrics", timeout=10)
+            assert metrics_body.status_code == 200
+            live = samples(metrics_body.text)
+            found = {}
+            for name in names[:2]:
+                written = samples((daemon.metrics_dir / f"axm1-llm-{name}-metrics.prom").read_text())
+                differ = {k: (v, live.get(k)) for k, v in written.items() if v == v and live.get(k) != v}
+                if differ:
+                    found[name] = differ
+            return found
+
+        metrics_body: httpx.Response | None = None
+        deadline = time.monotonic() + WAIT_S
+        while (differ := differences()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for name, differ_ in differ.items():
+            assert not differ_, f"{name}: file and /metrics differ: {differ_}"
         assert 'model="qwen3:0.6b"' not in metrics_body.text
         time.sleep(0.3)
         assert gone not in files.present()
@@ -410,7 +415,7 @@ def test_tokens_of_crashed_and_abandoned_answers_are_counted(shared_daemon: Daem
                        for r in ("error", "abort"))
         return parsed if finished == 2 and value(parsed, "axm1_llm_requests_running", model="partial") == 0 else None
 
-    parsed = wait_for("the crashed and the abandoned request in the file", settled)
+    parsed = wait_until(settled, WAIT_S, "the crashed and the abandoned request in the file")
     assert value(parsed, "axm1_llm_requests_finished_total", model="partial", finished_reason="error") == 1
     assert value(parsed, "axm1_llm_requests_finished_total", model="partial", finished_reason="abort") == 1
     assert value(parsed, "axm1_llm_time_to_first_token_seconds_count", model="partial") == 2
@@ -433,7 +438,7 @@ def test_client_gone_counts_abort_and_a_removed_models_file_stays_gone(tmp_path:
             parsed = samples(stay_file.read_text())
             return parsed if value(parsed, "axm1_llm_requests_running", model="stay") == 0 else None
 
-        parsed = wait_for("the aborted request to leave the file's running gauge", settled)
+        parsed = wait_until(settled, WAIT_S, "the aborted request to leave the file's running gauge")
         assert value(parsed, "axm1_llm_requests_finished_total", model="stay", finished_reason="abort") == 1
         assert value(parsed, "axm1_llm_requests_finished_total", model="stay", finished_reason="stop") == 0
         assert value(parsed, "axm1_llm_time_to_first_token_seconds_count", model="stay") == 1
@@ -448,9 +453,9 @@ def test_client_gone_counts_abort_and_a_removed_models_file_stays_gone(tmp_path:
         client.join(30)
         assert not client.is_alive()
         assert "error" in outcome, outcome
-        wait_for("the removed model's file to go", lambda: not leave_file.exists())
+        wait_until(lambda: not leave_file.exists(), WAIT_S, "the removed model's file to go")
         time.sleep(1.0)  # anything the finished request or the stopped runner still writes
         assert not leave_file.exists(), leave_file.read_text()
-        assert 'model="leave"' not in httpx.get(f"{daemon.url}/metrics", timeout=10).text
+        assert 'model="leave"' not in net.get(f"{daemon.url}/metrics", timeout=10).text
         assert_promtool_clean(stay_file.read_bytes(), stay_file.name)
     assert sorted(p.name for p in daemon.metrics_dir.iterdir()) == [stay_file.name]

@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 import yaml
 
-from conftest import REPO_ROOT
+from harness.paths import REPO_ROOT
 
 COMPOSE = yaml.safe_load((REPO_ROOT / "docker-compose.yaml").read_text())
 DOCKERFILES = sorted((REPO_ROOT / "deploy").glob("*.Dockerfile"))

@@ -10,7 +10,8 @@ import pytest
 
 from ax_emulator.output import log_line, progress_bar
 from ax_emulator.scripted import reply_text
-from conftest import REPO_ROOT
+from harness import net
+from harness.paths import REPO_ROOT
 from emulator_support import Runner, emulator, plain
 
 GREEN, PURPLE, END = b"\x1b[1;30;32m", b"\x1b[1;30;35m", b"\x1b[0m"
@@ -213,9 +214,7 @@ def test_b_session_writes_match_the_reference(emulator_tokenizer, runners, tmp_p
 class TokenizerReply:
     @staticmethod
     def tokens(server, text: str) -> list[int]:
-        import httpx
-
-        return httpx.post(f"{server.url}/tokenize", json={"text": text}).json()["token_ids"]
+        return net.post(f"{server.url}/tokenize", json={"text": text}).json()["token_ids"]
 
 
 def test_pipe_reader_sees_the_bursts(emulator_tokenizer, runners):
@@ -367,7 +366,7 @@ def test_axllm_dialect(runners, tmp_path):
 
 
 def test_tokenizer_unreachable(runners):
-    from conftest import free_port
+    from harness.net import free_port
 
     url = f"http://127.0.0.1:{free_port()}"
     runner = runners(emulator("--devices", "0", f"--url_tokenizer_model={url}"))

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import REPO_ROOT
+from harness.paths import REPO_ROOT
 from emulator_support import Runner, TokenizerServer, plain
 
 MODEL_DIR = REPO_ROOT / "model" / "smollm2-135m"

@@ -7,16 +7,17 @@ import json
 import os
 import time
 
-import httpx
 
 from chaos_support import wait_answer
-from daemon_support import processes_with_marker, running_daemon, scripted_model, write_descriptor
+from harness import net
+from harness.daemon import processes_with_marker, running_daemon, write_descriptor
+from harness.models import scripted_model
 
 WORDS = 4
 
 
 def status_of(daemon, name: str | None = None) -> dict:
-    everything = httpx.get(f"{daemon.url}/api/status", timeout=10).json()
+    everything = net.get(f"{daemon.url}/api/status", timeout=10).json()
     if name is None:
         return everything
     found = [m for m in everything["models"] if m["name"] == name]

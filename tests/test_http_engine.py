@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 import pytest
 
-from conftest import free_port
+from harness.net import free_port
 from llm_service.descriptor import ModelSpec
 from llm_service.engines.base import (
     BadRequest,

@@ -15,7 +15,9 @@ import openai
 import pytest
 
 from ax_emulator.scripted import reply_text
-from daemon_support import running_daemon, scripted_model
+from harness import net
+from harness.daemon import running_daemon
+from harness.models import scripted_model
 from fake_upstreams import DEFAULTS as FAKE_DEFAULTS
 from upstream_support import FakeUpstream, smollm2_checkpoint, transformers_serve
 
@@ -111,7 +113,7 @@ def test_chat_streaming_sends_deltas_then_finish_then_usage(client: openai.OpenA
 
 def test_sse_framing_and_request_id(daemon) -> None:
     body = {"model": "echo", "messages": [{"role": "user", "content": "marker-33"}], "stream": True}
-    with httpx.stream("POST", daemon.url + "/v1/chat/completions", json=body, timeout=60) as reply:
+    with net.stream("POST", daemon.url + "/v1/chat/completions", json=body, timeout=60) as reply:
         assert reply.status_code == 200
         assert reply.headers["content-type"].startswith("text/event-stream")
         assert reply.headers["x-request-id"]
@@ -194,12 +196,12 @@ def test_invalid_bodies_are_400_in_openais_envelope_only_under_v1(client: openai
     with pytest.raises(openai.BadRequestError, match="last message"):
         client.chat.completions.create(model="echo", messages=[{"role": "assistant", "content": "x"}])
 
-    not_json = httpx.post(daemon.url + "/v1/chat/completions", content=b"{oops", timeout=10,
+    not_json = net.post(daemon.url + "/v1/chat/completions", content=b"{oops", timeout=10,
                           headers={"content-type": "application/json"})
     assert not_json.status_code == 400
     assert set(not_json.json()["error"]) == {"message", "type", "param", "code"}
     # The Ollama routes keep their own shape: the override is for /v1 only.
-    ollama_style = httpx.post(daemon.url + "/api/generate", json={"prompt": "x"}, timeout=10)
+    ollama_style = net.post(daemon.url + "/api/generate", json={"prompt": "x"}, timeout=10)
     assert ollama_style.status_code == 400 and isinstance(ollama_style.json()["error"], str)
 
 
@@ -207,9 +209,9 @@ def test_embeddings_from_an_upstream_that_has_them_and_400_for_one_that_has_not(
     vectors = client.embeddings.create(model="fake-remote", input=["a", "abc"])  # the client asks for base64
     assert [d.embedding for d in vectors.data] == [[1.0, 0.5, -1.0], [3.0, 0.5, -1.0]]
     assert vectors.usage.prompt_tokens == 6
-    plain = httpx.post(daemon.url + "/v1/embeddings", json={"model": "fake-remote", "input": "ab"}, timeout=30)
+    plain = net.post(daemon.url + "/v1/embeddings", json={"model": "fake-remote", "input": "ab"}, timeout=30)
     assert plain.json()["data"][0]["embedding"] == [2.0, 0.5, -1.0]
-    packed = httpx.post(daemon.url + "/v1/embeddings", timeout=30,
+    packed = net.post(daemon.url + "/v1/embeddings", timeout=30,
                         json={"model": "fake-remote", "input": "ab", "encoding_format": "base64"})
     assert struct.unpack("<3f", base64.b64decode(packed.json()["data"][0]["embedding"])) == (2.0, 0.5, -1.0)
     for model in ("echo", "smol-remote"):
@@ -220,7 +222,7 @@ def test_embeddings_from_an_upstream_that_has_them_and_400_for_one_that_has_not(
 def test_error_after_streaming_began_is_one_error_event_then_done(daemon, fake: FakeUpstream) -> None:
     fake.configure(chat="drop_mid")
     body = {"model": "fake-remote", "messages": [{"role": "user", "content": "x"}], "stream": True}
-    with httpx.stream("POST", daemon.url + "/v1/chat/completions", json=body, timeout=60) as reply:
+    with net.stream("POST", daemon.url + "/v1/chat/completions", json=body, timeout=60) as reply:
         assert reply.status_code == 200
         events = sse_events(reply)
     chunks = [json.loads(e) for e in events[:-1]]
@@ -244,9 +246,9 @@ def test_full_queue_is_503_with_retry_after(client: openai.OpenAI, daemon, fake:
     for worker in workers:
         worker.start()
         time.sleep(0.3)  # in order: the first runs (max_concurrency 1), the second waits
-    queue = httpx.get(daemon.url + "/api/status/fake-remote", timeout=5).json()["queue"]
+    queue = net.get(daemon.url + "/api/status/fake-remote", timeout=5).json()["queue"]
     assert (queue["running"], queue["length"]) == (1, 1), queue
-    reply = httpx.post(daemon.url + "/v1/chat/completions", json={"model": "fake-remote", "messages": messages}, timeout=10)
+    reply = net.post(daemon.url + "/v1/chat/completions", json={"model": "fake-remote", "messages": messages}, timeout=10)
     assert reply.status_code == 503 and reply.headers["retry-after"]
     assert reply.json()["error"]["code"] == "queue_full"
     for worker in workers:
@@ -277,7 +279,7 @@ def test_streamed_answers_reuse_one_upstream_connection(daemon, fake: FakeUpstre
     before = len(fake.records()["chat_requests"])
     body = {"model": "fake-remote", "messages": [{"role": "user", "content": "x"}], "stream": True}
     for _ in range(10):
-        with httpx.stream("POST", daemon.url + "/v1/chat/completions", json=body, timeout=30) as reply:
+        with net.stream("POST", daemon.url + "/v1/chat/completions", json=body, timeout=30) as reply:
             assert reply.status_code == 200
             reply.read()
     ports = {r["peer_port"] for r in fake.records()["chat_requests"][before:]}
@@ -290,12 +292,12 @@ def test_client_disconnect_reaches_the_upstream(daemon, fake: FakeUpstream, stre
     before = len(fake.records()["disconnects"])
     body = {"model": "fake-remote", "messages": [{"role": "user", "content": "x"}], "stream": stream}
     if stream:
-        with httpx.stream("POST", daemon.url + "/v1/chat/completions", json=body, timeout=30) as reply:
+        with net.stream("POST", daemon.url + "/v1/chat/completions", json=body, timeout=30) as reply:
             for _ in zip(range(3), reply.iter_lines()):
                 pass
     else:
         with pytest.raises(httpx.ReadTimeout):  # the client gives up and hangs up
-            httpx.post(daemon.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(30, read=1.0))
+            net.post(daemon.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(30, read=1.0))
     deadline = time.monotonic() + 5
     while len(fake.records()["disconnects"]) == before:
         assert time.monotonic() < deadline, "the upstream kept generating for a client that had left"

@@ -6,7 +6,8 @@ import httpx
 import pytest
 
 from ax_emulator.scripted import reply_text
-from daemon_support import running_daemon, scripted_model, shell_runner_model
+from harness.daemon import running_daemon
+from harness.models import scripted_model, shell_runner_model
 
 WORDS = 6
 

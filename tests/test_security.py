@@ -6,13 +6,13 @@ import threading
 import time
 from collections.abc import Iterator
 
-import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from conftest import free_port, wait_http
+from harness import net
+from harness.net import free_port, wait_http
 from llm_service.security import install_security
 from llm_service.settings import DaemonSettings
 
@@ -76,7 +76,7 @@ def auth(key: str) -> dict[str, str]:
 
 
 def test_health_needs_no_key(server: Harness) -> None:
-    assert httpx.get(server.url + "/health", timeout=5).status_code == 200
+    assert net.get(server.url + "/health", timeout=5).status_code == 200
 
 
 @pytest.mark.parametrize(
@@ -84,14 +84,14 @@ def test_health_needs_no_key(server: Harness) -> None:
     [{}, auth("wrong-key"), {"Authorization": "Basic first-key"}, {"Authorization": "Bearer"}],
 )
 def test_missing_or_wrong_key_is_401_in_ollama_style(server: Harness, headers: dict) -> None:
-    reply = httpx.post(server.url + "/api/generate", json={"model": "m"}, headers=headers, timeout=5)
+    reply = net.post(server.url + "/api/generate", json={"model": "m"}, headers=headers, timeout=5)
     assert reply.status_code == 401
     assert reply.headers["www-authenticate"] == "Bearer"
     assert "API key" in reply.json()["error"]
 
 
 def test_wrong_key_under_v1_is_401_in_openai_style(server: Harness) -> None:
-    reply = httpx.post(server.url + "/v1/chat/completions", json={}, headers=auth("nope"), timeout=5)
+    reply = net.post(server.url + "/v1/chat/completions", json={}, headers=auth("nope"), timeout=5)
     assert reply.status_code == 401
     error = reply.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
@@ -100,18 +100,18 @@ def test_wrong_key_under_v1_is_401_in_openai_style(server: Harness) -> None:
 
 @pytest.mark.parametrize("key", KEYS)
 def test_each_configured_key_is_accepted(server: Harness, key: str) -> None:
-    reply = httpx.post(server.url + "/api/generate", content=b"x" * 10, headers=auth(key), timeout=5)
+    reply = net.post(server.url + "/api/generate", content=b"x" * 10, headers=auth(key), timeout=5)
     assert reply.status_code == 200
     assert reply.json() == {"received": 10}
 
 
 def test_body_at_the_limit_passes(server: Harness) -> None:
-    reply = httpx.post(server.url + "/api/generate", content=b"x" * LIMIT, headers=auth(KEYS[0]), timeout=5)
+    reply = net.post(server.url + "/api/generate", content=b"x" * LIMIT, headers=auth(KEYS[0]), timeout=5)
     assert reply.json() == {"received": LIMIT}
 
 
 def test_declared_length_over_the_limit_is_413(server: Harness) -> None:
-    reply = httpx.post(
+    reply = net.post(
         server.url + "/api/generate", content=b"x" * (LIMIT + 1), headers=auth(KEYS[0]), timeout=5
     )
     assert reply.status_code == 413
@@ -123,7 +123,7 @@ def test_streamed_body_over_the_limit_is_413(server: Harness) -> None:
         for _ in range(5):
             yield b"y" * 300
 
-    reply = httpx.post(
+    reply = net.post(
         server.url + "/v1/chat/completions", content=chunks(), headers=auth(KEYS[1]), timeout=5
     )
     assert reply.status_code == 413
@@ -133,7 +133,7 @@ def test_streamed_body_over_the_limit_is_413(server: Harness) -> None:
 def test_client_leaving_a_stream_cancels_the_handler(server: Harness) -> None:
     """The middleware must not stand between a disconnect and the streaming handler."""
     server.stream_finished.clear()
-    with httpx.stream("GET", server.url + "/api/stream", headers=auth(KEYS[0]), timeout=5) as reply:
+    with net.stream("GET", server.url + "/api/stream", headers=auth(KEYS[0]), timeout=5) as reply:
         assert reply.status_code == 200
         next(reply.iter_lines())
     deadline = time.monotonic() + 5
@@ -146,7 +146,7 @@ def test_one_openai_error_shape_for_a_401_wherever_it_is_built(server: Harness) 
     """OpenAI answers a bad key with type invalid_request_error, code invalid_api_key."""
     from llm_service.api.errors import openai_error_body
 
-    wire = httpx.post(server.url + "/v1/chat/completions", json={}, headers=auth("nope"), timeout=5).json()
+    wire = net.post(server.url + "/v1/chat/completions", json={}, headers=auth("nope"), timeout=5).json()
     built = openai_error_body(wire["error"]["message"], 401, "invalid_api_key")
     assert built == wire == {"error": {"message": wire["error"]["message"], "type": "invalid_request_error",
                                        "param": None, "code": "invalid_api_key"}}

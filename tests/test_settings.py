@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from conftest import REPO_ROOT
+from harness.paths import REPO_ROOT
 from llm_service.cli import build_settings, make_parser
 from llm_service.settings import DaemonSettings
 from tokenizer_service.settings import TokenizerServiceSettings

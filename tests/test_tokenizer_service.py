@@ -12,8 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import REPO_ROOT, free_port, wait_http
-from tokenizer_support import SMOLLM2_TOKENIZER, pid_alive, wait_until, write_stub_tokenizer
+from harness import net
+from harness.net import free_port, wait_http, wait_until
+from harness.paths import REPO_ROOT
+from tokenizer_support import SMOLLM2_TOKENIZER, pid_alive, write_stub_tokenizer
 
 SERVICE_STOP_TIMEOUT = 30.0
 
@@ -21,7 +23,7 @@ SERVICE_STOP_TIMEOUT = 30.0
 class Service:
     def __init__(self, process: subprocess.Popen, base_url: str) -> None:
         self.process = process
-        self.http = httpx.Client(base_url=base_url, timeout=30.0)
+        self.http = net.client(base_url=base_url, timeout=30.0)
 
     def start(self, name: str, folder: Path, script: str, port: int) -> httpx.Response:
         body = {"tokenizer_path": str(folder), "tokenizer_py": script, "port": port}
@@ -64,7 +66,7 @@ def service() -> Iterator[Service]:
 
 def answers(port: int, path: str = "/bos_id") -> bool:
     try:
-        return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=2.0).status_code == 200
+        return net.get(f"http://127.0.0.1:{port}{path}", timeout=2.0).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -83,7 +85,7 @@ def test_real_tokenizer_is_started_restarted_after_a_kill_and_stopped(service, t
     first = started.json()
     assert first["name"] == "smollm2" and first["port"] == port and first["state"] == "starting"
     assert pid_alive(first["pid"])
-    wait_until(lambda: answers(port, "/get_uid"), 60, "the tokenizer server to answer")
+    wait_http(f"http://127.0.0.1:{port}/get_uid", 60, ok_only=True)
     # Idempotent: the same start again keeps the same process.
     assert service.start("smollm2", folder, "smollm2_tokenizer_uid.py", port).json()["pid"] == first["pid"]
 
@@ -92,7 +94,7 @@ def test_real_tokenizer_is_started_restarted_after_a_kill_and_stopped(service, t
         lambda: (e := service.entry("smollm2"))["restarts"] == 1 and e["pid"] not in (None, first["pid"]) and e,
         30, "the killed tokenizer server to be restarted")
     assert restarted["last_exit"] == -signal.SIGKILL
-    wait_until(lambda: answers(port, "/get_uid"), 60, "the restarted tokenizer server to answer")
+    wait_http(f"http://127.0.0.1:{port}/get_uid", 60, ok_only=True)  # restarted
     assert "Server running at http://127.0.0.1:" in "\n".join(service.entry("smollm2")["log_tail"])
 
     stopped = service.http.post("/tokenizers/smollm2/stop")
@@ -138,7 +140,7 @@ def test_a_port_served_by_a_hand_started_tokenizer_is_external_until_it_goes(ser
     by_hand = subprocess.Popen([sys.executable, str(script), "--host", "127.0.0.1", "--port", str(port)],
                                cwd=tmp_path, stdout=subprocess.DEVNULL, start_new_session=True)
     try:
-        wait_until(lambda: answers(port), 30, "the hand-started tokenizer")
+        wait_http(f"http://127.0.0.1:{port}/bos_id", 30, ok_only=True)  # the hand-started one
         reply = service.start("manual", tmp_path, "stub_tokenizer.py", port).json()
         assert reply["state"] == "external" and reply["pid"] is None
     finally:
@@ -146,7 +148,7 @@ def test_a_port_served_by_a_hand_started_tokenizer_is_external_until_it_goes(ser
         by_hand.wait()
     ours = wait_until(lambda: (e := service.entry("manual"))["pid"] and e, 30, "our own server to take over")
     assert ours["state"] == "starting" and ours["pid"] != by_hand.pid
-    wait_until(lambda: answers(port), 30, "our tokenizer on the freed port")
+    wait_http(f"http://127.0.0.1:{port}/bos_id", 30, ok_only=True)  # ours, on the freed port
 
 
 def test_shutdown_leaves_no_orphans(service, tmp_path):

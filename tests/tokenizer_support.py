@@ -4,32 +4,14 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
-import pytest
+from harness.net import free_port, wait_http
+from harness.paths import REPO_ROOT, TOKENIZER_DIR
 
-from conftest import REPO_ROOT, free_port
-
-SMOLLM2_TOKENIZER = REPO_ROOT / "model" / "smollm2-135m" / "tokenizer"
+SMOLLM2_TOKENIZER = TOKENIZER_DIR
 SERVER_START_TIMEOUT = 60.0
-
-
-def wait_port_answers(url: str, process: subprocess.Popen, timeout: float) -> None:
-    """Poll `url` until it answers; fail early if `process` exits first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            output = process.stdout.read() if process.stdout else ""
-            pytest.fail(f"tokenizer server exited with {process.returncode}: {output}")
-        try:
-            httpx.get(url, timeout=2.0)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    pytest.fail(f"{url} did not answer within {timeout}s")
 
 
 @contextlib.contextmanager
@@ -46,7 +28,8 @@ def tokenizer_server(tokenizer: Path = SMOLLM2_TOKENIZER, *extra_args: str) -> I
     )
     base_url = f"http://127.0.0.1:{port}"
     try:
-        wait_port_answers(f"{base_url}/capabilities", process, SERVER_START_TIMEOUT)
+        wait_http(f"{base_url}/capabilities", SERVER_START_TIMEOUT, process=process,
+                  output=lambda: process.stdout.read() if process.poll() is not None else "")
         yield base_url
     finally:
         process.kill()
@@ -98,14 +81,3 @@ def pid_alive(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
-
-
-def wait_until(condition, timeout: float, what: str, interval: float = 0.1):
-    """Poll `condition()` until it returns something truthy; fail the test after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")

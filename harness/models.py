@@ -1,0 +1,130 @@
+"""Card-shaped model folders for the daemon, served by the emulator or by a plain sh runner."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from ax_emulator.model_folder import write_model_folder
+from harness.net import free_port
+from harness.paths import TOKENIZER_DIR
+
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+def emulator_flags(
+    name: str,
+    *,
+    tokenizer_url: str,
+    dialect: str = "b_reset",
+    tokens_per_second: float = 200,
+    reply_words: int = 8,
+    think: bool = False,
+    init_seconds: float | None = None,
+) -> list[str]:
+    """The scripted emulator's command-line words for a model `name`, shaped like the card's run
+    scripts: dialect A names its tokenizer as the legacy runner does and has no system prompt."""
+    words = ["--emu_engine", "scripted", "--emu_dialect", dialect]
+    if init_seconds is not None:
+        words += ["--emu_init_seconds", str(init_seconds)]
+    words += [
+        "--emu_tokens_per_second", str(tokens_per_second),
+        "--emu_reply_words", str(reply_words),
+        "--emu_think", "1" if think else "0",
+        "--system_prompt", SYSTEM_PROMPT,
+        "--template_filename_axmodel", f"{name}-ax650/{name}_p128_l%d_together.axmodel",
+        "--axmodel_num", "4",
+        "--url_tokenizer_model", tokenizer_url,
+        "--filename_post_axmodel", f"{name}-ax650/{name}_post.axmodel",
+        "--use_mmap_load_embed", "1",
+        "--live_print", "1",
+        "--devices", "0",
+    ]
+    if dialect == "a":
+        pairs = [words[i:i + 2] for i in range(0, len(words), 2)]
+        kept = [p for p in pairs if p[0] not in ("--system_prompt", "--devices", "--url_tokenizer_model")]
+        words = [w for p in kept for w in p]
+        words += ["--prompt", "", "--continue", "1", "--tokenizer_type", "2", "--filename_tokenizer_model", tokenizer_url]
+    return words
+
+
+_PLAIN_WORD = re.compile(r"[A-Za-z0-9_./:=,+-]+")
+
+
+def _script_word(word: str) -> str:
+    """A word for a run script: bare when it is plain, else in double quotes (so "$1" expands)."""
+    if _PLAIN_WORD.fullmatch(word):
+        return word
+    return '"' + re.sub(r'(["\\`])', r"\\\1", word) + '"'
+
+
+def scripted_model(
+    root: Path,
+    name: str,
+    *,
+    tokenizer_port: int | None = None,
+    dialect: str = "b_reset",
+    tokens_per_second: float = 200,
+    reply_words: int = 8,
+    think: bool = False,
+    port_from_dollar1: bool = True,
+    stock_tokenizer: bool = False,
+    extra_flags: tuple[str, ...] = (),
+    fields: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A model folder shaped like the card's (run script without shebang, tokenizer script),
+    served by the scripted emulator; returns its descriptor entry in the original string format.
+    `extra_flags` are run-script lines ("--flag value") put after the emulator's own flags."""
+    port = tokenizer_port or free_port()
+    url = "http://127.0.0.1:$1" if port_from_dollar1 else f"http://127.0.0.1:{port}"
+    words = emulator_flags(name, tokenizer_url=url, dialect=dialect, tokens_per_second=tokens_per_second,
+                           reply_words=reply_words, think=think)
+    lines = [f"{words[i]} {_script_word(words[i + 1])}" for i in range(0, len(words), 2)]
+    after_emu = max(i for i, line in enumerate(lines) if line.startswith("--emu_")) + 1
+    lines[after_emu:after_emu] = extra_flags
+    entry = write_model_folder(
+        root / name,
+        name,
+        "ax-emulator \\\n" + " \\\n".join(lines) + "\n",
+        tokenizer_dir=TOKENIZER_DIR,
+        tokenizer_port=port,
+        tokenizer_args=("--stock",) if stock_tokenizer else (),
+        think=think,
+    )
+    entry.update(fields or {})
+    return entry
+
+
+SHELL_RUNNER = r"""log() { printf '\033[1;30;32m[I][%32s][%4d]: %s\033[0m\n' "$1" "$2" "$3"; }
+@SETUP@
+log Init 136 "LLM init start"
+log Init 279 "LLM init ok"
+printf 'Type "q" to exit, Ctrl+c to stop current running\n'
+log main 236 "@PRECOMPUTE_LINE@"
+printf 'prompt >> '
+while IFS= read -r line; do
+  [ "$line" = q ] && exit 0
+  [ -z "$line" ] && { printf 'prompt >> '; continue; }
+  log Run 1030 "ttft: 1.00 ms"
+  printf 'You said: %s' "$line"
+  @MID_ANSWER@
+  printf '\n\n'
+  printf '\033[1;30;35m[N][%32s][%4d]: %s\033[0m\n' Run 1182 "hit eos,avg 10.00 token/s"
+  printf '\033[0m\n'
+  log GetKVCache 597 "precompute_len:40, remaining:2008"
+  printf 'prompt >> '
+done
+"""
+
+
+def shell_runner_model(
+    root: Path, name: str, *, setup: str = "", precompute_line: str = "precompute_len: 21", mid_answer: str = ""
+) -> dict[str, Any]:
+    """A hand-written B runner in plain sh (no reset, no tokenizer server): it answers
+    `You said: <line>` and lets a test put odd bytes or behaviour where a real runner might."""
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / f"run_{name}.sh"
+    text = SHELL_RUNNER.replace("@SETUP@", setup).replace("@PRECOMPUTE_LINE@", precompute_line)
+    script.write_text(text.replace("@MID_ANSWER@", mid_answer))
+    return {"model_name": name, "run_cmd": script.name, "model_path": str(folder)}
