@@ -3,6 +3,7 @@ Real processes on loopback ports, never mocks."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +21,14 @@ def emulator_tokenizer():
     server = TokenizerServer()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2 as a plain checkpoint for `transformers serve`, converted once for every worker."""
+    from upstream_support import smollm2_checkpoint
+
+    return smollm2_checkpoint(tmp_path_factory)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

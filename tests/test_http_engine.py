@@ -33,7 +33,7 @@ from llm_service.admission import AdmissionQueue
 from llm_service.metrics import MetricsHub
 from llm_service.settings import DaemonSettings
 from llm_service.tokenizer_client import TokenizerClient
-from upstream_support import FakeUpstream, smollm2_checkpoint, transformers_serve
+from upstream_support import FakeUpstream, transformers_serve
 
 SETTINGS = DaemonSettings(backoff_min_s=0.05, backoff_max_s=0.4, metrics_dir=None)
 
@@ -83,11 +83,6 @@ def fake(tmp_path: Path):
     upstream = FakeUpstream(tmp_path).start()
     yield upstream
     upstream.stop()
-
-
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return smollm2_checkpoint(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -19,15 +19,10 @@ from harness import net
 from harness.daemon import running_daemon
 from harness.models import scripted_model
 from fake_upstreams import DEFAULTS as FAKE_DEFAULTS
-from upstream_support import FakeUpstream, smollm2_checkpoint, transformers_serve
+from upstream_support import FakeUpstream, transformers_serve
 
 WORDS = 8
 FAKE_CONFIG = {"embeddings": True}
-
-
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return smollm2_checkpoint(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
