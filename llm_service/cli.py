@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Sequence
+from pathlib import Path
 from typing import Any, get_args
 
 import httpx
@@ -19,7 +20,9 @@ import pydantic
 import uvicorn
 from pydantic_settings import BaseSettings
 
+from llm_service.children import DataDirInUse, claim_data_dir, end_leftovers, owner_tag
 from llm_service.logging_setup import configure_logging
+from llm_service.server import ConnectionLimits, default_max_connections, guarded_protocol
 from llm_service.settings import DaemonSettings
 from tokenizer_service.settings import TokenizerServiceSettings
 
@@ -76,9 +79,35 @@ def build_settings(
         fail(parser, str(exc))
 
 
-def _uvicorn_server(app: Any, host: str, port: int, log_level: str) -> uvicorn.Server:
+def _claim(parser: argparse.ArgumentParser, data_dir: Path) -> Any:
+    """Own the data folder, then end what an instance killed earlier left running under it."""
+    try:
+        lock = claim_data_dir(data_dir)
+    except (DataDirInUse, OSError) as exc:
+        fail(parser, str(exc))
+    end_leftovers(owner_tag(data_dir))
+    return lock
+
+
+def _uvicorn_server(app: Any, host: str, port: int, log_level: str, settings: DaemonSettings | None = None) -> uvicorn.Server:
+    """A uvicorn server; with `settings`, bounded as the daemon's API is (connections, header and
+    body times and sizes, keep-alive, shutdown)."""
     # log_config=None: uvicorn's loggers go through configure_logging's handler.
-    config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level=log_level)
+    options: dict[str, Any] = {}
+    if settings is not None:
+        limits = ConnectionLimits(
+            max_connections=settings.max_connections or default_max_connections(),
+            header_timeout_s=settings.header_timeout_s,
+            body_timeout_s=settings.body_timeout_s,
+            max_headers=settings.max_headers,
+            max_header_bytes=settings.max_header_bytes,
+        )
+        options.update(
+            http=guarded_protocol(limits),
+            timeout_keep_alive=settings.keep_alive_timeout_s,
+            timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        )
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level=log_level, **options)
     return uvicorn.Server(config)
 
 
@@ -132,12 +161,16 @@ def cmd_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format)
     from llm_service.app import create_app  # the app imports the engines; --help stays fast
 
+    data_lock = _claim(parser, settings.data_dir)  # noqa: F841 (held for the process's life)
+
     servers = []
     if settings.tokenizer_service_url is None:
         tokenizer_settings = TokenizerServiceSettings(
             port=settings.tokenizer_service_port,
             log_level=settings.log_level,
             log_format=settings.log_format,
+            data_dir=settings.data_dir,
+            child_env=settings.child_env,
         )
         servers.append(
             _uvicorn_server(
@@ -146,7 +179,7 @@ def cmd_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             )
         )
     servers.append(
-        _uvicorn_server(create_app(settings), settings.host, settings.port, settings.log_level)
+        _uvicorn_server(create_app(settings), settings.host, settings.port, settings.log_level, settings)
     )
     run_event_loop(_serve_in_order(servers))
     return 0
@@ -155,6 +188,7 @@ def cmd_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 def cmd_tokenizer_service(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     settings: TokenizerServiceSettings = build_settings(parser, TokenizerServiceSettings, args)
     configure_logging(settings.log_level, settings.log_format)
+    data_lock = _claim(parser, settings.data_dir)  # noqa: F841 (held for the process's life)
     server = _uvicorn_server(_tokenizer_app(settings), settings.host, settings.port, settings.log_level)
     run_event_loop(_serve_in_order([server]))
     return 0

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import datetime, timezone
 
@@ -50,10 +52,38 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+class RepeatLimit(logging.Filter):
+    """Lets through at most `burst` warnings (or worse) of one message template per `window_s`
+    seconds, then one line saying how many were held back: a storm (a client flood, a failing
+    accept) must not fill the disk. Info lines (the access log) are not limited."""
+
+    def __init__(self, burst: int = 10, window_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.burst, self.window_s, self._clock = burst, window_s, clock
+        self._windows: dict[tuple[str, str], tuple[float, int]] = {}  # (logger, template) -> (start, count)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, str(record.msg))
+        now = self._clock()
+        start, count = self._windows.get(key, (now, 0))
+        if now - start >= self.window_s:
+            if count > self.burst:
+                record.msg = f"{record.msg} [{count - self.burst} more like this in the last {self.window_s:g}s held back]"
+            start, count = now, 0
+        count += 1
+        self._windows[key] = (start, count)
+        if len(self._windows) > 1000:  # templates are few; this only bounds a pathological case
+            self._windows.clear()
+        return count <= self.burst
+
+
 def configure_logging(level: str = "info", fmt: str = "plain") -> None:
     """Send every logger (uvicorn's included, run with log_config=None) to stderr in `fmt`."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else PlainFormatter())
+    handler.addFilter(RepeatLimit())
     root = logging.getLogger()
     for old in root.handlers[:]:
         root.removeHandler(old)

@@ -287,8 +287,21 @@ class ModelManager:
     def _timed_out(self) -> RequestTimedOut:
         return RequestTimedOut(f"request did not finish within its deadline of {self.settings.request_deadline_s:.0f}s")
 
-    def _check_prompt_size(self, chars: int) -> None:
-        if chars > self.settings.max_prompt_chars:
+    def _check_input(self, texts: list[str], *, prompt: bool = True) -> None:
+        """Text from a client, checked before anything reaches an engine: valid Unicode (JSON can
+        carry a lone surrogate, which no engine can encode) and, for a prompt, within
+        max_prompt_chars."""
+        chars = 0
+        for text in texts:
+            chars += len(text)
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise BadRequest(
+                    f"invalid text: {exc.reason} at character {exc.start} ({text[exc.start]!r}); "
+                    "send valid Unicode (a lone surrogate is not)"
+                ) from None
+        if prompt and chars > self.settings.max_prompt_chars:
             raise BadRequest(
                 f"prompt too long: {chars} characters, the limit is {self.settings.max_prompt_chars} (max_prompt_chars)"
             )
@@ -301,7 +314,8 @@ class ModelManager:
         response does), so that no timer is armed per chunk."""
         entry = self.entry(name)
         keep_alive_s = self._keep_alive_for(entry, keep_alive)
-        self._check_prompt_size(sum(len(m.content) for m in request.messages))
+        self._check_input([m.content for m in request.messages])
+        self._check_input(list(request.options.stop), prompt=False)
         metrics = entry.metrics
         deadline = self._deadline(request)
         want_thinking = request.think if request.think is not None else entry.spec.include_thinking
@@ -388,7 +402,7 @@ class ModelManager:
     async def embed(self, name: str, inputs: list[str], request_id: str) -> Embeddings:
         """Vectors for `inputs`, admitted, loaded, limited and counted like a generation."""
         entry = self.entry(name)
-        self._check_prompt_size(sum(len(text) for text in inputs))
+        self._check_input(inputs)
         arrived = time.monotonic()
         deadline = arrived + self.settings.request_deadline_s
         metrics = entry.metrics

@@ -153,12 +153,38 @@ class DaemonSettings(FileConfiguredSettings):
     runner_log_lines: int = Field(
         500, ge=1, description="runner output lines kept per model for status and errors"
     )
+    data_dir: Path = Field(
+        Path("data"),
+        description="folder of the daemon's own state; its children carry it as their owner tag",
+    )
+    child_env: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="more environment variables runners and workers get (names or globs, "
+        "comma-separated); the daemon's own AXM1_* never pass",
+    )
+    max_connections: int | None = Field(
+        None, ge=1, description="client connections at once before 503; unset = below the open-files limit"
+    )
+    header_timeout_s: float = Field(
+        10, gt=0, description="time a client has to send a request's headers"
+    )
+    body_timeout_s: float = Field(30, gt=0, description="time a client has to send a request's body")
+    keep_alive_timeout_s: float = Field(
+        5, gt=0, description="an idle kept-alive client connection is closed after this long"
+    )
+    max_headers: int = Field(100, ge=1, description="most request headers accepted (431 beyond)")
+    max_header_bytes: int = Field(
+        32768, ge=1024, description="largest request line plus headers accepted, in bytes (431 beyond)"
+    )
+    shutdown_timeout_s: float = Field(
+        20, gt=0, description="on SIGTERM, answers still streaming after this long are cut off"
+    )
 
     _empty_paths_are_none = field_validator("metrics_dir", "tokenizer_service_url", mode="before")(
         _empty_is_none
     )
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "child_env", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -14,15 +14,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import os
 import signal
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -33,6 +31,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from llm_service.children import child_environment, die_with_parent, owner_tag
 from tokenizer_service.server import SESSION_IDLE_ENV
 from tokenizer_service.settings import TokenizerServiceSettings
 
@@ -89,19 +88,6 @@ def confine_script(tokenizer_path: str, tokenizer_py: str) -> tuple[Path, Path]:
     return folder, script
 
 
-def _parent_death_signal() -> Callable[[], None] | None:
-    """A pre-exec hook asking Linux to SIGKILL the child if this process dies (no orphans)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl
-    pr_set_pdeathsig = 1
-
-    def hook() -> None:
-        prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-    return hook
-
-
 async def probe_tokenizer(host: str, port: int) -> bool:
     """Does something answer HTTP with JSON on host:port, as every tokenizer server does?"""
     try:
@@ -147,6 +133,8 @@ class TokenizerSupervisor:
         backoff_min_seconds: float = 1.0,
         backoff_max_seconds: float = 30.0,
         stop_grace_seconds: float = STOP_GRACE_SECONDS,
+        owner: str = "",
+        child_env: list[str] | tuple[str, ...] = (),
     ) -> None:
         self.python = python
         self.session_idle_seconds = session_idle_seconds
@@ -155,7 +143,8 @@ class TokenizerSupervisor:
         self.stop_grace_seconds = stop_grace_seconds
         self._servers: dict[str, ManagedServer] = {}
         self._lock = asyncio.Lock()  # serializes start/stop requests
-        self._pre_exec = _parent_death_signal()
+        self.owner = owner or owner_tag(Path("data"))
+        self.child_env = tuple(child_env)
 
     def snapshots(self) -> list[dict[str, Any]]:
         return [server.snapshot() for server in self._servers.values()]
@@ -234,7 +223,7 @@ class TokenizerSupervisor:
 
     async def _spawn(self, server: ManagedServer) -> None:
         spec = server.spec
-        env = dict(os.environ)
+        env = child_environment(self.owner, self.child_env)
         if self.session_idle_seconds is not None:
             env[SESSION_IDLE_ENV] = str(self.session_idle_seconds)
         server.process = await asyncio.create_subprocess_exec(
@@ -245,7 +234,7 @@ class TokenizerSupervisor:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,  # its own process group, stopped as a whole
-            preexec_fn=self._pre_exec,
+            preexec_fn=die_with_parent,
         )
         log.info("tokenizer %s started: pid %s on %s:%s", server.name, server.process.pid, spec.host, spec.port)
 
@@ -307,6 +296,8 @@ def create_app(settings: TokenizerServiceSettings | None = None) -> FastAPI:
         session_idle_seconds=settings.session_idle_s,
         backoff_min_seconds=settings.restart_backoff_min_s,
         backoff_max_seconds=settings.restart_backoff_max_s,
+        owner=owner_tag(settings.data_dir),
+        child_env=settings.child_env,
     )
 
     @contextlib.asynccontextmanager

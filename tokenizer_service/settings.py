@@ -6,9 +6,11 @@ the same port to the daemon (its `tokenizer_service_port`) and to this service.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field, model_validator
-from pydantic_settings import SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from llm_service.settings import FileConfiguredSettings
 
@@ -34,6 +36,18 @@ class TokenizerServiceSettings(FileConfiguredSettings):
     restart_backoff_max_s: float = Field(
         30, ge=0, description="longest delay between restarts of a tokenizer server"
     )
+    data_dir: Path = Field(
+        Path("data"), description="folder of the service's state; its tokenizer servers carry it as their owner tag"
+    )
+    child_env: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="more environment variables tokenizer servers get (names or globs, comma-separated)",
+    )
+
+    @field_validator("child_env", mode="before")
+    @classmethod
+    def _split_names(cls, value: Any) -> Any:
+        return [name.strip() for name in value.split(",") if name.strip()] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _backoff_in_order(self) -> TokenizerServiceSettings:

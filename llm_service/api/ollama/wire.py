@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -77,12 +78,19 @@ def sampling_options(options: dict[str, Any] | None) -> SamplingOptions:
         raise BadRequest(f"invalid options: {exc}") from None
 
 
+# Bounds of the numeric options: beyond them a value is a mistake (or 1e400, which JSON parses
+# as infinity and int() cannot take).
+_INT_LIMIT = 2**31 - 1
+
+
 def _number(options: dict[str, Any], name: str, kind: type) -> Any:
     value = options.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"options.{name} must be a number")
+    if not math.isfinite(value) or abs(value) > _INT_LIMIT:
+        raise ValueError(f"options.{name} must be a finite number between {-_INT_LIMIT} and {_INT_LIMIT}")
     return kind(value)
 
 

@@ -15,6 +15,7 @@ from ...engines.base import BadRequest, ChatMessage, Chunk, GenerationResult, Sa
 # Thinking goes out under both names: Ollama and vLLM clients read `reasoning`,
 # llama.cpp's and many others read `reasoning_content`.
 REASONING_KEYS = ("reasoning", "reasoning_content")
+INT_LIMIT = 2**31 - 1  # integer fields beyond this are mistakes
 
 
 class _Lenient(BaseModel):
@@ -42,16 +43,16 @@ class _Sampling(_Lenient):
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
-    top_k: int | None = Field(None, ge=0)  # vLLM's extension
-    seed: int | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    top_k: int | None = Field(None, ge=0, le=INT_LIMIT)  # vLLM's extension
+    seed: int | None = Field(None, ge=-INT_LIMIT, le=INT_LIMIT)
+    max_tokens: int | None = Field(None, ge=1, le=INT_LIMIT)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1)
 
 
 class ChatCompletionBody(_Sampling):
     messages: list[OpenAIMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT_LIMIT)
     reasoning_effort: str | None = None
 
 

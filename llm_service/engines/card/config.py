@@ -79,9 +79,24 @@ def run_command(run_cmd: str, model_dir: Path, dialect: str) -> tuple[Path | Non
     script = resolve_path(model_dir, Path(script_word))
     started_as_program = dialect in DIALECTS and not DIALECTS[dialect].launched_by_script
     if started_as_program and not script.is_file():
-        return None, tuple(words)
+        return None, program_command(words, model_dir)
     if not script.is_relative_to(model_dir):
         raise FieldError("run_cmd", "resolves outside model_path")
     if not script.is_file():
         raise FieldError("run_cmd", f"script {script_word!r} not found in model_path")
     return script, (shell, str(script), *arguments)
+
+
+def program_command(words: list[str], model_dir: Path) -> tuple[str, ...]:
+    """The argv of a runner started as a program (`axllm run .`): run without a shell, so shell
+    syntax is inert, and held to the containment of run scripts — the program is a name found on
+    PATH or lies inside model_path, and no argument that names a path leads outside it."""
+    program, *arguments = words
+    if "/" in program and not resolve_path(model_dir, Path(program)).is_relative_to(model_dir):
+        raise FieldError("run_cmd", f"program {program!r} resolves outside model_path")
+    for argument in arguments:
+        if argument.startswith("-"):
+            continue
+        if ("/" in argument or argument == "..") and not resolve_path(model_dir, Path(argument)).is_relative_to(model_dir):
+            raise FieldError("run_cmd", f"argument {argument!r} resolves outside model_path")
+    return tuple(words)

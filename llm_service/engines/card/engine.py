@@ -25,6 +25,7 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
+from ...children import child_environment, owner_tag
 from ...states import RunnerState
 from ...stop_sequences import StopScanner
 from ...thinking import ThinkSplitter
@@ -508,9 +509,9 @@ class CardEngine(Engine):
         return command
 
     async def _spawn(self) -> None:
-        env = dict(os.environ)
         # The runner programs of this environment (e.g. the emulator) come first on PATH.
-        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+        path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+        env = child_environment(owner_tag(self.settings.data_dir), self.settings.child_env, {"PATH": path})
         command = self._command()
         self._parser = RunnerOutputParser(self._dialect_name if self.config.dialect != "auto" else None)
         self._load_started = now = time.monotonic()
@@ -662,7 +663,9 @@ class CardEngine(Engine):
         job = self._job = self._pending.popleft()
         job.phase = "preparing"
         self._preparing = True
-        held = Held(self._held, self._held_system, self._context[1] if self._context else None)
+        # Unknown after a reset until the runner reports it: then at most the whole context.
+        remaining = self._context[1] if self._context else self.spec.context_size
+        held = Held(self._held, self._held_system, remaining)
         runner = Runner(self._dialect or DIALECTS["b"], self._supports_reset, self._our_tokenizer, self.spec.context_size)
         self._start_task(self._prepare, job, self._generation, held, runner, dict(self._tokenizer_config))
 

@@ -250,6 +250,9 @@ class RunnerOutputParser:
         self._at_line_start = False
         self._candidate = bytearray()  # a line start that may still be a log line
         self._candidate_is_log = False  # the candidate holds a complete log-line header
+        # The candidate was opened by a colour start. Inside a turn an A/B log line must be: the
+        # runner colours every one, so a model's text that merely looks like one stays text.
+        self._coloured = False
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     @property
@@ -276,6 +279,7 @@ class RunnerOutputParser:
         self._at_line_start = True
         self._candidate.clear()
         self._candidate_is_log = False
+        self._coloured = False
         self._decoder.reset()
 
     def end_of_stream(self) -> list[Event]:
@@ -337,6 +341,7 @@ class RunnerOutputParser:
             if self._candidate:
                 self._release_held()
             self._at_line_start = True
+            self._coloured = True
             return
         if reset:
             # The load bar ends with a reset and no newline: it is complete now.
@@ -397,6 +402,7 @@ class RunnerOutputParser:
             if newline >= 0:
                 self._held_newlines = 1
                 self._at_line_start = True
+                self._coloured = False
                 return newline + 1
             return end
         if end > position:
@@ -414,12 +420,18 @@ class RunnerOutputParser:
             self._release_held()
         self._held_newlines += 1
         self._at_line_start = True
+        self._coloured = False
         return newline + 1
 
+    def _styles(self) -> tuple[str, ...]:
+        """The log styles the held candidate may be: inside a turn, an A/B line only if coloured."""
+        styles = ("ab", "c") if self._dialect is None else (DIALECTS[self._dialect].log_style,)
+        if self._turn_open and not self._coloured:
+            styles = tuple(style for style in styles if style != "ab")
+        return styles
+
     def _patterns(self) -> tuple[tuple[re.Pattern[bytes], re.Pattern[bytes]], ...]:
-        if self._dialect is None:
-            return _LOG_PATTERNS["ab"], _LOG_PATTERNS["c"]
-        return (_LOG_PATTERNS[DIALECTS[self._dialect].log_style],)
+        return tuple(_LOG_PATTERNS[style] for style in self._styles())
 
     def _header_pattern_matches(self) -> bool:
         return any(header.match(self._candidate) for header, _ in self._patterns())
@@ -440,6 +452,7 @@ class RunnerOutputParser:
         self._candidate.clear()
         self._candidate_is_log = False
         self._at_line_start = False
+        self._coloured = False
 
     def _flush_decoder(self) -> None:
         text = self._decoder.decode(b"", final=True)
@@ -450,12 +463,13 @@ class RunnerOutputParser:
     def _finish_candidate_as_log(self) -> bool:
         """Emit the held candidate as a log line if it is one; False leaves it untouched."""
         parsed = parse_log_line(self._candidate.decode("utf-8", errors="replace"))
-        if parsed is None:
+        if parsed is None or parsed[1] not in self._styles():
             return False
         log, family = parsed
         self._candidate.clear()
         self._candidate_is_log = False
         self._at_line_start = True
+        self._coloured = False
         newlines = self._held_newlines
         self._held_newlines = 0
         ends_turn = _HIT_EOS.match(log.message) is not None

@@ -26,6 +26,8 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
+from ...children import die_with_parent
+
 log = logging.getLogger(__name__)
 
 _READ_SIZE = 65536
@@ -88,6 +90,7 @@ class RunnerProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             limit=_READ_SIZE,
+            preexec_fn=die_with_parent,
         )
         return cls(process, generation, command)
 

@@ -1,0 +1,192 @@
+"""The red-team suite: the daemon attacked as an attacker on the box and as bad luck would, each
+case bounded and on loopback. Every case here broke an earlier version of the daemon (see the
+hardening issue); each must now end with a clear error or a correct answer, never a stopped or
+poisoned daemon."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ax_emulator.scripted import reply_text
+from harness.daemon import running_daemon
+from harness.models import scripted_model, shell_runner_model
+from harness.net import wait_until
+from harness.daemon import processes_with_marker as processes_owned_by
+
+WORDS = 6
+
+
+def generate(daemon, prompt: str, model: str = "m", timeout: float = 30, **extra) -> httpx.Response:
+    with daemon.client(timeout=timeout) as http:
+        return http.post("/api/generate", json={"model": model, "prompt": prompt, "stream": False, **extra})
+
+
+def environ(pid: int) -> dict[str, str]:
+    pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(p.decode(errors="replace").split("=", 1) for p in pairs if b"=" in p)
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+# ---- 1. one request must never stop the daemon ------------------------------------------------
+
+
+def test_unencodable_text_is_a_400_and_every_model_keeps_serving(tmp_path):
+    entries = [scripted_model(tmp_path, "m", reply_words=WORDS), scripted_model(tmp_path, "other", reply_words=WORDS)]
+    with running_daemon(tmp_path, entries) as daemon:
+        with daemon.client() as http:
+            for path, body in [
+                ("/api/generate", b'{"model": "m", "prompt": "bad \\ud800 text", "stream": false}'),
+                ("/api/chat", b'{"model": "m", "messages": [{"role": "user", "content": "\\udfff"}], "stream": false}'),
+                ("/v1/chat/completions", b'{"model": "m", "messages": [{"role": "user", "content": "x\\ud800"}]}'),
+                ("/api/generate", b'{"model": "m", "prompt": "x", "stream": false, "options": {"stop": ["\\ud800"]}}'),
+            ]:
+                reply = http.post(path, content=body)
+                assert reply.status_code == 400, (path, reply.text)
+                assert "invalid text" in json.dumps(reply.json())
+        assert generate(daemon, "still-here").json()["response"] == reply_text("still-here", WORDS, think=False)
+        assert generate(daemon, "other-too", model="other").json()["response"] == reply_text("other-too", WORDS, think=False)
+
+
+# ---- 3. no orphans when the daemon is killed --------------------------------------------------
+
+
+def test_after_a_sigkill_the_next_daemon_ends_what_the_first_left_running(tmp_path):
+    entries = [scripted_model(tmp_path, "m", reply_words=WORDS, fields={"run_on_startup": "true"})]
+    with running_daemon(tmp_path, entries, leftovers_fail=False) as first:
+        status = first.wait_state("m", "ready")
+        runner = status["runner_pid"]
+        owned_before = {pid for pid, _ in processes_owned_by(first.marker)} - {first.process.pid}
+        assert runner in owned_before and len(owned_before) >= 3  # tokenizer server, sh, runner
+        first.process.kill()
+        first.process.wait(10)
+        # Direct children die with the daemon (parent-death signal); a run script's runner ends
+        # when its pipes break, or at the latest when the next daemon on this data folder starts.
+        with running_daemon(tmp_path, entries) as second:
+            second.wait_state("m", "ready")
+            wait_until(lambda: not any(alive(pid) for pid in owned_before), 10, "the first daemon's children to end")
+            assert generate(second, "after-kill").json()["response"] == reply_text("after-kill", WORDS, think=False)
+            runners = [pid for pid, cmd in processes_owned_by(second.marker) if "ax-emulator" in cmd and alive(pid)]
+            assert len(runners) == 1, runners  # one runner for the model, not a second copy
+
+
+def test_a_second_daemon_on_the_same_data_folder_is_refused(tmp_path):
+    entries = [scripted_model(tmp_path, "m", reply_words=WORDS)]
+    with running_daemon(tmp_path, entries) as daemon:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AXM1_")}
+        import subprocess
+
+        from harness.paths import AXM1_LLM
+
+        result = subprocess.run(
+            [str(AXM1_LLM), "serve", "--port", "1", "--descriptor", str(daemon.descriptor), "--data-dir", str(tmp_path / "data")],
+            env=env, capture_output=True, text=True, timeout=60,
+        )
+        assert result.returncode == 2 and "is in use by another instance" in result.stderr, result.stderr
+        assert generate(daemon, "unharmed").status_code == 200
+
+
+# ---- 6. no secrets in children ----------------------------------------------------------------
+
+
+def test_children_get_a_minimal_environment_without_the_daemons_secrets(tmp_path):
+    entries = [scripted_model(tmp_path, "m", reply_words=WORDS)]
+    with running_daemon(tmp_path, entries, "--api-keys", "s3cret-key", extra_env={"AXM1_API_KEYS": "env-s3cret",
+                                                                                  "UNRELATED_TOKEN": "leak"}) as daemon:
+        headers = {"Authorization": "Bearer s3cret-key"}
+        assert httpx.post(daemon.url + "/api/generate", json={"model": "m", "prompt": "x", "stream": False},
+                          headers=headers, timeout=30).status_code == 200
+        children = [pid for pid, _ in processes_owned_by(daemon.marker) if pid != daemon.process.pid]
+        assert len(children) >= 3
+        for pid in children:
+            env = environ(pid)
+            # Only what the daemon sets for them on purpose: the owner tag, our server's session idle time.
+            assert {k for k in env if k.startswith("AXM1_")} <= {"AXM1_OWNER", "AXM1_TOKENIZER_SESSION_IDLE_SECONDS"}, (pid, sorted(env))
+            assert "UNRELATED_TOKEN" not in env and "s3cret" not in json.dumps(env)
+            assert env["AXM1_OWNER"] == daemon.marker and "PATH" in env
+
+
+# ---- 8. runner output cannot grow the daemon's memory ------------------------------------------
+
+
+def test_huge_runner_lines_are_truncated_in_the_log_ring(tmp_path):
+    flood = "i=0; while [ $i -lt 20 ]; do head -c 1048576 /dev/zero | tr '\\0' 'x'; echo; i=$((i+1)); done"
+    entries = [shell_runner_model(tmp_path, "m", setup=flood)]
+    with running_daemon(tmp_path, entries) as daemon:
+        assert generate(daemon, "after-flood").json()["response"] == "You said: after-flood"
+        reply = daemon.client().get("/api/logs/m")
+        assert len(reply.content) < 2 * 1024 * 1024, len(reply.content)
+        lines = [e["line"] for e in reply.json()["lines"]]
+        assert any("more characters cut]" in line for line in lines)
+
+
+# ---- 9. numbers out of range are the client's error -------------------------------------------
+
+
+@pytest.mark.parametrize("option", ["num_predict", "top_k", "seed", "temperature"])
+def test_huge_numeric_options_are_400_and_the_connection_stays_usable(tmp_path, option):
+    with running_daemon(tmp_path, [scripted_model(tmp_path, "m", reply_words=WORDS)]) as daemon:
+        with daemon.client() as http:
+            body = '{"model": "m", "prompt": "x", "stream": false, "options": {"%s": 1e400}}' % option
+            reply = http.post("/api/generate", content=body.encode())
+            assert reply.status_code == 400 and option in reply.json()["error"], reply.text
+            again = http.post("/api/generate", json={"model": "m", "prompt": "fine", "stream": False})
+            assert again.json()["response"] == reply_text("fine", WORDS, think=False)
+            openai = http.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                                             "max_tokens": 10**30})
+            assert openai.status_code == 400 and openai.json()["error"]["param"] == "max_tokens"
+
+
+# ---- 10 and 11. dialect C: its command and its context -----------------------------------------
+
+
+def axllm_folder(root: Path, name: str = "axllm") -> Path:
+    folder = root / name
+    folder.mkdir()
+    tokenizer = Path(__file__).resolve().parent.parent / "model" / "smollm2-135m" / "tokenizer"
+    (folder / "config.json").write_text(json.dumps(
+        {"tokenizer_path": str(tokenizer), "system_prompt": "Be brief.", "emu_init_seconds": 0, "emu_reply_words": WORDS}))
+    return folder
+
+
+def test_a_dialect_c_command_runs_without_a_shell_and_stays_in_its_folder(tmp_path):
+    folder = axllm_folder(tmp_path)
+    pwned = tmp_path / "pwned"
+    entries = [
+        {"model_name": "evil", "run_cmd": f"ax-emulator run ../x; touch {pwned}", "model_path": str(folder), "dialect": "c"},
+        {"model_name": "outside", "run_cmd": "ax-emulator run ..", "model_path": str(folder), "dialect": "c"},
+    ]
+    with running_daemon(tmp_path, entries) as daemon:
+        status = daemon.get("/api/status")
+        errors = {m["name"]: m["last_error"]["reason"] for m in status["models"] if m["state"] == "disabled"}
+        assert "resolves outside model_path" in errors["evil"] and "resolves outside model_path" in errors["outside"]
+        time.sleep(0.5)
+        assert not pwned.exists()
+
+
+def test_a_dialect_c_chat_larger_than_the_context_is_refused_after_a_reset(tmp_path):
+    folder = axllm_folder(tmp_path)
+    entries = [{"model_name": "axllm", "run_cmd": "ax-emulator run .", "model_path": str(folder), "dialect": "c",
+                "context_size": "256"}]
+    with running_daemon(tmp_path, entries) as daemon:
+        assert generate(daemon, "warm", model="axllm").status_code == 200  # then a reset ahead
+        daemon.wait_state("axllm", "ready")
+        # A chat of one message continues the (empty) context the reset left, whose size the runner
+        # has not reported again: the model's own context size bounds it.
+        with daemon.client() as http:
+            reply = http.post("/api/chat", json={"model": "axllm", "stream": False,
+                                                 "messages": [{"role": "user", "content": " ".join(["word"] * 400)}]})
+        assert reply.status_code == 400, reply.text
+        assert "more than the context" in reply.json()["error"]
