@@ -138,8 +138,9 @@ def test_huge_and_broken_descriptors_keep_the_running_models(tmp_path):
 
         # a broken file: the error names the file and the line, the running model stays
         daemon.descriptor.write_text('[{"model_name": "good",\n  oops}\n]')
+        # written in place, as an editor may: a poll can catch the file empty, the next one whole
         deadline = time.monotonic() + 10
-        while status_of(daemon)["descriptor"]["error"] is None and time.monotonic() < deadline:
+        while "line 2" not in (status_of(daemon)["descriptor"]["error"] or "") and time.monotonic() < deadline:
             time.sleep(0.1)
         error = status_of(daemon)["descriptor"]["error"]
         assert error and str(daemon.descriptor) in error and "line 2" in error, error
