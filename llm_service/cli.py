@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import sys
 import time
 from collections.abc import Awaitable, Sequence
@@ -24,7 +25,7 @@ from llm_service.children import DataDirInUse, claim_data_dir, end_leftovers, ow
 from llm_service.logging_setup import configure_logging
 from llm_service.server import ConnectionLimits, default_max_connections, guarded_protocol
 from llm_service.settings import DaemonSettings
-from tokenizer_service.settings import TokenizerServiceSettings
+from tokenizer_service.settings import MIN_SECRET_CHARS, TokenizerServiceSettings
 
 DEFAULT_URL = "http://127.0.0.1:11535"
 
@@ -158,6 +159,14 @@ def cmd_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             f"model descriptor not found: {settings.descriptor} "
             "(give --descriptor or AXM1_DESCRIPTOR, or create the file)"
         )
+    if settings.tokenizer_service_secret and len(settings.tokenizer_service_secret) < MIN_SECRET_CHARS:
+        fail(parser, f"tokenizer_service_secret must have at least {MIN_SECRET_CHARS} characters")
+    if settings.tokenizer_service_url is not None and not settings.tokenizer_service_secret:
+        fail(
+            parser,
+            "tokenizer_service_url is set but tokenizer_service_secret is not: give the secret the "
+            "tokenizer service was started with (AXM1_TOKENIZER_SERVICE_SECRET)",
+        )
     configure_logging(settings.log_level, settings.log_format)
     from llm_service.app import create_app  # the app imports the engines; --help stays fast
 
@@ -165,12 +174,18 @@ def cmd_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     servers = []
     if settings.tokenizer_service_url is None:
+        # In-process: a secret only this process knows (unless one is given), shared by the
+        # service and the daemon's client; and the service starts what the daemon's descriptor names.
+        secret = settings.tokenizer_service_secret or secrets.token_urlsafe(32)
+        settings = settings.model_copy(update={"tokenizer_service_secret": secret})
         tokenizer_settings = TokenizerServiceSettings(
             port=settings.tokenizer_service_port,
             log_level=settings.log_level,
             log_format=settings.log_format,
             data_dir=settings.data_dir,
             child_env=settings.child_env,
+            descriptor=settings.descriptor,
+            secret=secret,
         )
         servers.append(
             _uvicorn_server(
@@ -187,6 +202,22 @@ def cmd_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 def cmd_tokenizer_service(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     settings: TokenizerServiceSettings = build_settings(parser, TokenizerServiceSettings, args)
+    # Run on its own, it starts programs for whoever holds the secret, and only those the
+    # descriptor names: both are required.
+    if not settings.secret:
+        fail(
+            parser,
+            "no secret: set AXM1_TOKENIZER_SERVICE_SECRET (the daemon's tokenizer_service_secret, "
+            f"at least {MIN_SECRET_CHARS} characters); every request but /health must carry it",
+        )
+    if settings.descriptor is None:
+        fail(
+            parser,
+            "no descriptor: set AXM1_TOKENIZER_SERVICE_DESCRIPTOR (or --descriptor) to the daemon's "
+            "model descriptor; only the tokenizer servers it names are started",
+        )
+    if not settings.descriptor.is_file():
+        fail(parser, f"model descriptor not found: {settings.descriptor}")
     configure_logging(settings.log_level, settings.log_format)
     data_lock = _claim(parser, settings.data_dir)  # noqa: F841 (held for the process's life)
     server = _uvicorn_server(_tokenizer_app(settings), settings.host, settings.port, settings.log_level)
@@ -296,7 +327,8 @@ def make_parser() -> argparse.ArgumentParser:
     tokenizer = commands.add_parser(
         "tokenizer-service",
         help="run the tokenizer service alone (for a separate container or unit)",
-        description="Run the tokenizer service alone. Environment: AXM1_TOKENIZER_SERVICE_*.",
+        description="Run the tokenizer service alone. Environment: AXM1_TOKENIZER_SERVICE_*. "
+        "Needs a secret (AXM1_TOKENIZER_SERVICE_SECRET) and the daemon's descriptor.",
     )
     add_settings_flags(tokenizer, TokenizerServiceSettings)
     tokenizer.set_defaults(handler=cmd_tokenizer_service, command_parser=tokenizer)

@@ -112,6 +112,12 @@ class DaemonSettings(FileConfiguredSettings):
     tokenizer_service_port: int = Field(
         8101, ge=1, le=65535, description="port of the in-process tokenizer service (loopback)"
     )
+    tokenizer_service_secret: str | None = Field(
+        None,
+        description="shared secret of the tokenizer service (Bearer); unset = serve makes one at "
+        "each start for its in-process service; required with tokenizer_service_url; prefer the "
+        "environment to the flag, which other users see in ps",
+    )
     queue_size: int = Field(512, ge=1, description="pending requests per model before 503")
     request_deadline_s: float = Field(
         600, gt=0, description="a request fails after this long, queueing included"

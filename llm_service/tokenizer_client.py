@@ -1,7 +1,12 @@
 """The daemon's side of the tokenizer service (:8101) and of each model's tokenizer server.
 
-Readiness of a tokenizer server is decided by probing its port — never by reading its log, which
-is block-buffered when piped (the earlier wrapper waited forever on a log line).
+Readiness of a tokenizer server the service starts is the service's word (`running`: a socket of
+that server's own listens on its port; `blocked`: another process's does). A model without
+`tokenizer_py` has an external tokenizer server, whose port the daemon probes itself. Neither is
+ever read from a log, which is block-buffered when piped (the earlier wrapper waited forever on a
+log line).
+
+Calls to the service carry its shared secret (`Authorization: Bearer`).
 
 No `httpx` error leaves this module: a call that must succeed raises `TokenizerUnavailable`, a
 best-effort call (capabilities, counts) returns None.
@@ -10,6 +15,7 @@ from __future__ import annotations
 
 import time
 from typing import Any
+from urllib.parse import quote
 
 import anyio
 import httpx
@@ -31,25 +37,66 @@ class TokenizerClient:
     def service_url(self, tokenizer_ip: str) -> str:
         return self._service_url or f"http://{tokenizer_ip}:{self._service_port}"
 
-    async def start_server(self, name: str, tokenizer_ip: str, body: dict[str, Any]) -> None:
-        """Ask the tokenizer service to start (or keep) the model's tokenizer server."""
-        url = f"{self.service_url(tokenizer_ip)}/tokenizers/{name}/start"
+    async def _service_call(self, method: str, name: str, path: str, tokenizer_ip: str, secret: str | None) -> dict[str, Any]:
+        """One call to the tokenizer service about model `name`; its JSON reply, or TokenizerUnavailable."""
+        url = f"{self.service_url(tokenizer_ip)}/tokenizers/{quote(name, safe='')}{path}"
+        headers = {"Authorization": f"Bearer {secret}"} if secret else {}
         try:
-            reply = await self._http.post(url, json=body)
+            reply = await self._http.request(method, url, headers=headers)
+            data = reply.json()
         except httpx.HTTPError as exc:
             raise TokenizerUnavailable(f"tokenizer service at {url} unreachable: {exc!r}") from exc
-        if reply.status_code >= 400:
-            raise TokenizerUnavailable(f"tokenizer service refused to start {name}: {reply.text.strip()}")
+        except ValueError:
+            data = None
+        if reply.status_code >= 400 or not isinstance(data, dict):
+            said = data.get("error") if isinstance(data, dict) else None
+            raise TokenizerUnavailable(
+                f"tokenizer service refused {method} {path or '/'} for {name} ({reply.status_code}): "
+                f"{said or reply.text.strip()[:500]}"
+            )
+        return data
 
-    async def stop_server(self, name: str, tokenizer_ip: str) -> None:
-        url = f"{self.service_url(tokenizer_ip)}/tokenizers/{name}/stop"
+    async def start_server(self, name: str, tokenizer_ip: str, *, secret: str | None) -> dict[str, Any]:
+        """Ask the tokenizer service to start (or keep) the model's tokenizer server: the one the
+        descriptor names for it. Returns the server's state."""
+        return await self._service_call("POST", name, "/start", tokenizer_ip, secret)
+
+    async def wait_until_running(
+        self, name: str, tokenizer_ip: str, port: int, timeout: float, *, secret: str | None
+    ) -> None:
+        """Poll the service until the model's server is `running`: its own socket listens on
+        `port` and answers. A port another process holds fails at once, with the service's word."""
+        deadline = time.monotonic() + timeout
+        while True:
+            server = await self._service_call("GET", name, "", tokenizer_ip, secret)
+            state = server.get("state")
+            if server.get("port") != port:
+                raise TokenizerUnavailable(
+                    f"the tokenizer service runs {name} on port {server.get('port')}, not {port}: "
+                    "the daemon and the service must read the same descriptor"
+                )
+            if state == "running":
+                return
+            if state == "blocked":
+                raise TokenizerUnavailable(server.get("detail") or f"port {port} is taken by another process")
+            if state == "stopped" or time.monotonic() >= deadline:
+                tail = [line for line in server.get("log_tail") or [] if line.strip()][-5:]
+                raise TokenizerUnavailable(
+                    f"tokenizer server of {name} on port {port} not running after {timeout:.0f}s "
+                    f"(state {state}, restarts {server.get('restarts')}, last exit {server.get('last_exit')})"
+                    + ("; its output: " + " | ".join(tail) if tail else "")
+                )
+            await anyio.sleep(0.1)
+
+    async def stop_server(self, name: str, tokenizer_ip: str, *, secret: str | None) -> None:
         try:
-            await self._http.post(url)
-        except httpx.HTTPError:
-            pass  # the service is gone too; nothing left to stop
+            await self._service_call("POST", name, "/stop", tokenizer_ip, secret)
+        except TokenizerUnavailable:
+            pass  # the service is gone too, or never had it: nothing left to stop
 
     async def wait_until_serving(self, host: str, port: int, timeout: float) -> None:
-        """Probe the tokenizer server's port until it answers HTTP (any status) or time runs out."""
+        """Probe an external tokenizer server's port (a model without `tokenizer_py`: someone
+        else runs it) until it answers HTTP (any status) or time runs out."""
         deadline = time.monotonic() + timeout
         url = f"http://{host}:{port}/bos_id"
         last: Exception | None = None

@@ -1,8 +1,12 @@
-"""The tokenizer service (:8101) as a real process supervising real tokenizer server processes."""
+"""The tokenizer service (:8101) as a real process supervising real tokenizer server processes:
+it starts only what the descriptor names, for callers holding its secret, and a server is
+`running` only when the socket on its port is its own."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,24 +17,44 @@ import httpx
 import pytest
 
 from harness import net
+from harness.daemon import write_descriptor
 from harness.net import free_port, wait_http, wait_until
-from harness.paths import REPO_ROOT
-from tokenizer_support import SMOLLM2_TOKENIZER, pid_alive, write_stub_tokenizer
+from harness.paths import AXM1_LLM, REPO_ROOT
+from tokenizer_service.service import (
+    BLOCKED_RECHECK_SECONDS,
+    holders,
+    inspect_port,
+    listening_inodes,
+    session_members,
+    socket_inodes,
+    taken_message,
+    tcp_tables,
+)
+from tokenizer_support import SMOLLM2_TOKENIZER, pid_alive, squatter, tokenizer_entry, write_stub_tokenizer
 
 SERVICE_STOP_TIMEOUT = 30.0
+SECRET = "test-secret-0123456789abcdef"
 
 
 class Service:
-    def __init__(self, process: subprocess.Popen, base_url: str) -> None:
+    def __init__(self, process: subprocess.Popen, base_url: str, descriptor: Path) -> None:
         self.process = process
-        self.http = net.client(base_url=base_url, timeout=30.0)
+        self.descriptor = descriptor
+        self.http = net.client(base_url=base_url, timeout=30.0, headers={"Authorization": f"Bearer {SECRET}"})
 
-    def start(self, name: str, folder: Path, script: str, port: int) -> httpx.Response:
-        body = {"tokenizer_path": str(folder), "tokenizer_py": script, "port": port}
-        return self.http.post(f"/tokenizers/{name}/start", json=body)
+    def models(self, *entries: dict) -> None:
+        write_descriptor(self.descriptor, list(entries))
+
+    def start(self, name: str) -> httpx.Response:
+        return self.http.post(f"/tokenizers/{name}/start")
 
     def entry(self, name: str) -> dict:
-        return next(item for item in self.http.get("/tokenizers").json() if item["name"] == name)
+        reply = self.http.get(f"/tokenizers/{name}")
+        assert reply.status_code == 200, reply.text
+        return reply.json()
+
+    def wait_state(self, name: str, state: str, timeout: float = 60) -> dict:
+        return wait_until(lambda: (e := self.entry(name))["state"] == state and e, timeout, f"{name} to be {state}")
 
     def child_pid(self, name: str) -> int:
         """The pid the stub script printed for its own child."""
@@ -40,18 +64,24 @@ class Service:
         return wait_until(find, 30, "the stub's child pid in the log tail")
 
 
+def service_command(port: int, descriptor: Path, data_dir: Path) -> list[str]:
+    # The module's entry point is the CLI's `tokenizer-service`.
+    return [sys.executable, "-m", "tokenizer_service.service", "--host", "127.0.0.1", "--port", str(port),
+            "--descriptor", str(descriptor), "--data-dir", str(data_dir)]
+
+
 @pytest.fixture()
-def service() -> Iterator[Service]:
+def service(tmp_path) -> Iterator[Service]:
     port = free_port()
+    descriptor = tmp_path / "model-descriptor.json"
+    write_descriptor(descriptor, [])
     env = dict(os.environ, AXM1_TOKENIZER_SERVICE_RESTART_BACKOFF_MIN_S="0.2",
-               AXM1_TOKENIZER_SERVICE_RESTART_BACKOFF_MAX_S="1")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tokenizer_service.service", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    service = Service(process, f"http://127.0.0.1:{port}")
+               AXM1_TOKENIZER_SERVICE_RESTART_BACKOFF_MAX_S="1", AXM1_TOKENIZER_SERVICE_SECRET=SECRET)
+    process = subprocess.Popen(service_command(port, descriptor, tmp_path / "data"),
+                               cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    service = Service(process, f"http://127.0.0.1:{port}", descriptor)
     try:
-        assert wait_http(f"http://127.0.0.1:{port}/health").json() == {"status": "ok"}
+        assert wait_http(f"http://127.0.0.1:{port}/health", process=process).json() == {"status": "ok"}
         yield service
     finally:
         service.http.close()
@@ -71,6 +101,13 @@ def answers(port: int, path: str = "/bos_id") -> bool:
         return False
 
 
+def evil_script(folder: Path, touched: Path) -> str:
+    """A script an attacker would like the service to run: it leaves `touched` behind."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "evil.py").write_text(f"from pathlib import Path\nPath({str(touched)!r}).touch()\n")
+    return "evil.py"
+
+
 def test_real_tokenizer_is_started_restarted_after_a_kill_and_stopped(service, tmp_path):
     folder = tmp_path / "smollm2"
     folder.mkdir()
@@ -80,21 +117,25 @@ def test_real_tokenizer_is_started_restarted_after_a_kill_and_stopped(service, t
         f"sys.exit(main(['--tokenizer', {str(SMOLLM2_TOKENIZER)!r}, *sys.argv[1:]]))\n"
     )
     port = free_port()
-    started = service.start("smollm2", folder, "smollm2_tokenizer_uid.py", port)
-    assert started.status_code == 200
+    service.models(tokenizer_entry(folder, "smollm2", "smollm2_tokenizer_uid.py", port))
+    started = service.start("smollm2")
+    assert started.status_code == 200, started.text
     first = started.json()
-    assert first["name"] == "smollm2" and first["port"] == port and first["state"] == "starting"
+    assert first["name"] == "smollm2" and first["port"] == port and first["state"] in ("starting", "running")
     assert pid_alive(first["pid"])
-    wait_http(f"http://127.0.0.1:{port}/get_uid", 60, ok_only=True)
+    running = service.wait_state("smollm2", "running")
+    assert running["pid"] == first["pid"] and running["detail"] is None
+    assert wait_http(f"http://127.0.0.1:{port}/get_uid", 5, ok_only=True)  # running means serving
     # Idempotent: the same start again keeps the same process.
-    assert service.start("smollm2", folder, "smollm2_tokenizer_uid.py", port).json()["pid"] == first["pid"]
+    assert service.start("smollm2").json()["pid"] == first["pid"]
 
     os.kill(first["pid"], signal.SIGKILL)
     restarted = wait_until(
         lambda: (e := service.entry("smollm2"))["restarts"] == 1 and e["pid"] not in (None, first["pid"]) and e,
         30, "the killed tokenizer server to be restarted")
     assert restarted["last_exit"] == -signal.SIGKILL
-    wait_http(f"http://127.0.0.1:{port}/get_uid", 60, ok_only=True)  # restarted
+    service.wait_state("smollm2", "running")
+    wait_http(f"http://127.0.0.1:{port}/get_uid", 5, ok_only=True)  # restarted
     assert "Server running at http://127.0.0.1:" in "\n".join(service.entry("smollm2")["log_tail"])
 
     stopped = service.http.post("/tokenizers/smollm2/stop")
@@ -104,56 +145,143 @@ def test_real_tokenizer_is_started_restarted_after_a_kill_and_stopped(service, t
     assert service.entry("smollm2")["pid"] is None
 
 
-def test_script_outside_its_folder_is_refused(service, tmp_path):
-    folder = tmp_path / "model" / "tokenizer"
+def test_the_descriptor_is_read_again_at_each_start(service, tmp_path):
+    write_stub_tokenizer(tmp_path / "m")
+    first_port, second_port = free_port(), free_port()
+    service.models(tokenizer_entry(tmp_path / "m", "m", "stub_tokenizer.py", first_port))
+    first = service.start("m").json()
+    service.wait_state("m", "running", 30)
+    service.models(tokenizer_entry(tmp_path / "m", "m", "stub_tokenizer.py", second_port))
+    second = service.start("m").json()
+    assert second["port"] == second_port and second["pid"] != first["pid"]
+    assert not pid_alive(first["pid"])
+    service.wait_state("m", "running", 30)
+    assert answers(second_port) and not answers(first_port)
+
+
+def test_a_script_outside_its_folder_is_refused(service, tmp_path):
+    folder = tmp_path / "model"
     write_stub_tokenizer(folder)
     outside = write_stub_tokenizer(tmp_path / "elsewhere")
     (folder / "link.py").symlink_to(outside)
-    for script in ["../../elsewhere/stub_tokenizer.py", str(outside), "link.py", "missing.py"]:
-        reply = service.start("evil", folder, script, free_port())
-        assert reply.status_code == 400, script
-        assert "error" in reply.json()
-    assert service.start("evil", tmp_path / "no-such-folder", "stub_tokenizer.py", free_port()).status_code == 400
+    scripts = ["../elsewhere/stub_tokenizer.py", str(outside), "link.py", "missing.py"]
+    service.models(*(tokenizer_entry(folder, f"evil{i}", script, free_port()) for i, script in enumerate(scripts)),
+                   tokenizer_entry(folder, "no-folder", "stub_tokenizer.py", free_port(),
+                                   tokenizer_path=str(tmp_path / "no-such-folder")))
+    for name in [f"evil{i}" for i in range(len(scripts))] + ["no-folder"]:
+        reply = service.start(name)
+        assert reply.status_code == 400, (name, reply.text)
+        assert "invalid" in reply.json()["error"] and "tokenizer_" in reply.json()["error"], reply.text
     assert service.http.get("/tokenizers").json() == []
+
+
+def test_requests_without_the_secret_are_refused_and_start_nothing(service, tmp_path):
+    touched = tmp_path / "pwned"
+    script = evil_script(tmp_path / "attacker", touched)
+    service.models(tokenizer_entry(tmp_path / "attacker", "victim", script, free_port()))
+    body = {"tokenizer_path": str(tmp_path / "attacker"), "tokenizer_py": script, "port": free_port()}
+    base = service.http.base_url
+    for headers in [{}, {"Authorization": "Bearer wrong"}, {"Authorization": SECRET},
+                    {"Authorization": f"Basic {SECRET}"}, {"Authorization": f"Bearer {SECRET}x"}]:
+        with net.client(base_url=base, headers=headers, timeout=10) as http:
+            for method, path in [("POST", "/tokenizers/victim/start"), ("POST", "/tokenizers/x/start"),
+                                 ("POST", "/tokenizers/victim/stop"), ("GET", "/tokenizers"),
+                                 ("GET", "/tokenizers/victim"), ("GET", "/docs"), ("GET", "/nowhere")]:
+                reply = http.request(method, path, json=body)
+                assert reply.status_code == 401, (headers, method, path, reply.text)
+                assert "secret" in reply.json()["error"]
+            assert http.get("/health").json() == {"status": "ok"}  # liveness needs no secret
+    time.sleep(1)
+    assert not touched.exists()
+    assert service.http.get("/tokenizers").json() == []
+
+
+def test_only_models_of_the_descriptor_start_and_a_request_body_is_ignored(service, tmp_path):
+    touched = tmp_path / "pwned"
+    script = evil_script(tmp_path / "attacker", touched)
+    write_stub_tokenizer(tmp_path / "m")
+    port = free_port()
+    service.models(tokenizer_entry(tmp_path / "m", "m", "stub_tokenizer.py", port),
+                   {"model_name": "external", "run_cmd": "run.sh", "model_path": str(tmp_path / "m"),
+                    "tokenizer_port": str(free_port())})
+    evil = {"tokenizer_path": str(tmp_path / "attacker"), "tokenizer_py": script, "port": free_port()}
+    reply = service.http.post("/tokenizers/x/start", json=evil)
+    assert reply.status_code == 404 and "no model named 'x'" in reply.json()["error"], reply.text
+    reply = service.http.post("/tokenizers/external/start")
+    assert reply.status_code == 400 and "no tokenizer_py" in reply.json()["error"], reply.text
+    # A known name with a body naming another script runs the descriptor's script, on its port.
+    started = service.http.post("/tokenizers/m/start", json=evil).json()
+    assert started["port"] == port
+    service.wait_state("m", "running", 30)
+    assert any("stub running in " + str(tmp_path / "m") in line for line in service.entry("m")["log_tail"])
+    time.sleep(0.5)
+    assert not touched.exists()
+    assert [e["name"] for e in service.http.get("/tokenizers").json()] == ["m"]
 
 
 def test_stop_of_an_unknown_tokenizer_is_a_404(service):
     reply = service.http.post("/tokenizers/nobody/stop")
     assert reply.status_code == 404 and "error" in reply.json()
+    reply = service.http.get("/tokenizers/nobody")
+    assert reply.status_code == 404 and "error" in reply.json()
 
 
 def test_a_crashing_script_is_restarted_with_back_off(service, tmp_path):
-    write_stub_tokenizer(tmp_path, exit_code=3)
-    assert service.start("crashy", tmp_path, "stub_tokenizer.py", free_port()).status_code == 200
+    write_stub_tokenizer(tmp_path / "crashy", exit_code=3)
+    service.models(tokenizer_entry(tmp_path / "crashy", "crashy", "stub_tokenizer.py", free_port()))
+    assert service.start("crashy").status_code == 200
     entry = wait_until(lambda: (e := service.entry("crashy"))["restarts"] >= 2 and e, 30, "two restarts")
-    assert entry["last_exit"] == 3
-    assert any("stub running in " + str(tmp_path) in line for line in entry["log_tail"])  # cwd = folder
+    assert entry["last_exit"] == 3 and entry["state"] != "running"
+    assert any("stub running in " + str(tmp_path / "crashy") in line for line in entry["log_tail"])  # cwd = folder
     # Delays of 0.2, 0.4, 0.8, 1, 1 … s: no more than a handful of restarts in a few seconds.
     time.sleep(3)
     assert service.entry("crashy")["restarts"] <= entry["restarts"] + 6
     assert service.http.post("/tokenizers/crashy/stop").json()["state"] == "stopped"
 
 
-def test_a_port_served_by_a_hand_started_tokenizer_is_external_until_it_goes(service, tmp_path):
-    script = write_stub_tokenizer(tmp_path)
+@pytest.mark.parametrize("answering", [True, False], ids=["http-squatter", "silent-squatter"])
+def test_a_squatter_blocks_the_model_until_it_goes_and_never_gets_a_request(service, tmp_path, answering):
+    write_stub_tokenizer(tmp_path / "m")
     port = free_port()
-    by_hand = subprocess.Popen([sys.executable, str(script), "--host", "127.0.0.1", "--port", str(port)],
-                               cwd=tmp_path, stdout=subprocess.DEVNULL, start_new_session=True)
+    service.models(tokenizer_entry(tmp_path / "m", "m", "stub_tokenizer.py", port))
+    if answering:
+        other = squatter(port, tmp_path / "received.jsonl")
+    else:  # a socket that only listens: no HTTP needed to take a port
+        other = silent_listener(port)
+    with other as held:
+        reply = service.start("m").json()
+        assert reply["state"] == "blocked" and reply["pid"] is None, reply
+        assert reply["detail"].startswith(f"port {port} is taken by another process (pid {held.pid}: ")
+        time.sleep(BLOCKED_RECHECK_SECONDS * 1.5)  # re-checked: still blocked, nothing of ours spawned
+        entry = service.entry("m")
+        assert entry["state"] == "blocked" and entry["pid"] is None and entry["restarts"] == 0
+        assert not any("stub running" in line for line in entry["log_tail"])
+        if answering:
+            assert held.received() == []
+    ours = service.wait_state("m", "running", 30)  # the port is free: ours starts
+    assert ours["pid"] not in (None, held.pid) and ours["detail"] is None
+    assert answers(port)
+
+
+@contextlib.contextmanager
+def silent_listener(port: int) -> Iterator[subprocess.Popen]:
+    """A socket that only listens, in a process of its own (so that it has a pid to name)."""
+    code = ("import socket, sys, time; s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); "
+            "s.listen(); print('listening', flush=True); time.sleep(600)")
+    process = subprocess.Popen([sys.executable, "-c", code, str(port)], stdout=subprocess.PIPE, text=True)
     try:
-        wait_http(f"http://127.0.0.1:{port}/bos_id", 30, ok_only=True)  # the hand-started one
-        reply = service.start("manual", tmp_path, "stub_tokenizer.py", port).json()
-        assert reply["state"] == "external" and reply["pid"] is None
+        assert process.stdout.readline() == "listening\n"
+        yield process
     finally:
-        os.killpg(by_hand.pid, signal.SIGKILL)  # the stub and its child
-        by_hand.wait()
-    ours = wait_until(lambda: (e := service.entry("manual"))["pid"] and e, 30, "our own server to take over")
-    assert ours["state"] == "starting" and ours["pid"] != by_hand.pid
-    wait_http(f"http://127.0.0.1:{port}/bos_id", 30, ok_only=True)  # ours, on the freed port
+        process.kill()
+        process.wait(10)
+        process.stdout.close()
 
 
 def test_shutdown_leaves_no_orphans(service, tmp_path):
-    write_stub_tokenizer(tmp_path)
-    server_pid = service.start("stub", tmp_path, "stub_tokenizer.py", free_port()).json()["pid"]
+    write_stub_tokenizer(tmp_path / "stub")
+    service.models(tokenizer_entry(tmp_path / "stub", "stub", "stub_tokenizer.py", free_port()))
+    server_pid = service.start("stub").json()["pid"]
     child_pid = service.child_pid("stub")
     assert pid_alive(server_pid) and pid_alive(child_pid)
     service.process.send_signal(signal.SIGTERM)
@@ -164,8 +292,9 @@ def test_shutdown_leaves_no_orphans(service, tmp_path):
 
 
 def test_a_killed_service_takes_its_servers_with_it(service, tmp_path):
-    write_stub_tokenizer(tmp_path)
-    server_pid = service.start("stub", tmp_path, "stub_tokenizer.py", free_port()).json()["pid"]
+    write_stub_tokenizer(tmp_path / "stub")
+    service.models(tokenizer_entry(tmp_path / "stub", "stub", "stub_tokenizer.py", free_port()))
+    server_pid = service.start("stub").json()["pid"]
     child_pid = service.child_pid("stub")
     service.process.kill()  # no chance to clean up: the kernel's parent-death signal does it
     service.process.wait(timeout=10)
@@ -175,3 +304,61 @@ def test_a_killed_service_takes_its_servers_with_it(service, tmp_path):
         # The stub's own child has no parent-death signal; clean it up by hand.
         if pid_alive(child_pid):
             os.kill(child_pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize(("missing", "message"), [("AXM1_TOKENIZER_SERVICE_SECRET", "no secret"),
+                                                  ("--descriptor", "no descriptor")])
+def test_run_alone_it_refuses_to_start_without_a_secret_or_a_descriptor(tmp_path, missing, message):
+    descriptor = tmp_path / "model-descriptor.json"
+    write_descriptor(descriptor, [])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AXM1_")}
+    command = [str(AXM1_LLM), "tokenizer-service", "--port", str(free_port()), "--data-dir", str(tmp_path / "data")]
+    if missing != "AXM1_TOKENIZER_SERVICE_SECRET":
+        env["AXM1_TOKENIZER_SERVICE_SECRET"] = SECRET
+    if missing != "--descriptor":
+        command += ["--descriptor", str(descriptor)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    short = subprocess.run([*command, "--descriptor", str(descriptor)], env=dict(env, AXM1_TOKENIZER_SERVICE_SECRET="short"),
+                           capture_output=True, text=True, timeout=60)
+    assert short.returncode == 2 and "--secret" in short.stderr and "16" in short.stderr, short.stderr
+
+
+# ---- who listens on a port: the /proc helpers ----------------------------------------------------
+
+TCP_TABLE = """\
+  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:3039 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 111 1 0 100 0 0 10 0
+   1: 00000000:3039 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 222 1 0 100 0 0 10 0
+   2: 0100007F:3039 0100007F:C350 01 00000000:00000000 00:00000000 00000000  1000        0 333 1 0 20 4 30 10 -1
+   3: 0100007F:303A 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 444 1 0 100 0 0 10 0
+   4: 0100007F:9C40 0100007F:3039 06 00000000:00000000 03:00000F8A 00000000     0        0 0 3
+"""
+TCP6_TABLE = """\
+  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000000000000000000001000000:3039 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 555 1 0 100 0 0 10 0
+"""
+
+
+def test_listening_inodes_reads_listeners_of_the_port_on_every_address():
+    assert listening_inodes(12345, [TCP_TABLE, TCP6_TABLE]) == {111, 222, 555}  # not the connection (333)
+    assert listening_inodes(12346, [TCP_TABLE]) == {444}
+    assert listening_inodes(40000, [TCP_TABLE]) == set()  # a time-wait socket is no listener
+    assert listening_inodes(12345, []) == set()
+
+
+def test_the_proc_helpers_find_a_real_listening_socket_and_its_holder():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        inode = os.fstat(listener.fileno()).st_ino
+        assert listening_inodes(port, tcp_tables()) == {inode}
+        assert inode in socket_inodes(os.getpid())
+        assert os.getpid() in holders({inode})
+        assert os.getpid() in session_members(os.getsid(0))
+        assert inspect_port(port, os.getsid(0)) == (True, None)  # our session's socket
+        ours, taken = inspect_port(port, None)
+        assert not ours and taken.startswith(f"port {port} is taken by another process (pid {os.getpid()}: ")
+    assert inspect_port(port, None) == (False, None)  # closed: nobody listens
+    assert taken_message(80, []) == "port 80 is taken by another process (pid unknown: a process this service may not inspect)"

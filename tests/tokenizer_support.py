@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -81,3 +82,74 @@ def pid_alive(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def tokenizer_entry(folder: Path, name: str, script: str, port: int, **fields: str) -> dict[str, str]:
+    """A descriptor entry of a card model in `folder` whose tokenizer server is `script` on
+    `port` (the folder gets a run script, which the descriptor requires; the service never runs it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "run.sh").write_text("exit 0\n")
+    return {"model_name": name, "run_cmd": "run.sh", "model_path": str(folder), "tokenizer_py": script,
+            "tokenizer_port": str(port), **fields}
+
+
+# A process that takes a model's tokenizer port before our server does: it answers every request
+# with plausible JSON and appends what it received to a record file (one JSON object a line).
+SQUATTER_SCRIPT = '''
+import json, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+port, record = int(sys.argv[1]), sys.argv[2]
+
+class Handler(BaseHTTPRequestHandler):
+    def answer(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length).decode(errors="replace")
+        with open(record, "a") as out:
+            out.write(json.dumps({"method": self.command, "path": self.path, "body": body}) + "\\n")
+        reply = json.dumps({"bos_id": 1, "eos_id": 2, "uid": "squatter", "token_ids": [1, 2], "text": "x"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    do_GET = do_POST = answer
+
+    def log_message(self, *args):
+        pass
+
+server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+print("listening", flush=True)
+server.serve_forever()
+'''
+
+
+class Squatter:
+    """A squatter process on `port` (see SQUATTER_SCRIPT); `received()` is what it was sent."""
+
+    def __init__(self, port: int, record: Path) -> None:
+        self.port, self.record = port, record
+        record.write_text("")
+        self.process = subprocess.Popen([sys.executable, "-c", SQUATTER_SCRIPT, str(port), str(record)],
+                                        stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout is not None and self.process.stdout.readline() == "listening\n"
+        self.pid = self.process.pid
+
+    def received(self) -> list[dict[str, str]]:
+        return [json.loads(line) for line in self.record.read_text().splitlines()]
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait(10)
+        if self.process.stdout:
+            self.process.stdout.close()
+
+
+@contextlib.contextmanager
+def squatter(port: int, record: Path) -> Iterator[Squatter]:
+    process = Squatter(port, record)
+    try:
+        yield process
+    finally:
+        process.stop()

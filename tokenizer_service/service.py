@@ -1,26 +1,39 @@
 """The tokenizer service (:8101): starts and supervises each model's tokenizer server.
 
-    python -m tokenizer_service.service --host 127.0.0.1 --port 8101
+    axm1-llm tokenizer-service --descriptor model/model-descriptor.json   (secret: AXM1_TOKENIZER_SERVICE_SECRET)
 
-Each server runs as `<python> <tokenizer_py> --host <host> --port <port>` in `tokenizer_path`, in a
-process group of its own, so stopping it (SIGTERM to the group, SIGKILL after a grace) takes
-anything it spawned too; on Linux the kernel also kills it if this service dies without cleaning
-up. A server that exits is restarted with a growing back-off. A port already answered by a
-tokenizer this service did not start (one run by hand) is reported as `external` and re-checked,
-and ours is started when it goes away. Readiness is the caller's business: it probes the port.
+It starts only what the model descriptor names: a start request carries a model's name, and the
+folder, script, address and port come from that model's entry (`tokenizer_path`, `tokenizer_py`,
+`tokenizer_ip`, `tokenizer_port`), read again at every start so a changed descriptor takes effect.
+Every route but `/health` needs `Authorization: Bearer <secret>`: anyone on the box can reach a
+loopback port, and a start runs a program as this service's user.
+
+Each server runs as `<python> <tokenizer_py> --host <host> --port <port>` in its folder, in a
+session and process group of its own, so stopping it (SIGTERM to the group, SIGKILL after a
+grace) takes anything it spawned too; on Linux the kernel also kills it if this service dies
+without cleaning up. A server that exits is restarted with a growing back-off.
+
+A server is `running` only when the socket listening on its port belongs to a process of its own
+session (found in /proc: the socket's inode in /proc/net/tcp{,6}, held open in /proc/<pid>/fd).
+Prompts and system prompts go to that port, so a port that another process listens on — before
+our server starts, or instead of it — is `blocked`, named with that process, and re-checked; our
+server starts when the port is free again. A tokenizer someone else runs is declared by giving
+its model no `tokenizer_py`: this service is then not involved (the daemon probes the port).
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
+import hashlib
+import hmac
+import json
 import logging
 import os
 import signal
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -29,9 +42,10 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llm_service.children import child_environment, die_with_parent, owner_tag
+from llm_service.descriptor import load_descriptor
 from tokenizer_service.server import SESSION_IDLE_ENV
 from tokenizer_service.settings import TokenizerServiceSettings
 
@@ -41,29 +55,29 @@ LOG_TAIL_LINES = 50
 STOP_GRACE_SECONDS = 5.0
 # A server that ran this long before exiting was healthy: its next restart starts the back-off over.
 STABLE_RUN_SECONDS = 60.0
-EXTERNAL_RECHECK_SECONDS = 2.0
+BLOCKED_RECHECK_SECONDS = 2.0
+READY_POLL_SECONDS = 0.1
 PROBE_TIMEOUT_SECONDS = 1.0
 # Even with a zero back-off setting, a script that dies at once must not spin the CPU.
 MIN_RESTART_DELAY_SECONDS = 0.1
+PROC = Path("/proc")
+TCP_LISTEN = "0A"  # the `st` column of /proc/net/tcp for a listening socket
+CMDLINE_CHARS = 200
+# Reachable without the secret: liveness probes (Docker, systemd) carry no secrets.
+OPEN_PATHS = frozenset({"/health"})
 
 
 class ServerState(StrEnum):
-    STARTING = "starting"  # spawned; the caller probes the port for readiness
+    STARTING = "starting"  # spawned; its port does not yet answer from a socket of its own
+    RUNNING = "running"  # its own socket listens on the port, and answers HTTP
     BACKOFF = "backoff"  # exited; waiting before the next start
-    EXTERNAL = "external"  # the port is served by a tokenizer we did not start
+    BLOCKED = "blocked"  # another process listens on the port; re-checked
     STOPPED = "stopped"
-
-
-class StartRequest(BaseModel):
-    tokenizer_path: str
-    tokenizer_py: str
-    port: int
-    host: str = "127.0.0.1"
 
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """What to run for one model: a script confined to its folder, and where it listens."""
+    """What to run for one model, as its descriptor entry says, and where it listens."""
 
     folder: Path
     script: Path
@@ -72,30 +86,145 @@ class ServerSpec:
 
 
 class RefusedStart(Exception):
-    pass
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
-def confine_script(tokenizer_path: str, tokenizer_py: str) -> tuple[Path, Path]:
-    """The folder and the script inside it, both resolved; refuse a script outside the folder."""
-    folder = Path(tokenizer_path).resolve()
-    if not folder.is_dir():
-        raise RefusedStart(f"tokenizer_path is not a folder: {tokenizer_path}")
-    script = (folder / tokenizer_py).resolve()
-    if not script.is_relative_to(folder):
-        raise RefusedStart(f"tokenizer_py {tokenizer_py!r} resolves outside tokenizer_path {tokenizer_path!r}")
-    if not script.is_file():
-        raise RefusedStart(f"tokenizer_py not found: {script}")
-    return folder, script
+def spec_from_descriptor(descriptor: Path, name: str) -> ServerSpec:
+    """The tokenizer server the descriptor names for model `name`, its paths checked by the
+    descriptor's own parser (the script lies inside its folder); refuse anything else."""
+    result = load_descriptor(descriptor)
+    if result.file_error:
+        raise RefusedStart(400, f"cannot start a tokenizer: {result.file_error}")
+    spec = result.models.get(name)
+    if spec is None:
+        if name in result.errors:
+            raise RefusedStart(400, f"the descriptor's entry for {name!r} is invalid: {result.errors[name]}")
+        raise RefusedStart(404, f"no model named {name!r} in {descriptor}")
+    config = spec.config
+    if not getattr(config, "tokenizer_py", None):
+        raise RefusedStart(
+            400, f"model {name!r} has no tokenizer_py in {descriptor}: its tokenizer server, if any, "
+            "is not one this service starts",
+        )
+    if config.tokenizer_port is None:
+        raise RefusedStart(400, f"model {name!r} has no tokenizer_port in {descriptor}")
+    folder = config.tokenizer_path or config.model_path
+    return ServerSpec(folder, (folder / config.tokenizer_py).resolve(), config.tokenizer_ip, config.tokenizer_port)
 
 
-async def probe_tokenizer(host: str, port: int) -> bool:
-    """Does something answer HTTP with JSON on host:port, as every tokenizer server does?"""
+# ---- who listens on a port (Linux /proc) ---------------------------------------------------------
+
+
+def listening_inodes(port: int, tables: Iterable[str]) -> set[int]:
+    """Inodes of the sockets listening on `port` on any address, from the text of /proc/net/tcp
+    and /proc/net/tcp6 (`sl local_address rem_address st … inode`, addresses as HEX:PORT)."""
+    inodes = set()
+    for table in tables:
+        for line in table.splitlines()[1:]:
+            fields = line.split()
+            if len(fields) < 10 or fields[3] != TCP_LISTEN:
+                continue
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            if local_port == port and fields[9] != "0":
+                inodes.add(int(fields[9]))
+    return inodes
+
+
+def tcp_tables(proc: Path = PROC) -> list[str]:
+    tables = []
+    for name in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):  # no IPv6 on this box
+            tables.append((proc / "net" / name).read_text())
+    return tables
+
+
+def socket_inodes(pid: int, proc: Path = PROC) -> set[int]:
+    """The sockets process `pid` holds open (its fd links read `socket:[inode]`); none when it is
+    gone or not ours to inspect."""
+    inodes = set()
+    fd_dir = proc / str(pid) / "fd"
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return inodes
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            link = os.readlink(fd_dir / fd)
+            if link.startswith("socket:["):
+                inodes.add(int(link[8:-1]))
+    return inodes
+
+
+def _stat_fields(pid: int, proc: Path) -> list[str] | None:
+    """/proc/<pid>/stat after the command name (which may hold spaces and parentheses):
+    state, ppid, pgrp, session, …"""
+    try:
+        return (proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def pids(proc: Path = PROC) -> list[int]:
+    return [int(entry.name) for entry in proc.iterdir() if entry.name.isdigit()]
+
+
+def session_members(session: int, proc: Path = PROC) -> list[int]:
+    """The processes of a session. A server is started as a session leader, and what it spawns
+    stays in its session even when re-parented, so this is its process tree."""
+    return [pid for pid in pids(proc) if (fields := _stat_fields(pid, proc)) and int(fields[3]) == session]
+
+
+def holders(inodes: set[int], proc: Path = PROC) -> list[int]:
+    """The processes (among those we may inspect) that hold one of the sockets `inodes`."""
+    return [pid for pid in pids(proc) if socket_inodes(pid, proc) & inodes]
+
+
+def cmdline(pid: int, proc: Path = PROC) -> str:
+    try:
+        text = (proc / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return "?"
+    return text if len(text) <= CMDLINE_CHARS else text[: CMDLINE_CHARS - 1] + "…"
+
+
+def taken_message(port: int, pids_: list[int], proc: Path = PROC) -> str:
+    if not pids_:
+        who = "pid unknown: a process this service may not inspect"
+    else:
+        who = "; ".join(f"pid {pid}: {cmdline(pid, proc)}" for pid in pids_[:3])
+    return f"port {port} is taken by another process ({who})"
+
+
+def inspect_port(port: int, session: int | None, proc: Path = PROC) -> tuple[bool, str | None]:
+    """Who listens on `port`: (a process of `session` does, the message naming another process
+    that does — None when none does). Every listening socket on the port counts, whatever its
+    address: a client of 127.0.0.1 or of "localhost" may reach any of them."""
+    inodes = listening_inodes(port, tcp_tables(proc))
+    if not inodes:
+        return False, None
+    ours: set[int] = set()
+    if session is not None:
+        for pid in session_members(session, proc):
+            ours |= socket_inodes(pid, proc)
+    foreign = inodes - ours
+    if not foreign:
+        return True, None
+    return bool(inodes & ours), taken_message(port, holders(foreign, proc), proc)
+
+
+async def answers_http(host: str, port: int) -> bool:
+    """Does the port answer HTTP (any status)? Only asked once the socket is known to be ours."""
     try:
         async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_SECONDS) as http:
-            reply = await http.get(f"http://{host}:{port}/bos_id")
-        return isinstance(reply.json(), dict)
-    except (httpx.HTTPError, ValueError):
+            await http.get(f"http://{host}:{port}/bos_id")
+        return True
+    except httpx.HTTPError:
         return False
+
+
+# ---- supervision ----------------------------------------------------------------------------
 
 
 @dataclass
@@ -105,6 +234,7 @@ class ManagedServer:
     name: str
     spec: ServerSpec
     state: ServerState = ServerState.STARTING
+    detail: str | None = None  # why it is blocked
     process: asyncio.subprocess.Process | None = None
     restarts: int = 0
     last_exit: int | None = None
@@ -116,18 +246,26 @@ class ManagedServer:
     def snapshot(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "host": self.spec.host,
             "port": self.spec.port,
             "pid": self.process.pid if self.process and self.process.returncode is None else None,
             "state": self.state.value,
+            "detail": self.detail,
             "restarts": self.restarts,
             "last_exit": self.last_exit,
             "log_tail": list(self.log_tail),
         }
 
+    def block(self, detail: str) -> None:
+        if detail != self.detail:
+            log.warning("tokenizer %s: %s", self.name, detail)
+        self.state, self.detail = ServerState.BLOCKED, detail
+
 
 class TokenizerSupervisor:
     def __init__(
         self,
+        descriptor: Path,
         python: str = sys.executable,
         session_idle_seconds: float | None = None,
         backoff_min_seconds: float = 1.0,
@@ -136,6 +274,7 @@ class TokenizerSupervisor:
         owner: str = "",
         child_env: list[str] | tuple[str, ...] = (),
     ) -> None:
+        self.descriptor = descriptor
         self.python = python
         self.session_idle_seconds = session_idle_seconds
         self.backoff_min_seconds = backoff_min_seconds
@@ -149,23 +288,25 @@ class TokenizerSupervisor:
     def snapshots(self) -> list[dict[str, Any]]:
         return [server.snapshot() for server in self._servers.values()]
 
-    async def start(self, name: str, request: StartRequest) -> dict[str, Any]:
-        folder, script = confine_script(request.tokenizer_path, request.tokenizer_py)
-        spec = ServerSpec(folder, script, request.host, request.port)
+    def snapshot(self, name: str) -> dict[str, Any] | None:
+        server = self._servers.get(name)
+        return server.snapshot() if server is not None else None
+
+    async def start(self, name: str) -> dict[str, Any]:
+        spec = spec_from_descriptor(self.descriptor, name)
         async with self._lock:
             current = self._servers.get(name)
             if current is not None and current.spec == spec and current.state != ServerState.STOPPED:
                 return current.snapshot()
             for other in self._servers.values():
-                same_port = (other.spec.host, other.spec.port) == (spec.host, spec.port)
-                if other.name != name and same_port and other.state != ServerState.STOPPED:
-                    raise RefusedStart(f"port {spec.port} is already used by tokenizer {other.name!r}")
+                if other.name != name and other.spec.port == spec.port and other.state != ServerState.STOPPED:
+                    raise RefusedStart(400, f"port {spec.port} is already used by tokenizer {other.name!r}")
             if current is not None:
                 await self._stop(current)
             server = ManagedServer(name, spec)
             self._servers[name] = server
             server.task = asyncio.create_task(self._supervise(server), name=f"tokenizer {name}")
-        # Spawning takes milliseconds; wait for it so the reply carries the pid.
+        # Spawning takes milliseconds; wait for it so the reply carries the pid (or the block).
         await server.first_attempt_done.wait()
         return server.snapshot()
 
@@ -190,11 +331,14 @@ class TokenizerSupervisor:
         backoff = self.backoff_min_seconds
         try:
             while not server.stop_requested.is_set():
-                if await probe_tokenizer(server.spec.host, server.spec.port):
-                    server.state = ServerState.EXTERNAL
+                # Before we spawn, whoever listens on the port is not ours.
+                _, taken = await asyncio.to_thread(inspect_port, server.spec.port, None)
+                if taken is not None:
+                    server.block(taken)
                     server.first_attempt_done.set()
-                    await self._sleep_unless_stopped(server, EXTERNAL_RECHECK_SECONDS)
+                    await self._sleep_unless_stopped(server, BLOCKED_RECHECK_SECONDS)
                     continue
+                server.detail = None
                 started = time.monotonic()
                 try:
                     await self._spawn(server)
@@ -233,18 +377,39 @@ class TokenizerSupervisor:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,  # its own process group, stopped as a whole
+            # A session of its own: its process group is stopped as a whole, and its session
+            # id tells its processes from others listening on its port.
+            start_new_session=True,
             preexec_fn=die_with_parent,
         )
         log.info("tokenizer %s started: pid %s on %s:%s", server.name, server.process.pid, spec.host, spec.port)
 
+    async def _watch_readiness(self, server: ManagedServer) -> None:
+        """STARTING → RUNNING once the port listens on a socket of the server's own session and
+        answers; BLOCKED while another process listens there (our server then usually exits,
+        unable to bind). Not watched after RUNNING: a listening socket cannot be taken over
+        (our servers do not set SO_REUSEPORT, without which no second socket binds the port)."""
+        assert server.process is not None
+        session = server.process.pid
+        while True:
+            ours, taken = await asyncio.to_thread(inspect_port, server.spec.port, session)
+            if taken is not None:
+                server.block(taken)
+            elif ours and await answers_http(server.spec.host, server.spec.port):
+                server.state, server.detail = ServerState.RUNNING, None
+                log.info("tokenizer %s is serving on port %s", server.name, server.spec.port)
+                return
+            await asyncio.sleep(READY_POLL_SECONDS)
+
     async def _wait_exit_or_stop(self, server: ManagedServer) -> None:
         assert server.process is not None
         reader = asyncio.create_task(self._collect_output(server))
+        readiness = asyncio.create_task(self._watch_readiness(server))
         exited = asyncio.create_task(server.process.wait())
         stop = asyncio.create_task(server.stop_requested.wait())
         await asyncio.wait({exited, stop}, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
+        readiness.cancel()
         if not exited.done():
             await self._terminate(server)
         await exited
@@ -285,13 +450,45 @@ class TokenizerSupervisor:
             await asyncio.wait_for(server.stop_requested.wait(), seconds)
 
 
+# ---- the HTTP API ---------------------------------------------------------------------------
+
+
+def _digest(secret: str) -> bytes:
+    # Comparing fixed-length digests keeps the comparison time independent of the secret's length.
+    return hashlib.sha256(secret.encode()).digest()
+
+
+class RequireSecret:
+    """`Authorization: Bearer <secret>` on every route but OPEN_PATHS (pure ASGI), else 401."""
+
+    def __init__(self, app: ASGIApp, secret: str) -> None:
+        self.app = app
+        self.expected = _digest(f"Bearer {secret}")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if not hmac.compare_digest(_digest(given), self.expected):
+                body = json.dumps({"error": "missing or wrong secret: send 'Authorization: Bearer <secret>' "
+                                            "(the tokenizer service's secret)"}).encode()
+                await send({"type": "http.response.start", "status": 401, "headers": [
+                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", b"Bearer"),
+                ]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
 def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def create_app(settings: TokenizerServiceSettings | None = None) -> FastAPI:
-    settings = settings or TokenizerServiceSettings()
+def create_app(settings: TokenizerServiceSettings) -> FastAPI:
+    if not settings.secret or settings.descriptor is None:
+        raise ValueError("the tokenizer service needs a secret and a descriptor")
     supervisor = TokenizerSupervisor(
+        settings.descriptor,
         python=settings.python,
         session_idle_seconds=settings.session_idle_s,
         backoff_min_seconds=settings.restart_backoff_min_s,
@@ -308,6 +505,7 @@ def create_app(settings: TokenizerServiceSettings | None = None) -> FastAPI:
             await supervisor.stop_all()
 
     app = FastAPI(title="axm1-llm tokenizer service", lifespan=lifespan)
+    # Routes take `{name:path}`: a model's name may hold a slash ("org/model").
     app.state.supervisor = supervisor
 
     @app.get("/health")
@@ -318,37 +516,33 @@ def create_app(settings: TokenizerServiceSettings | None = None) -> FastAPI:
     async def list_tokenizers() -> list[dict[str, Any]]:
         return supervisor.snapshots()
 
-    @app.post("/tokenizers/{name}/start", response_model=None)
-    async def start_tokenizer(name: str, request: StartRequest) -> dict[str, Any] | JSONResponse:
-        try:
-            return await supervisor.start(name, request)
-        except RefusedStart as exc:
-            return error(400, str(exc))
+    @app.get("/tokenizers/{name:path}", response_model=None)
+    async def get_tokenizer(name: str) -> dict[str, Any] | JSONResponse:
+        snapshot = supervisor.snapshot(name)
+        return snapshot if snapshot is not None else error(404, f"no tokenizer named {name!r}")
 
-    @app.post("/tokenizers/{name}/stop", response_model=None)
+    @app.post("/tokenizers/{name:path}/start", response_model=None)
+    async def start_tokenizer(name: str) -> dict[str, Any] | JSONResponse:
+        # No body: what runs comes from the descriptor alone.
+        try:
+            return await supervisor.start(name)
+        except RefusedStart as exc:
+            return error(exc.status, str(exc))
+
+    @app.post("/tokenizers/{name:path}/stop", response_model=None)
     async def stop_tokenizer(name: str) -> dict[str, Any] | JSONResponse:
         stopped = await supervisor.stop(name)
         return stopped if stopped is not None else error(404, f"no tokenizer named {name!r}")
 
+    app.add_middleware(RequireSecret, secret=settings.secret)
     return app
 
 
-def run_service(settings: TokenizerServiceSettings) -> None:
-    """Serve the tokenizer service with uvicorn until SIGINT/SIGTERM, then stop every server."""
-    import uvicorn
-
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Tokenizer service: supervises per-model tokenizer servers.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8101)
-    parser.add_argument("--python", default=sys.executable, help="interpreter for the tokenizer scripts")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    run_service(TokenizerServiceSettings(host=args.host, port=args.port, python=args.python))
-    return 0
+    """`python -m tokenizer_service.service ARGS` is `axm1-llm tokenizer-service ARGS`."""
+    from llm_service.cli import main as cli_main
+
+    return cli_main(["tokenizer-service", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Configuration of the tokenizer service (:8101): flags > environment > config file > defaults.
 
-Environment names start with `AXM1_TOKENIZER_SERVICE_`, so `AXM1_TOKENIZER_SERVICE_PORT` means
-the same port to the daemon (its `tokenizer_service_port`) and to this service.
+Environment names start with `AXM1_TOKENIZER_SERVICE_`, so `AXM1_TOKENIZER_SERVICE_PORT` and
+`AXM1_TOKENIZER_SERVICE_SECRET` mean the same port and secret to the daemon (its
+`tokenizer_service_port` and `tokenizer_service_secret`) and to this service.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from llm_service.settings import FileConfiguredSettings
+
+MIN_SECRET_CHARS = 16
 
 
 class TokenizerServiceSettings(FileConfiguredSettings):
@@ -43,6 +46,23 @@ class TokenizerServiceSettings(FileConfiguredSettings):
         default_factory=list,
         description="more environment variables tokenizer servers get (names or globs, comma-separated)",
     )
+    descriptor: Path | None = Field(
+        None,
+        description="the daemon's model descriptor: only the tokenizer servers of its models are "
+        "started, as their entries say (re-read at each start); required",
+    )
+    secret: str | None = Field(
+        None,
+        min_length=MIN_SECRET_CHARS,
+        description="shared secret every request but /health must carry (Authorization: Bearer); "
+        "the daemon's tokenizer_service_secret; required; prefer the environment to the flag, "
+        "which other users see in ps",
+    )
+
+    @field_validator("descriptor", "secret", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
 
     @field_validator("child_env", mode="before")
     @classmethod

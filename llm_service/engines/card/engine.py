@@ -261,7 +261,9 @@ class CardEngine(Engine):
 
     async def close(self) -> None:
         if self.config.tokenizer_py:
-            await self._tokenizers.stop_server(self.spec.name, self._tokenizer_host)
+            await self._tokenizers.stop_server(
+                self.spec.name, self._tokenizer_host, secret=self.settings.tokenizer_service_secret
+            )
 
     async def generate(self, request: GenerationRequest):
         send, receive = anyio.create_memory_object_stream(math.inf)
@@ -460,22 +462,22 @@ class CardEngine(Engine):
     async def _prepare_tokenizer(self, generation: int, scope: anyio.CancelScope, settings: dict[str, Any]) -> None:
         """Child task: start the model's tokenizer server, wait for it, learn what it offers."""
         config, host = self.config, self._tokenizer_host
+        timeout, secret = self.settings.tokenizer_timeout_s, self.settings.tokenizer_service_secret
         caps: dict[str, Any] | None = None
         applied: dict[str, Any] = {}
         error: str | None = None
         with scope:
             try:
                 if config.tokenizer_py:
-                    await self._tokenizers.start_server(
-                        self.spec.name,
-                        host,
-                        {
-                            "tokenizer_path": str(config.tokenizer_path or config.model_path),
-                            "tokenizer_py": config.tokenizer_py,
-                            "port": config.tokenizer_port,
-                        },
+                    # The service starts what the descriptor names for this model, and says when
+                    # a socket of that server's own listens on the port (or that another's does).
+                    await self._tokenizers.start_server(self.spec.name, host, secret=secret)
+                    await self._tokenizers.wait_until_running(
+                        self.spec.name, host, config.tokenizer_port, timeout, secret=secret
                     )
-                await self._tokenizers.wait_until_serving(host, config.tokenizer_port, self.settings.tokenizer_timeout_s)
+                else:
+                    # No tokenizer_py: a tokenizer server someone else runs on this port.
+                    await self._tokenizers.wait_until_serving(host, config.tokenizer_port, timeout)
                 caps = await self._tokenizers.capabilities(host, config.tokenizer_port)
                 if caps is not None:
                     # The runner's init /reset picks up the system prompt the descriptor sets.
