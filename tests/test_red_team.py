@@ -14,10 +14,12 @@ import httpx
 import pytest
 
 from ax_emulator.scripted import reply_text
+from harness import net
 from harness.daemon import running_daemon
 from harness.models import scripted_model, shell_runner_model
-from harness.net import wait_until
+from harness.net import free_port, wait_until
 from harness.daemon import processes_with_marker as processes_owned_by
+from tokenizer_support import Squatter
 
 WORDS = 6
 
@@ -190,3 +192,61 @@ def test_a_dialect_c_chat_larger_than_the_context_is_refused_after_a_reset(tmp_p
                                                  "messages": [{"role": "user", "content": " ".join(["word"] * 400)}]})
         assert reply.status_code == 400, reply.text
         assert "more than the context" in reply.json()["error"]
+
+
+# ---- 4 and 5. the tokenizer service runs only the descriptor's servers, on ports of their own ----
+
+
+@pytest.mark.parametrize("api_keys", [(), ("--api-keys", "api-k3y")], ids=["no-api-keys", "api-keys"])
+def test_an_attacker_can_neither_run_a_script_nor_stop_a_tokenizer_through_the_tokenizer_service(tmp_path, api_keys):
+    touched = tmp_path / "pwned"
+    attacker = tmp_path / "attacker"
+    attacker.mkdir()
+    (attacker / "evil.py").write_text(f"from pathlib import Path\nPath({str(touched)!r}).touch()\n")
+    entries = [scripted_model(tmp_path, "m", reply_words=WORDS)]
+    with running_daemon(tmp_path, entries, *api_keys) as daemon:
+        api = {"Authorization": f"Bearer {api_keys[1]}"} if api_keys else {}
+
+        def answer(prompt: str) -> httpx.Response:
+            return httpx.post(daemon.url + "/api/generate", json={"model": "m", "prompt": prompt, "stream": False},
+                              headers=api, timeout=30)
+
+        assert answer("before").status_code == 200  # the model's tokenizer server runs
+        service = daemon.tokenizer_service_url
+        body = {"tokenizer_path": str(attacker), "tokenizer_py": "evil.py", "port": free_port()}
+        # Without a key, and with the daemon's API key (a client of the API is no admin of the box).
+        replies = [
+            net.post(f"{service}/tokenizers/x/start", json=body, headers=headers, timeout=10)
+            for headers in ({}, api, {"Authorization": "Bearer wrong"})
+        ] + [net.post(f"{service}/tokenizers/m/stop", headers=api, timeout=10),
+             net.get(f"{service}/tokenizers", headers=api, timeout=10)]
+        time.sleep(2)
+        assert not touched.exists(), [(r.status_code, r.text) for r in replies]
+        assert [r.status_code for r in replies] == [401] * len(replies), [r.text for r in replies]
+        after = answer("after")  # its tokenizer server was not stopped
+        assert after.status_code == 200 and after.json()["response"] == reply_text("after", WORDS, think=False)
+
+
+def test_a_squatter_on_a_tokenizer_port_fails_the_model_clearly_and_gets_no_prompt(tmp_path):
+    port = free_port()
+    entries = [scripted_model(tmp_path, "m", tokenizer_port=port, reply_words=WORDS),
+               scripted_model(tmp_path, "other", reply_words=WORDS)]
+    held = Squatter(port, tmp_path / "received.jsonl")  # there before the model loads
+    try:
+        with running_daemon(tmp_path, entries) as daemon:
+            messages = [{"role": "system", "content": "SYSTEM-SECRET-42"}, {"role": "user", "content": "PROMPT-SECRET-42"}]
+            with daemon.client(timeout=30) as http:
+                reply = http.post("/api/chat", json={"model": "m", "stream": False, "messages": messages})
+            time.sleep(1)
+            leaked = [request for request in held.received() if "SECRET-42" in json.dumps(request)]
+            assert leaked == []
+            taken = f"port {port} is taken by another process (pid {held.pid}: "
+            assert reply.status_code == 503 and taken in reply.json()["error"], reply.text
+            assert taken in daemon.get("/api/status/m")["last_error"]["reason"]
+            assert generate(daemon, "other-serves", model="other").status_code == 200
+            held.stop()  # the squatter goes: our tokenizer server takes the port, the model serves
+            answer = wait_until(lambda: (r := generate(daemon, "freed")).status_code == 200 and r, 30, "the model to serve")
+            assert answer.json()["response"] == reply_text("freed", WORDS, think=False)
+    finally:
+        if held.process.poll() is None:
+            held.stop()
