@@ -16,14 +16,16 @@ FROM python:3.11-slim
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
     && useradd --system --uid 10001 --user-group --home-dir /app --no-create-home axm1 \
-    && mkdir -p /app/metrics && chown axm1:axm1 /app/metrics
+    && mkdir -p /app/metrics /app/data && chown axm1:axm1 /app/metrics /app/data
 WORKDIR /app
 # The card's runtime is mounted from the host (docker-compose.yaml): libraries and tools.
+# /app/data is the daemon's own state (a lock, its children's owner tag): it must be writable.
 ENV PYTHONUNBUFFERED=1 \
     LD_LIBRARY_PATH=/usr/lib/axcl \
     PATH=/usr/bin/axcl:$PATH \
     AXM1_DESCRIPTOR=/app/model/model-descriptor.json \
-    AXM1_METRICS_DIR=/app/metrics
+    AXM1_METRICS_DIR=/app/metrics \
+    AXM1_DATA_DIR=/app/data
 # Non-root: the AXCL device nodes are 0666 after the card's installer; see docker-compose.yaml.
 USER axm1
 EXPOSE 11535
