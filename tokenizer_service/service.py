@@ -39,7 +39,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import httpx
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -215,13 +214,20 @@ def inspect_port(port: int, session: int | None, proc: Path = PROC) -> tuple[boo
 
 
 async def answers_http(host: str, port: int) -> bool:
-    """Does the port answer HTTP (any status)? Only asked once the socket is known to be ours."""
+    """Does the port answer an HTTP request (any status)? Asked only once the socket is known to
+    be ours. A bare request on a stream: an HTTP client costs more to build than the probe."""
+    writer = None
     try:
-        async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_SECONDS) as http:
-            await http.get(f"http://{host}:{port}/bos_id")
-        return True
-    except httpx.HTTPError:
+        async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"GET /bos_id HTTP/1.0\r\nHost: tokenizer\r\n\r\n")
+            await writer.drain()
+            return (await reader.readline()).startswith(b"HTTP/")
+    except (OSError, TimeoutError):
         return False
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 # ---- supervision ----------------------------------------------------------------------------
