@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ax_emulator.scripted import reply_text
 from ax_emulator.tokenizer_client import HttpTokenizer
+from tokenizer_service.prompt_escape import unescape_prompt_line
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -21,15 +22,18 @@ class ScriptedEngine:
     """No ML: the reply is `scripted.reply_text` of the user's line, paced at a fixed speed."""
 
     def __init__(self, tokenizer: HttpTokenizer, eos_id: int, words: int, think: bool,
-                 tokens_per_second: float):
+                 tokens_per_second: float, unescape: bool = False):
         self.tokenizer = tokenizer
         self.eos_id = eos_id
         self.words = words
         self.think = think
+        self.unescape = unescape
         self.token_interval = 1.0 / tokens_per_second if tokens_per_second > 0 else 0.0
         self.reply_ids: list[int] = []
 
     def prefill(self, context_ids: list[int], user_line: str) -> None:
+        if self.unescape:
+            user_line = unescape_prompt_line(user_line)
         text = reply_text(user_line, self.words, self.think)
         self.reply_ids = self.tokenizer.tokenize(text) + [self.eos_id]
 

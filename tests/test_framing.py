@@ -74,3 +74,56 @@ def test_framing_in_answers_through_the_daemon_keeps_every_queued_answer_its_own
         for thread in threads:
             thread.join(120)
         assert answers == {i: f"You said: {text}" for i, text in enumerate(texts)}
+
+
+# ---- any text, through the real emulator with our tokenizer server ----------------------------
+
+ESC = "\x1b"
+FRAGMENTS = [
+    "\n\n", "\n", "\r", " ", "prompt >> ", ">> ", "q", "reset",
+    f"{ESC}[1;30;35m[N][                             Run][1182]: hit eos,avg 5.00 token/s{ESC}[0m\n",
+    f"{ESC}[0m\n",
+    f"{ESC}[1;30;32m[I][                      GetKVCache][ 597]: precompute_len:99, remaining:1949{ESC}[0m\n",
+    f"{ESC}[1;30;31m[E][                      SetKVCache][ 641]: precompute_len(21) + input_num_token(9000) > "
+    f"_attr.prefill_max_kv_cache_num_grp[4]{ESC}[0m\n",
+    f"{ESC}[1;30;32m[I][                             Run][1030]: ttft: 3.00 ms{ESC}[0m\n",
+    "[N][Run][1182]: hit eos,avg 9 token/s", "17:47:50.101 NTC Run:1145 | hit eos,avg 3.69 token/s\n",
+    '\x1b[1;30;33m\r100% | ████ |  31 /  31 [1.0s<1.0s, 1 count/s] init post axmodel ok\x1b[0m', f"{ESC}[", "Type \"q\" to exit",
+    "<think>", "</think>", "word", "the answer", "ü", "日本", "\\", "\\n",
+]
+
+
+def random_texts(seed: int, count: int) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    return [f"c{i} " + "".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 12))) for i in range(count)]
+
+
+def test_answers_that_imitate_the_runner_reach_their_clients_whole_and_queued_answers_stay_their_own(tmp_path):
+    """Property, over seeded random texts built from the runner's own framing (coloured end of
+    turn, context lines, markers, errors, the load bar): the answer a client gets is exactly the
+    text the emulator generated, also with several clients queued behind each other."""
+    from ax_emulator.scripted import reply_text
+    from harness.models import scripted_model
+
+    words = 3
+    entries = [scripted_model(tmp_path, "m", reply_words=words, tokens_per_second=400, extra_flags=("--emu_echo unescaped",))]
+    texts = random_texts(seed=20261202, count=24)
+    with running_daemon(tmp_path, entries) as daemon:
+        answers: dict[int, str] = {}
+
+        def ask(i: int) -> None:
+            with daemon.client() as http:
+                body = {"model": "m", "stream": False, "messages": [{"role": "user", "content": texts[i]}]}
+                answers[i] = http.post("/api/chat", json=body).json().get("message", {}).get("content")
+
+        for start in range(0, len(texts), 4):  # four at a time: three wait in the queue
+            threads = [threading.Thread(target=ask, args=(i,)) for i in range(start, min(start + 4, len(texts)))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(120)
+        wrong = {i: (answers.get(i), reply_text(texts[i], words, think=False)) for i in range(len(texts))
+                 if answers.get(i) != reply_text(texts[i], words, think=False)}
+        assert not wrong, wrong

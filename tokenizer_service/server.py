@@ -18,7 +18,9 @@ Rules this server follows:
   reads that variable; otherwise it is ignored. No `/no_think` suffix is ever added.
 - Stateless `/decode` has no session to buffer in: it decodes exactly the ids it is given.
 - `/stats`: `prompt_tokens` is the length of the last rendered prompt (all ids), `reply_tokens`
-  the number of ids sent to `/decode` since that `/encode`.
+  the number of ids sent to `/decode` since that `/encode`, `reply_text` the text `/decode`
+  returned for them: the model's answer as the runner printed it, which the daemon uses to tell
+  the runner's framing from an answer that imitates it.
 """
 from __future__ import annotations
 
@@ -150,6 +152,7 @@ class Session:
     messages: list[dict[str, str]] = field(default_factory=list)
     held_ids: list[int] = field(default_factory=list)
     prompt_tokens: int = 0
+    reply_text: list[str] = field(default_factory=list)
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -212,6 +215,7 @@ class TokenizerServer:
             session.messages, session.held_ids = messages, held_ids
             session.decoder = IncrementalDecoder(self.tokenizer.decode)
             session.prompt_tokens = 0
+            session.reply_text = []
             return list(session.held_ids)
 
     def encode_turn(self, uid: Any, text: str, last_reply: str | None) -> tuple[list[int], list[int]]:
@@ -232,17 +236,24 @@ class TokenizerServer:
             session.messages, session.held_ids = messages, all_ids
             session.decoder = IncrementalDecoder(self.tokenizer.decode)
             session.prompt_tokens = len(all_ids)
+            session.reply_text = []
             return all_ids, diff
 
     def decode_turn(self, uid: Any, ids: list[int]) -> str:
         session = self.session(uid)
         with session.lock:
-            return session.decoder.push(ids)
+            piece = session.decoder.push(ids)
+            session.reply_text.append(piece)
+            return piece
 
-    def stats(self, uid: Any) -> dict[str, int]:
+    def stats(self, uid: Any) -> dict[str, Any]:
         session = self.session(uid)
         with session.lock:
-            return {"prompt_tokens": session.prompt_tokens, "reply_tokens": session.decoder.token_count}
+            return {
+                "prompt_tokens": session.prompt_tokens,
+                "reply_tokens": session.decoder.token_count,
+                "reply_text": "".join(session.reply_text),
+            }
 
     # -- stateless protocol ----------------------------------------------------------------
 

@@ -87,6 +87,8 @@ S = RunnerState
 # The card prints text every 3 tokens: each text flush counts as 3 tokens while streaming.
 TOKENS_PER_FLUSH = 3
 _RESET_TIMEOUT_S = 30.0
+# Tokens the runner's context count may differ from the tokenizer's by (an end token or two).
+_CONTEXT_SLACK = 2
 _TOKENIZER_CALL_TIMEOUT_S = 5.0
 
 
@@ -137,9 +139,11 @@ class _ResetAheadPrepared:
 
 @dataclass(slots=True)
 class _Counted:
+    """The tokenizer's account of the turn that the runner's lines said was over (None: none)."""
+
     job: _TurnJob
     generation: int
-    result: GenerationResult
+    stats: dict[str, Any] | None
 
 
 @dataclass(eq=False)
@@ -160,6 +164,14 @@ class _TurnJob:
     interrupted: str | None = None  # why we sent SIGINT: cancel | stop | length | hang
     error: EngineError | None = None
     delivered: bool = False  # the final record or an error has been sent
+    # The turn's accounting, to tell the runner's end-of-turn lines from an answer that imitates
+    # them: the context used before the turn, and the one the `GetKVCache` after `hit eos` said.
+    context_before: int | None = None
+    turn_end_seen: bool = False
+    context_after: int | None = None
+    markers_while_counting: int = 0
+    # After an imitated end: the rest of the answer is taken from the tokenizer's account.
+    text_from_tokenizer: bool = False
 
     def deliver(self, item: Any) -> None:
         if self.delivered:
@@ -578,6 +590,8 @@ class CardEngine(Engine):
         elif isinstance(event, KvCache):
             self._context = (event.precompute_len, event.remaining)
             self.metrics.context(event.precompute_len, self.spec.context_size)
+            if job is not None and job.turn_end_seen and job.context_after is None:
+                job.context_after = event.precompute_len
         elif isinstance(event, InputTokens):
             if job is not None:
                 job.prompt_tokens = event.count
@@ -586,8 +600,11 @@ class CardEngine(Engine):
             if job is not None:
                 job.runner_ttft_ms = event.ms
         elif isinstance(event, TurnEnd):
-            if job is not None:
+            if job is not None and job.phase in ("prompting", "counting"):
+                # The latest end counts: an earlier one may have been the answer's imitation.
                 job.runner_tps = event.tokens_per_second
+                job.turn_end_seen = True
+                job.context_after = None
         elif isinstance(event, RunnerError):
             self.logs.append(f"[error:{event.kind}] {event.message}")
             if job is not None and event.kind in ("context_overflow", "prompt_too_long"):
@@ -615,7 +632,9 @@ class CardEngine(Engine):
             await self._advance()
         elif state in (S.PROCESSING, S.OUTPUTTING):
             await self._finish_turn()
-        # At READY a marker is the runner re-printing it (e.g. after an empty line): nothing to do.
+        elif self._job is not None and self._job.phase == "counting":
+            self._job.markers_while_counting += 1  # the end its count is checking may not be the last
+        # Otherwise a marker at READY is the runner re-printing it (after an empty line): nothing to do.
 
     async def _on_text(self, text: str) -> None:
         job = self._job
@@ -628,9 +647,15 @@ class CardEngine(Engine):
         if job.first_text_at is None:
             job.first_text_at = time.monotonic()
         job.flushes += 1
+        if job.text_from_tokenizer:
+            return  # the runner's copy of text the tokenizer's account already holds
         job.answer.append(text)
         if job.interrupted:
             return  # draining after SIGINT: nothing more reaches the client
+        await self._relay(job, text)
+
+    async def _relay(self, job: _TurnJob, text: str) -> None:
+        """Answer text on its way to the client: thinking split, stop sequences, num_predict."""
         thinking, content = job.splitter.feed(text)
         visible = job.stops.feed(content)
         if thinking or visible:
@@ -804,6 +829,7 @@ class CardEngine(Engine):
         if self._our_tokenizer:
             self._tokenizer_config["history"] = []  # the runner's /encode for this line consumes it
         self._set_state(S.PROCESSING, "prompt sent", request=job.request.id)
+        job.context_before = self._context[0] if self._context else None
         job.prompt_written_at = time.monotonic()
         self._hang_at = job.prompt_written_at + self._hang_s
         self._runner.write_line(job.plan.line)
@@ -811,34 +837,73 @@ class CardEngine(Engine):
     async def _finish_turn(self) -> None:
         job = self._job
         self._hang_at = self._interrupt_at = None
+        self._set_state(S.READY, "turn over")
         if job is None:
-            self._set_state(S.READY, "turn over")
             await self._advance()
             return
-        assert job.plan is not None
-        if job.error is None and job.interrupted is None:
-            answer = ChatMessage("assistant", "".join(job.answer))
-            self._held = job.plan.conversation + (answer,)
-            self._held_system = job.plan.system
-        else:
-            self._held = None
-        self._set_state(S.READY, "turn over")
         if job.error is not None:
             job.deliver(job.error)
-        if job.delivered:
+        if job.delivered or job.interrupted is not None:
+            self._held = None  # interrupted, failed or its client gone: what the runner holds is unsure
             self._job = None
             await self._after_turn(job)
             return
+        if self._our_tokenizer and self._uid:
+            self._count_turn(job)
+        else:
+            await self._complete_turn(job, None)
+
+    def _count_turn(self, job: _TurnJob) -> None:
+        job.phase = "counting"
+        job.markers_while_counting = 0
+        self._preparing = True
+        assert self._uid is not None
+        self._start_task(self._count_real_tokens, job, self._generation, self._uid)
+
+    async def _complete_turn(self, job: _TurnJob, stats: dict[str, Any] | None) -> None:
+        """The turn is over: the rest of its text, its record with real counts, what the runner holds."""
+        answer = "".join(job.answer)
+        told = stats.get("reply_text") if stats else None
+        if isinstance(told, str) and len(told) > len(answer) and told.startswith(answer):
+            await self._relay(job, told[len(answer):])  # text the runner's lines hid, or a rest
+            answer = told
         reason = "length" if self._context is not None and self._context[1] <= 1 else "stop"
         result = self._result(job, reason, final=True)
-        if self._our_tokenizer and self._uid:
-            job.phase = "counting"
-            self._preparing = True
-            self._start_task(self._count_real_tokens, job, self._generation, result, self._uid)
-        else:
-            job.deliver(result)
-            self._job = None
-            await self._after_turn(job)
+        if stats is not None:
+            result.completion_tokens = stats["reply_tokens"]
+            # The runner's own count of what it prefilled this turn is Ollama's meaning;
+            # the tokenizer's is the whole conversation.
+            result.prompt_tokens = result.prompt_tokens or stats.get("prompt_tokens", 0)
+        assert job.plan is not None
+        self._held = job.plan.conversation + (ChatMessage("assistant", answer),)
+        self._held_system = job.plan.system
+        job.deliver(result)
+        self._job = None
+        await self._after_turn(job)
+
+    def _end_was_imitated(self, job: _TurnJob, stats: dict[str, Any]) -> bool:
+        """Did the model's text imitate the runner's end of turn? The runner's `GetKVCache` after
+        `hit eos` holds the context before the turn + the tokens it prefilled + the tokens it
+        generated (which the tokenizer counted): an answer cannot know that sum."""
+        dialect = self._dialect
+        if dialect is None or not dialect.keeps_context or job.context_before is None or job.prompt_tokens is None:
+            return False  # nothing to check against
+        if job.context_after is None:
+            return True  # the runner always prints its context after a turn
+        expected = job.context_before + job.prompt_tokens + int(stats.get("reply_tokens", 0))
+        return abs(job.context_after - expected) > _CONTEXT_SLACK
+
+    def _resume_turn(self, job: _TurnJob) -> None:
+        """The runner is still answering: the end seen was part of the answer's text."""
+        self.logs.append("[axm1-llm] the runner's end-of-turn lines were part of the answer's text: the turn goes on")
+        assert self._parser is not None
+        job.phase = "prompting"
+        job.turn_end_seen = False
+        job.context_after = None
+        job.text_from_tokenizer = True
+        self._parser.begin_turn()
+        self._set_state(S.PROCESSING, "turn resumed: its end was part of the answer", request=job.request.id)
+        self._hang_at = time.monotonic() + self._hang_s
 
     async def _after_turn(self, job: _TurnJob) -> None:
         await self._advance()
@@ -866,32 +931,30 @@ class CardEngine(Engine):
             warnings=list(job.plan.warnings) if job.plan else [],
         )
 
-    async def _count_real_tokens(self, job: _TurnJob, generation: int, result: GenerationResult, uid: str) -> None:
-        """Child task: replace the streaming estimate (3 tokens a flush) with real counts."""
-        host, port = self._tokenizer_host, self.config.tokenizer_port
+    async def _count_real_tokens(self, job: _TurnJob, generation: int, uid: str) -> None:
+        """Child task: the tokenizer's account of the turn (real token counts, the answer's text)."""
+        stats = None
         with anyio.move_on_after(_TOKENIZER_CALL_TIMEOUT_S):
-            stats = await self._tokenizers.stats(host, port, uid)
-            if stats is not None:
-                result.completion_tokens = stats["reply_tokens"]
-                # The runner's own count of what it prefilled this turn is Ollama's meaning;
-                # the tokenizer's is the whole conversation.
-                result.prompt_tokens = result.prompt_tokens or stats.get("prompt_tokens", 0)
-            else:
-                ids = await self._tokenizers.tokenize(host, port, "".join(job.answer))
-                if ids is not None:
-                    result.completion_tokens = len(ids)
-        self._post(_Counted(job, generation, result))
+            stats = await self._tokenizers.stats(self._tokenizer_host, self.config.tokenizer_port, uid)
+        self._post(_Counted(job, generation, stats))
 
     async def _on_counted(self, message: _Counted) -> None:
         if message.generation != self._generation:
             return
         self._preparing = False
-        message.job.deliver(message.result)
-        if self._job is message.job:
-            self._job = None
-            await self._after_turn(message.job)
-        else:
+        job, stats = message.job, message.stats
+        if self._job is not job or job.delivered:
+            if self._job is job:
+                self._job = None
             await self._advance()
+            return
+        if stats is not None and self._end_was_imitated(job, stats):
+            if job.markers_while_counting:
+                self._count_turn(job)  # the real end came meanwhile: count again, after it
+            else:
+                self._resume_turn(job)
+            return
+        await self._complete_turn(job, stats)
 
     async def _on_cancel(self, job: _TurnJob) -> None:
         job.delivered = True

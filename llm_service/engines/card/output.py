@@ -6,8 +6,9 @@ takes such chunks and returns the events they complete, holding back only what t
 could still change. It works in two layers:
 
 1. ANSI sequences are removed; colour changes are kept as signals, because a colour start marks
-   the beginning of an A/B log line (model text never holds ESC) and the reset closes the load
-   bar, which never ends with a newline.
+   the beginning of an A/B log line and the reset closes the load bar, which never ends with a
+   newline. Inside a turn an escape sequence that turns out to be part of the answer (a model can
+   print any byte) is kept in the text.
 2. The plain bytes are cut into lines on `\\n` and `\\r` outside a turn. Inside a turn every byte
    is answer text unless it belongs to a log line; text is released at once except trailing
    newlines (the runner's `\\n\\n` before `hit eos` is not part of the answer), a line start that
@@ -236,11 +237,14 @@ class RunnerOutputParser:
         if dialect is not None and dialect not in DIALECTS:
             raise ValueError(f"unknown runner dialect {dialect!r}: expected one of {tuple(DIALECTS)} or None")
         self._dialect = dialect
+        # Given, or settled by the first turn: from then on lines cannot change it (a model's
+        # answer may hold another generation's log line).
         self._dialect_given = dialect is not None
         self._events: list[Event] = []
         # ANSI layer
         self._escape_state = _NORMAL
         self._csi = bytearray()
+        self._escape = bytearray()  # the raw bytes of the escape sequence being read
         # outside a turn: the line being collected, and a banner waiting for its last line
         self._line = bytearray()
         self._banner_pending: bool | None = None  # None: no banner; else its supports_reset
@@ -248,11 +252,15 @@ class RunnerOutputParser:
         self._turn_open = False
         self._held_newlines = 0
         self._at_line_start = False
-        self._candidate = bytearray()  # a line start that may still be a log line
+        self._candidate = bytearray()  # a line start that may still be a log line, escapes removed
+        self._candidate_raw = bytearray()  # the same bytes as they came, escapes kept: text if not a log line
         self._candidate_is_log = False  # the candidate holds a complete log-line header
         # The candidate was opened by a colour start. Inside a turn an A/B log line must be: the
         # runner colours every one, so a model's text that merely looks like one stays text.
         self._coloured = False
+        # The turn's text has begun: from then on the runner prints no log line but its end
+        # (`hit eos`), so any other "log line" is the model's text.
+        self._text_seen = False
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     @property
@@ -274,19 +282,25 @@ class RunnerOutputParser:
         if self._line:  # not expected after a marker; keep it rather than mix it into the answer
             self._complete_line(self._take_line())
         self._flush_banner()
+        self._dialect_given = self._dialect_given or self._dialect is not None
         self._turn_open = True
         self._held_newlines = 0
         self._at_line_start = True
         self._candidate.clear()
+        self._candidate_raw.clear()
         self._candidate_is_log = False
         self._coloured = False
+        self._text_seen = False
         self._decoder.reset()
 
     def end_of_stream(self) -> list[Event]:
         """The process exited: flush whatever is held. An open turn stays open (no TurnEnd came)."""
         self._escape_state = _NORMAL
         if self._turn_open:
-            if self._candidate and not self._finish_candidate_as_log():
+            if self._escape:
+                self._turn_escape(bytes(self._escape), colour=False, reset=False)
+                self._escape.clear()
+            if self._candidate_raw and not self._finish_candidate_as_log():
                 self._release_held()
             self._release(b"\n" * self._held_newlines)
             self._held_newlines = 0
@@ -309,6 +323,7 @@ class RunnerOutputParser:
                 if esc > index:
                     self._plain(data[index:esc])
                 self._escape_state = _AFTER_ESC
+                self._escape[:] = b"\x1b"
                 index = esc + 1
                 continue
             byte = data[index]
@@ -316,33 +331,51 @@ class RunnerOutputParser:
                 if byte == 0x5B:  # "["
                     self._escape_state = _IN_CSI
                     self._csi.clear()
+                    self._escape.append(byte)
                     index += 1
-                elif 0x40 <= byte <= 0x5F:  # a two-byte escape: dropped
-                    self._escape_state = _NORMAL
+                elif 0x40 <= byte <= 0x5F:  # a two-byte escape
+                    self._escape.append(byte)
+                    self._escape_done(colour=False, reset=False)
                     index += 1
-                else:  # a lone ESC: dropped, the byte is read again as plain
-                    self._escape_state = _NORMAL
+                else:  # a lone ESC; the byte is read again as plain
+                    self._escape_done(colour=False, reset=False)
             elif 0x20 <= byte <= 0x3F and len(self._csi) < _MAX_CSI_BYTES:
                 self._csi.append(byte)
+                self._escape.append(byte)
                 index += 1
             elif 0x40 <= byte <= 0x7E:
-                self._escape_state = _NORMAL
+                self._escape.append(byte)
                 index += 1
-                if byte == 0x6D:  # "m": a colour change
-                    self._colour(reset=self._csi in (b"", b"0"))
-            else:  # malformed sequence: dropped, the byte is read again as plain
-                self._escape_state = _NORMAL
+                colour = byte == 0x6D  # "m": a colour change
+                self._escape_done(colour=colour, reset=colour and self._csi in (b"", b"0"))
+            else:  # malformed sequence; the byte is read again as plain
+                self._escape_done(colour=False, reset=False)
 
-    def _colour(self, reset: bool) -> None:
+    def _escape_done(self, colour: bool, reset: bool) -> None:
+        """An escape sequence ended: a signal outside a turn (colours only), text or signal inside."""
+        self._escape_state = _NORMAL
+        raw = bytes(self._escape)
+        self._escape.clear()
         if self._turn_open:
-            if reset or self._candidate_is_log:
-                return  # the reset ends log lines, before their newline
+            self._turn_escape(raw, colour, reset)
+        elif colour:
+            self._colour(reset)
+
+    def _turn_escape(self, raw: bytes, colour: bool, reset: bool) -> None:
+        if colour and not reset and not self._candidate_is_log:
             # A colour start opens a log line, wherever the text stands.
-            if self._candidate:
+            if self._candidate_raw:
                 self._release_held()
             self._at_line_start = True
             self._coloured = True
-            return
+            self._candidate_raw += raw
+        elif self._candidate_raw or self._at_line_start:
+            self._candidate_raw += raw  # part of the line being held: a log line's, or text's
+        else:
+            self._release(raw)
+
+    def _colour(self, reset: bool) -> None:
+        """A colour change outside a turn."""
         if reset:
             # The load bar ends with a reset and no newline: it is complete now.
             if _PROGRESS_START.match(self._line):
@@ -397,7 +430,7 @@ class RunnerOutputParser:
     def _turn_bytes(self, segment: bytes, position: int) -> int:
         newline = segment.find(b"\n", position)
         end = newline if newline >= 0 else len(segment)
-        if not (self._at_line_start or self._candidate):
+        if not (self._at_line_start or self._candidate_raw):
             self._release(segment[position:end])
             if newline >= 0:
                 self._held_newlines = 1
@@ -407,6 +440,7 @@ class RunnerOutputParser:
             return end
         if end > position:
             self._candidate += segment[position:end]
+            self._candidate_raw += segment[position:end]
             if not self._candidate_is_log:
                 if self._header_pattern_matches():
                     self._candidate_is_log = True
@@ -414,7 +448,7 @@ class RunnerOutputParser:
                     self._release_held()
         if newline < 0:
             return end
-        if self._candidate:
+        if self._candidate_raw:
             if self._finish_candidate_as_log():
                 return newline + 1
             self._release_held()
@@ -443,13 +477,15 @@ class RunnerOutputParser:
         if data:
             text = self._decoder.decode(data)
             if text:
+                self._text_seen = self._text_seen or bool(text.strip())
                 self._emit(Text(text))
 
     def _release_held(self) -> None:
         """The held line start is answer text after all."""
-        self._release(b"\n" * self._held_newlines + bytes(self._candidate))
+        self._release(b"\n" * self._held_newlines + bytes(self._candidate_raw))
         self._held_newlines = 0
         self._candidate.clear()
+        self._candidate_raw.clear()
         self._candidate_is_log = False
         self._at_line_start = False
         self._coloured = False
@@ -465,8 +501,11 @@ class RunnerOutputParser:
         parsed = parse_log_line(self._candidate.decode("utf-8", errors="replace"))
         if parsed is None or parsed[1] not in self._styles():
             return False
+        if self._text_seen and _HIT_EOS.match(parsed[0].message) is None:
+            return False  # in the middle of the answer: the model's text, however it looks
         log, family = parsed
         self._candidate.clear()
+        self._candidate_raw.clear()
         self._candidate_is_log = False
         self._at_line_start = True
         self._coloured = False
