@@ -60,34 +60,37 @@ def test_serve_names_an_unknown_config_key(tmp_path: Path) -> None:
     assert "unknown setting 'hangtimeout'" in result.stderr
 
 
-# The shape the daemon's /api/status sends (see CardEngine.status and ModelManager.model_status).
-STATUS = {
-    "models": [
-        {
-            "name": "qwen3-1.7b",
-            "state": "ready",
-            "since": "2026-12-02T10:00:00Z",
-            "since_epoch": time.time() - 125,
-            "progress": {"percent": 100, "step": 31, "total": 31, "message": "init post axmodel ok"},
-            "queue": {"length": 3, "running": 1, "max": 512, "concurrency": 1, "waiting": []},
-            "context": {"used": 46, "remaining": 2002, "size": 2048, "conversation_messages": 2},
-            "restarts": 2,
-            "fresh_context_restarts": 0,
-            "last_error": {"at": time.time() - 200, "reason": "runner exited with status 255 while loading",
-                           "details": {"returncode": 255}, "log_tail": ["lLaMa.Init failed"]},
-        },
-        {"name": "bare-model"},  # every other key missing
-    ]
-}
+def status_body(now: float) -> dict:
+    """The shape the daemon's /api/status sends (see CardEngine.status and ModelManager.model_status),
+    with the model ready since ~2 minutes before `now`."""
+    return {
+        "models": [
+            {
+                "name": "qwen3-1.7b",
+                "state": "ready",
+                "since": "2026-12-02T10:00:00Z",
+                "since_epoch": now - 125,
+                "progress": {"percent": 100, "step": 31, "total": 31, "message": "init post axmodel ok"},
+                "queue": {"length": 3, "running": 1, "max": 512, "concurrency": 1, "waiting": []},
+                "context": {"used": 46, "remaining": 2002, "size": 2048, "conversation_messages": 2},
+                "restarts": 2,
+                "fresh_context_restarts": 0,
+                "last_error": {"at": now - 200, "reason": "runner exited with status 255 while loading",
+                               "details": {"returncode": 255}, "log_tail": ["lLaMa.Init failed"]},
+            },
+            {"name": "bare-model"},  # every other key missing
+        ]
+    }
 
 
 @pytest.fixture(scope="module")
 def status_daemon() -> Iterator[str]:
     app = FastAPI()
+    body = status_body(time.time())  # now, not at import: a parallel run may start this module late
 
     @app.get("/api/status")
     async def status() -> dict:
-        return STATUS
+        return body
 
     install_security(app, DaemonSettings(api_keys=[STATUS_KEY]))
     port = free_port()
