@@ -64,7 +64,9 @@ class JsonBodiesByDefault:
 
 def create_app(settings: Any) -> FastAPI:
     hub = MetricsHub(settings.metrics_dir or None, __version__)
-    tokenizers = TokenizerClient(settings.tokenizer_service_port, settings.tokenizer_service_url)
+    tokenizers = TokenizerClient(
+        settings.tokenizer_service_port, settings.tokenizer_service_url, settings.tokenizer_service_secret
+    )
     manager = ModelManager(settings, hub, tokenizers)
 
     @asynccontextmanager

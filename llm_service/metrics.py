@@ -58,11 +58,14 @@ def metrics_file_name(model: str) -> str:
 class ModelMetrics:
     """The metrics of one model, in a registry of its own. Call from the daemon's event loop."""
 
-    def __init__(self, name: str, version: str, file_path: Path | None) -> None:
+    def __init__(
+        self, name: str, version: str, file_path: Path | None, on_write_failure: Callable[[str], None] | None = None
+    ) -> None:
         self.name = name
         self.file_path = file_path
         self.registry = CollectorRegistry()
-        self._write_failing = False
+        self.write_error: str | None = None  # why the last write failed; None once one works
+        self._on_write_failure = on_write_failure
         self._write_scheduled = False
         self._writing = False
         self._write_again = False
@@ -249,13 +252,15 @@ class ModelMetrics:
             try:
                 prometheus_client.write_to_textfile(str(path), self.registry)
             except OSError as exc:
-                if not self._write_failing:
+                if self.write_error is None:
                     log.warning("cannot write metrics file %s: %s", path, exc)
-                self._write_failing = True
+                self.write_error = f"cannot write {path}: {exc.strerror or exc}"
+                if self._on_write_failure is not None:
+                    self._on_write_failure(self.name)
             else:
-                if self._write_failing:
+                if self.write_error is not None:
                     log.info("metrics file %s written again", path)
-                self._write_failing = False
+                self.write_error = None
 
     def discard_file(self) -> None:
         """The model is gone: remove its file now, and after a write that is under way."""
@@ -304,31 +309,50 @@ class MetricsHub:
         ProcessCollector(registry=self._daemon_registry)
         self._http_requests = Counter("axm1_llm_http_requests", "HTTP requests by route template, method and status.",
                                       ["route", "method", "status"], registry=self._daemon_registry)
+        # In the daemon's registry: a model's own file is what cannot be written.
+        self._write_failures = Counter("axm1_llm_metrics_file_write_failures",
+                                       "Failed writes of a model's metrics file (folder not writable, disk full).",
+                                       ["model"], registry=self._daemon_registry)
+        self.dir_error: str | None = None
         Gauge("axm1_llm_build_info", _BUILD_INFO_HELP, ["version"], registry=self._daemon_registry).labels(version).set(1)
         self._exposition_registry = CollectorRegistry()
         self._exposition_registry.register(_MergedFamilies(
             lambda: [self._daemon_registry, *(model.registry for model in list(self._models.values()))]))
         if metrics_dir is not None:
-            metrics_dir.mkdir(parents=True, exist_ok=True)
-            # Files (and interrupted temporaries) of an earlier run: node_exporter would serve
-            # their last values forever.
-            for path in metrics_dir.glob(f"{_FILE_PREFIX}*{_FILE_SUFFIX}*"):
-                path.unlink(missing_ok=True)
+            try:
+                metrics_dir.mkdir(parents=True, exist_ok=True)
+                # Files (and interrupted temporaries) of an earlier run: node_exporter would serve
+                # their last values forever.
+                for path in metrics_dir.glob(f"{_FILE_PREFIX}*{_FILE_SUFFIX}*"):
+                    path.unlink(missing_ok=True)
+            except OSError as exc:  # serving goes on; the status says what is wrong
+                self.dir_error = f"metrics folder {metrics_dir}: {exc.strerror or exc}"
+                log.warning("%s", self.dir_error)
 
     def model(self, name: str) -> ModelMetrics:
         """The metrics of model `name`, created (and its file written) on first use."""
         metrics = self._models.get(name)
         if metrics is None:
             path = None if self.metrics_dir is None else self.metrics_dir / metrics_file_name(name)
-            metrics = ModelMetrics(name, self.version, path)
+            self._write_failures.labels(name)  # the series exists from 0
+            metrics = ModelMetrics(name, self.version, path, self._note_failure)
             self._models[name] = metrics
             metrics.write()
         return metrics
+
+    def _note_failure(self, name: str) -> None:
+        self._write_failures.labels(name).inc()
+
+    def problems(self) -> list[str]:
+        """What keeps the metric files from being written, now."""
+        found = [self.dir_error] if self.dir_error else []
+        return found + [m.write_error for m in list(self._models.values()) if m.write_error]
 
     def remove_model(self, name: str) -> None:
         metrics = self._models.pop(name, None)
         if metrics is not None:
             metrics.discard_file()
+            self._write_failures.remove(name)
 
     def render(self) -> tuple[bytes, str]:
         """(body, content type) for `GET /metrics`."""

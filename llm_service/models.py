@@ -465,10 +465,13 @@ class ModelManager:
                 "error": self.descriptor_error,
                 "warnings": self.descriptor_warnings,
             },
+            "metrics": {"dir": None if self.metrics.metrics_dir is None else str(self.metrics.metrics_dir),
+                        "problems": self.metrics.problems()},
         }
 
-    def readiness(self) -> tuple[bool, list[str]]:
-        """Ready when every run_on_startup model serves and none is failed."""
+    def readiness(self) -> tuple[bool, list[str], list[str]]:
+        """Ready when every run_on_startup model serves and none is failed; and what is wrong
+        without stopping the service (metric files that cannot be written)."""
         problems = []
         for name, entry in self._entries.items():
             state = entry.engine.state
@@ -476,7 +479,7 @@ class ModelManager:
                 problems.append(f"{name}: failed")
             elif entry.spec.run_on_startup and state not in _SERVING_STATES:
                 problems.append(f"{name}: {state}")
-        return not problems, problems
+        return not problems, problems, self.metrics.problems()
 
 
 class closing_stream:

@@ -26,9 +26,10 @@ class TokenizerUnavailable(Exception):
 
 
 class TokenizerClient:
-    def __init__(self, service_port: int, service_url: str | None = None) -> None:
+    def __init__(self, service_port: int, service_url: str | None = None, secret: str | None = None) -> None:
         self._service_port = service_port
         self._service_url = service_url.rstrip("/") if service_url else None
+        self._service_headers = {"Authorization": f"Bearer {secret}"} if secret else {}
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=2.0))
 
     async def aclose(self) -> None:
@@ -37,12 +38,11 @@ class TokenizerClient:
     def service_url(self, tokenizer_ip: str) -> str:
         return self._service_url or f"http://{tokenizer_ip}:{self._service_port}"
 
-    async def _service_call(self, method: str, name: str, path: str, tokenizer_ip: str, secret: str | None) -> dict[str, Any]:
+    async def _service_call(self, method: str, name: str, path: str, tokenizer_ip: str) -> dict[str, Any]:
         """One call to the tokenizer service about model `name`; its JSON reply, or TokenizerUnavailable."""
         url = f"{self.service_url(tokenizer_ip)}/tokenizers/{quote(name, safe='')}{path}"
-        headers = {"Authorization": f"Bearer {secret}"} if secret else {}
         try:
-            reply = await self._http.request(method, url, headers=headers)
+            reply = await self._http.request(method, url, headers=self._service_headers)
             data = reply.json()
         except httpx.HTTPError as exc:
             raise TokenizerUnavailable(f"tokenizer service at {url} unreachable: {exc!r}") from exc
@@ -56,19 +56,17 @@ class TokenizerClient:
             )
         return data
 
-    async def start_server(self, name: str, tokenizer_ip: str, *, secret: str | None) -> dict[str, Any]:
+    async def start_server(self, name: str, tokenizer_ip: str) -> dict[str, Any]:
         """Ask the tokenizer service to start (or keep) the model's tokenizer server: the one the
         descriptor names for it. Returns the server's state."""
-        return await self._service_call("POST", name, "/start", tokenizer_ip, secret)
+        return await self._service_call("POST", name, "/start", tokenizer_ip)
 
-    async def wait_until_running(
-        self, name: str, tokenizer_ip: str, port: int, timeout: float, *, secret: str | None
-    ) -> None:
+    async def wait_until_running(self, name: str, tokenizer_ip: str, port: int, timeout: float) -> None:
         """Poll the service until the model's server is `running`: its own socket listens on
         `port` and answers. A port another process holds fails at once, with the service's word."""
         deadline = time.monotonic() + timeout
         while True:
-            server = await self._service_call("GET", name, "", tokenizer_ip, secret)
+            server = await self._service_call("GET", name, "", tokenizer_ip)
             state = server.get("state")
             if server.get("port") != port:
                 raise TokenizerUnavailable(
@@ -88,9 +86,9 @@ class TokenizerClient:
                 )
             await anyio.sleep(0.1)
 
-    async def stop_server(self, name: str, tokenizer_ip: str, *, secret: str | None) -> None:
+    async def stop_server(self, name: str, tokenizer_ip: str) -> None:
         try:
-            await self._service_call("POST", name, "/stop", tokenizer_ip, secret)
+            await self._service_call("POST", name, "/stop", tokenizer_ip)
         except TokenizerUnavailable:
             pass  # the service is gone too, or never had it: nothing left to stop
 

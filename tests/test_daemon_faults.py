@@ -270,11 +270,15 @@ def test_tokenizer_server_down_while_a_chat_changes_its_system_prompt(tmp_path):
     (or a recovered answer), the daemon stays up, the other model serves, and the model recovers.
     It used to let `httpx.ConnectError` out of the owner task, ending every model's task."""
     entries = [scripted_model(tmp_path, "m", reply_words=WORDS), scripted_model(tmp_path, "other", reply_words=WORDS)]
-    with running_daemon(tmp_path, entries, "--request-deadline-s", "15") as daemon:
+    secret = "test-tokenizer-service-secret"  # the service's secret, known to this test
+    with running_daemon(tmp_path, entries, "--request-deadline-s", "15",
+                        extra_env={"AXM1_TOKENIZER_SERVICE_SECRET": secret}) as daemon:
         assert generate(daemon, "warm-up").status_code == 200
         assert generate(daemon, "warm-up", model="other").status_code == 200
         # Stopped through the tokenizer service, so that nothing restarts it behind the daemon's back.
-        assert net.post(f"{daemon.tokenizer_service_url}/tokenizers/m/stop", timeout=10).status_code == 200
+        stop = net.post(f"{daemon.tokenizer_service_url}/tokenizers/m/stop",
+                        headers={"Authorization": f"Bearer {secret}"}, timeout=10)
+        assert stop.status_code == 200
         messages = [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "ahoy"}]
         with daemon.client(timeout=30) as http:
             reply = http.post("/api/chat", json={"model": "m", "messages": messages, "stream": False})

@@ -250,3 +250,34 @@ def test_a_squatter_on_a_tokenizer_port_fails_the_model_clearly_and_gets_no_prom
     finally:
         if held.process.poll() is None:
             held.stop()
+
+
+# ---- 12. weak spots --------------------------------------------------------------------------
+
+
+def test_metric_files_that_cannot_be_written_are_said_in_status_ready_and_metrics(tmp_path):
+    not_a_folder = tmp_path / "metrics-is-a-file"
+    not_a_folder.write_text("")
+    entries = [scripted_model(tmp_path, "m", reply_words=WORDS)]
+    with running_daemon(tmp_path, entries, "--metrics-dir", str(not_a_folder)) as daemon:
+        assert generate(daemon, "served").json()["response"] == reply_text("served", WORDS, think=False)
+        problems = daemon.get("/api/status")["metrics"]["problems"]
+        assert problems and str(not_a_folder) in problems[0], problems
+        ready = daemon.client().get("/ready")
+        assert ready.status_code == 200 and ready.json()["warnings"] == problems  # serving is not stopped
+        metrics = daemon.client().get("/metrics").text
+        failures = [line for line in metrics.splitlines() if line.startswith('axm1_llm_metrics_file_write_failures_total{model="m"}')]
+        assert failures and float(failures[0].split()[-1]) >= 1, failures
+
+
+def test_after_a_crash_a_request_brings_the_restart_forward_halfway_through_the_back_off(tmp_path):
+    entries = [scripted_model(tmp_path, "m", reply_words=WORDS, tokens_per_second=50)]
+    with running_daemon(tmp_path, entries, "--backoff-min-s", "12", "--backoff-max-s", "12", fast_restarts=False) as daemon:
+        daemon.set_faults(crash_after_tokens=2)
+        assert generate(daemon, "crash").status_code == 500
+        daemon.set_faults()  # the cause is gone
+        started = time.monotonic()
+        reply = generate(daemon, "soon-again", timeout=60)
+        waited = time.monotonic() - started
+        assert reply.json()["response"] == reply_text("soon-again", WORDS, think=False)
+        assert waited < 10, f"waited {waited:.1f}s: the whole back-off of 12s"

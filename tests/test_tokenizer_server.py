@@ -243,15 +243,15 @@ def test_capabilities_and_tokenize(client, tokenizer):
 def test_stats_count_the_last_turn(client):
     uid = new_uid(client)
     post(client, "/reset", {"uid": uid, "system_prompt": "S"})
-    assert client.get("/stats", params={"uid": uid}).json() == {"prompt_tokens": 0, "reply_tokens": 0}
+    assert client.get("/stats", params={"uid": uid}).json() == {"prompt_tokens": 0, "reply_tokens": 0, "reply_text": ""}
     encoded = post(client, "/encode", {"uid": uid, "text": "count me"})
-    post(client, "/decode", {"uid": uid, "token_ids": [28120, 905, 30]})
-    post(client, "/decode", {"uid": uid, "token_ids": [28120, 905]})
+    pieces = [post(client, "/decode", {"uid": uid, "token_ids": ids})["text"] for ids in ([28120, 905, 30], [28120, 905])]
+    # The turn's account: its ids, and its text as /decode gave it out (what the runner printed).
     assert client.get("/stats", params={"uid": uid}).json() == {
-        "prompt_tokens": len(encoded["token_ids"]), "reply_tokens": 5}
+        "prompt_tokens": len(encoded["token_ids"]), "reply_tokens": 5, "reply_text": "".join(pieces)}
     encoded = post(client, "/encode", {"uid": uid, "text": "again", "last_reply": "hello world. hello world"})
     assert client.get("/stats", params={"uid": uid}).json() == {
-        "prompt_tokens": len(encoded["token_ids"]), "reply_tokens": 0}
+        "prompt_tokens": len(encoded["token_ids"]), "reply_tokens": 0, "reply_text": ""}
 
 
 def test_prompt_with_newlines_crosses_a_line_based_channel_intact(server, tokenizer):

@@ -34,8 +34,8 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
-    ok, problems = request.app.state.manager.readiness()
-    return JSONResponse({"ready": ok, "problems": problems}, status_code=200 if ok else 503)
+    ok, problems, warnings = request.app.state.manager.readiness()
+    return JSONResponse({"ready": ok, "problems": problems, "warnings": warnings}, status_code=200 if ok else 503)
 
 
 @router.get("/api/logs/{model:path}")

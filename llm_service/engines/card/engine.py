@@ -260,10 +260,13 @@ class CardEngine(Engine):
                 loaded_for_us = True
             if state in (S.STOPPED, S.FAILED, S.STOPPING):
                 self._post(_Start("request needs the model"))
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
+            remaining = math.inf if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
                 raise RequestTimedOut(f'model "{self.spec.name}" was not ready before the request deadline (state {state})')
-            with anyio.move_on_after(remaining if remaining is not None else math.inf):
+            if state is S.FAILED and self._restart_at is not None:
+                # Look again halfway through the back-off, when asking brings the restart forward.
+                remaining = min(remaining, max(0.05, (self._restart_at - self._failed_at) / 2 - (time.monotonic() - self._failed_at)))
+            with anyio.move_on_after(remaining):
                 await changed.wait()
 
     async def stop(self, reason: str) -> None:
@@ -273,9 +276,7 @@ class CardEngine(Engine):
 
     async def close(self) -> None:
         if self.config.tokenizer_py:
-            await self._tokenizers.stop_server(
-                self.spec.name, self._tokenizer_host, secret=self.settings.tokenizer_service_secret
-            )
+            await self._tokenizers.stop_server(self.spec.name, self._tokenizer_host)
 
     async def generate(self, request: GenerationRequest):
         send, receive = anyio.create_memory_object_stream(math.inf)
@@ -441,8 +442,13 @@ class CardEngine(Engine):
 
     async def _on_start(self, reason: str) -> None:
         state = self._machine.state
-        if state is S.FAILED and self._restart_at is not None and time.monotonic() < self._restart_at:
-            return  # the restart is already scheduled (card memory may still be busy)
+        if state is S.FAILED and self._restart_at is not None:
+            # A restart is scheduled (the card's memory may still be busy after a crash). A request
+            # that needs the model brings it forward once half the back-off has passed: the
+            # cause may be gone, and the request should not wait out a long back-off for nothing.
+            halfway = self._failed_at + (self._restart_at - self._failed_at) / 2
+            if time.monotonic() < halfway:
+                return
         if state not in (S.STOPPED, S.FAILED):
             return
         await self._launch(reason)
@@ -474,7 +480,7 @@ class CardEngine(Engine):
     async def _prepare_tokenizer(self, generation: int, scope: anyio.CancelScope, settings: dict[str, Any]) -> None:
         """Child task: start the model's tokenizer server, wait for it, learn what it offers."""
         config, host = self.config, self._tokenizer_host
-        timeout, secret = self.settings.tokenizer_timeout_s, self.settings.tokenizer_service_secret
+        timeout = self.settings.tokenizer_timeout_s
         caps: dict[str, Any] | None = None
         applied: dict[str, Any] = {}
         error: str | None = None
@@ -483,10 +489,8 @@ class CardEngine(Engine):
                 if config.tokenizer_py:
                     # The service starts what the descriptor names for this model, and says when
                     # a socket of that server's own listens on the port (or that another's does).
-                    await self._tokenizers.start_server(self.spec.name, host, secret=secret)
-                    await self._tokenizers.wait_until_running(
-                        self.spec.name, host, config.tokenizer_port, timeout, secret=secret
-                    )
+                    await self._tokenizers.start_server(self.spec.name, host)
+                    await self._tokenizers.wait_until_running(self.spec.name, host, config.tokenizer_port, timeout)
                 else:
                     # No tokenizer_py: a tokenizer server someone else runs on this port.
                     await self._tokenizers.wait_until_serving(host, config.tokenizer_port, timeout)
