@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import time
@@ -134,6 +135,7 @@ def running_daemon(
     leftovers_fail: bool = True,
     leftover_grace_s: float = 10.0,
     start_timeout: float = 60.0,
+    open_files_limit: int | None = None,
 ) -> Iterator[Daemon]:
     """The real daemon on free loopback ports, serving `entries` (written to a descriptor in
     `root`, with its metrics folder and log); `flags` go on its command line after ours.
@@ -144,6 +146,7 @@ def running_daemon(
       every turn, so a benchmark goes without it.
     - `log_level`, `extra_env`: the daemon's --log-level, and variables for it and its children
       (e.g. a PYTHONPATH that runs another checkout's daemon).
+    - `open_files_limit`: the daemon's RLIMIT_NOFILE (systemd gives 1024 by default).
     - After SIGTERM, processes still carrying the run's marker `leftover_grace_s` later are
       killed; with `leftovers_fail` that fails (an AssertionError naming them and the log's end).
     """
@@ -184,7 +187,11 @@ def running_daemon(
     ]
     log_path = root / "daemon.log"
     with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+            preexec_fn=None if open_files_limit is None else lambda: resource.setrlimit(
+                resource.RLIMIT_NOFILE, (open_files_limit, open_files_limit)),
+        )
     daemon = Daemon(
         f"http://127.0.0.1:{port}", port, process, root, descriptor, metrics_dir, log_path, marker, fault_file, env,
         tokenizer_service_url=f"http://127.0.0.1:{tokenizer_service_port}",

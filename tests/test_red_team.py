@@ -281,3 +281,46 @@ def test_after_a_crash_a_request_brings_the_restart_forward_halfway_through_the_
         waited = time.monotonic() - started
         assert reply.json()["response"] == reply_text("soon-again", WORDS, think=False)
         assert waited < 10, f"waited {waited:.1f}s: the whole back-off of 12s"
+
+
+# ---- 7. connections cannot lock everyone out ---------------------------------------------------
+
+
+def test_idle_and_slow_connections_at_a_1024_file_limit_leave_the_daemon_serving(tmp_path):
+    """1,100 idle connections at systemd's default limit of 1,024 open files: the daemon refuses
+    what is beyond its connection cap with a clear 503, drops what sends nothing in time, keeps
+    descriptors for a runner restart, and its log does not flood."""
+    import socket
+
+    entries = [scripted_model(tmp_path, "m", reply_words=WORDS, fields={"run_on_startup": "true"})]
+    limits = {"AXM1_HEADER_TIMEOUT_S": "3", "AXM1_MAX_HEADER_BYTES": "8192"}
+    with running_daemon(tmp_path, entries, extra_env=limits, open_files_limit=1024) as daemon:
+        runner = daemon.wait_state("m", "ready")["runner_pid"]
+        sockets = []
+        try:
+            for _ in range(1100):
+                sockets.append(socket.create_connection(("127.0.0.1", daemon.port), timeout=5))
+            refused = 0
+            for sock in sockets[-50:]:  # the last ones are beyond the cap: answered at once
+                sock.settimeout(5)
+                try:
+                    refused += sock.recv(64).startswith(b"HTTP/1.1 503")
+                except OSError:
+                    pass
+            assert refused >= 40, refused
+            # Meanwhile the runner dies: its restart still finds descriptors for pipes and sockets.
+            os.kill(runner, signal.SIGKILL)
+            time.sleep(3)
+            held_until = time.time()
+        finally:
+            for sock in sockets:
+                sock.close()
+        answer = wait_until(lambda: (r := generate(daemon, "after")).status_code == 200 and r, 30, "service again")
+        assert answer.json()["response"] == reply_text("after", WORDS, think=False)
+        history = daemon.get("/api/status_history/m")["history"]
+        restarted = [t for t in history if t["to"] == "ready" and t["at_epoch"] < held_until]
+        assert len(restarted) >= 2, history  # the first start, and the restart with every connection held
+        with daemon.client() as http:  # an oversized header is refused, not read
+            huge = http.get("/health", headers={"X-Big": "x" * 20000})
+            assert huge.status_code == 431
+        assert daemon.log_path.stat().st_size < 1024 * 1024
