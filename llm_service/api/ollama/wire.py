@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ...engines.base import BadRequest, Chunk, GenerationResult, SamplingOptions
+from ...engines.base import Chunk, GenerationResult, SamplingOptions
 from ...timestamps import now_rfc3339
 
 # The Ollama API version whose wire format this daemon speaks (clients gate features on it).
@@ -26,12 +25,40 @@ class OllamaMessage(BaseModel):
     images: list[str] | None = None
 
 
+# Bounds of the numeric options: beyond them a value is a mistake (or 1e400, which JSON parses
+# as infinity and int() cannot take).
+INT_LIMIT = 2**31 - 1
+
+
+class Options(BaseModel):
+    """Ollama's `options`. The ones the daemon reads are typed and bounded, so a bad value is a
+    400 naming it (and the OpenAPI description, which the fuzzing reads, says so); the others
+    Ollama knows (num_gpu, mirostat, …) are accepted and ignored, as Ollama does."""
+
+    model_config = ConfigDict(extra="allow", ser_json_inf_nan="null")
+    temperature: float | None = Field(None, ge=-INT_LIMIT, le=INT_LIMIT, allow_inf_nan=False)
+    top_p: float | None = Field(None, ge=-INT_LIMIT, le=INT_LIMIT, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=-INT_LIMIT, le=INT_LIMIT)
+    seed: int | None = Field(None, ge=-INT_LIMIT, le=INT_LIMIT)
+    repeat_penalty: float | None = Field(None, ge=-INT_LIMIT, le=INT_LIMIT, allow_inf_nan=False)
+    num_predict: int | None = Field(None, ge=-INT_LIMIT, le=INT_LIMIT)
+    num_ctx: int | None = Field(None, ge=-INT_LIMIT, le=INT_LIMIT)
+    stop: str | list[str] | None = None
+
+    @field_validator("temperature", "top_p", "top_k", "seed", "repeat_penalty", "num_predict", "num_ctx", mode="before")
+    @classmethod
+    def _not_a_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # true is 1 to Python, never a number to a user
+            raise ValueError("must be a number, not a boolean")
+        return value
+
+
 class _Common(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str = Field(min_length=1)
     stream: bool = True
     format: Any = None
-    options: dict[str, Any] | None = None
+    options: Options | None = None
     keep_alive: str | float | int | None = None
     think: bool | str | None = None
 
@@ -57,41 +84,21 @@ class ModelBody(BaseModel):
     name: str | None = None  # older clients send `name`
 
 
-def sampling_options(options: dict[str, Any] | None) -> SamplingOptions:
-    """Ollama's `options` object; unknown keys are accepted and ignored, as Ollama does."""
-    options = options or {}
-    stop = options.get("stop") or ()
+def sampling_options(options: Options | None) -> SamplingOptions:
+    options = options or Options()
+    stop = options.stop or ()
     if isinstance(stop, str):
         stop = (stop,)
-    try:
-        return SamplingOptions(
-            temperature=_number(options, "temperature", float),
-            top_p=_number(options, "top_p", float),
-            top_k=_number(options, "top_k", int),
-            seed=_number(options, "seed", int),
-            repeat_penalty=_number(options, "repeat_penalty", float),
-            num_predict=_number(options, "num_predict", int),
-            num_ctx=_number(options, "num_ctx", int),
-            stop=tuple(str(s) for s in stop),
-        )
-    except (TypeError, ValueError) as exc:
-        raise BadRequest(f"invalid options: {exc}") from None
-
-
-# Bounds of the numeric options: beyond them a value is a mistake (or 1e400, which JSON parses
-# as infinity and int() cannot take).
-_INT_LIMIT = 2**31 - 1
-
-
-def _number(options: dict[str, Any], name: str, kind: type) -> Any:
-    value = options.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"options.{name} must be a number")
-    if not math.isfinite(value) or abs(value) > _INT_LIMIT:
-        raise ValueError(f"options.{name} must be a finite number between {-_INT_LIMIT} and {_INT_LIMIT}")
-    return kind(value)
+    return SamplingOptions(
+        temperature=options.temperature,
+        top_p=options.top_p,
+        top_k=options.top_k,
+        seed=options.seed,
+        repeat_penalty=options.repeat_penalty,
+        num_predict=options.num_predict,
+        num_ctx=options.num_ctx,
+        stop=tuple(stop),
+    )
 
 
 def think_flag(value: bool | str | None) -> bool | None:
