@@ -66,10 +66,12 @@ from .output import (
 )
 from .planner import (
     CONTEXT_MARGIN,
+    TOKENS_PER_MESSAGE,
     Action,
     Held,
     Plan,
     Runner,
+    Turn,
     continues,
     conversation_texts,
     fits,
@@ -692,54 +694,98 @@ class CardEngine(Engine):
         if not self._pending:
             return
         job = self._job = self._pending.popleft()
-        job.phase = "preparing"
-        self._preparing = True
         # Unknown after a reset until the runner reports it: then at most the whole context.
         remaining = self._context[1] if self._context else self.spec.context_size
         held = Held(self._held, self._held_system, remaining)
         runner = Runner(self._dialect or DIALECTS["b"], self._supports_reset, self._our_tokenizer, self.spec.context_size)
-        self._start_task(self._prepare, job, self._generation, held, runner, dict(self._tokenizer_config))
-
-    async def _prepare(self, job: _TurnJob, generation: int, held: Held, runner: Runner, known: dict[str, Any]) -> None:
-        """Child task: plan the turn (counting tokens where bytes cannot prove a fit) and install
-        the tokenizer settings it needs, unless a restart will install them."""
         try:
             turn = read_turn(job.request, self.spec.system_prompt, runner.our_tokenizer)
-            line_tokens = conversation_tokens = None
-            if runner.dialect.keeps_context:
+            plan = self._plan_without_tokenizer(turn, held, runner)
+        except BadRequest as exc:
+            job.deliver(exc)
+            self._job = None
+            await self._advance()
+            return
+        changes = {} if plan is None else self._settings_to_install(plan)
+        if plan is not None and not changes:
+            # The common case: bytes prove the turn fits and the tokenizer holds what it needs.
+            # Nothing to wait for: the prompt goes out now, with no task switch on its way.
+            await self._execute_plan(job, plan)
+            return
+        job.phase = "preparing"
+        self._preparing = True
+        self._start_task(self._prepare, job, self._generation, turn, held, runner, plan, changes)
+
+    def _plan_without_tokenizer(self, turn: Turn, held: Held, runner: Runner) -> Plan | None:
+        """The plan when no count needs the tokenizer (bytes prove a fit, or there is no
+        tokenizer to ask), else None. Raises BadRequest when the turn cannot fit."""
+        line_tokens = conversation_tokens = None
+        if runner.dialect.keeps_context:
+            if continues(turn, held):
+                line_tokens = self._count_without_tokenizer(line_texts(turn), held.remaining - CONTEXT_MARGIN, runner)
+                if line_tokens is None:
+                    return None
+            if line_tokens is None or not fits(line_tokens, held.remaining):
+                conversation_tokens = self._count_without_tokenizer(
+                    conversation_texts(turn), runner.context_size - CONTEXT_MARGIN, runner
+                )
+                if conversation_tokens is None:
+                    return None
+        return plan_turn(turn, held, runner, line_tokens=line_tokens, conversation_tokens=conversation_tokens)
+
+    @staticmethod
+    def _count_without_tokenizer(texts: list[str], room: int, runner: Runner) -> int | None:
+        bound = token_bound(texts)
+        if bound <= room:
+            return bound  # fits for sure
+        return None if runner.our_tokenizer else token_guess(texts)
+
+    def _settings_to_install(self, plan: Plan) -> dict[str, Any]:
+        """What /config must change before the plan runs (a restart installs its own)."""
+        if plan.action is Action.RESTART:
+            return {}
+        known = self._tokenizer_config
+        return {k: v for k, v in plan.tokenizer_settings.items() if k not in known or known[k] != v}
+
+    async def _prepare(
+        self, job: _TurnJob, generation: int, turn: Turn, held: Held, runner: Runner,
+        plan: Plan | None, changes: dict[str, Any],
+    ) -> None:
+        """Child task: count with the tokenizer what bytes could not prove, then install the
+        tokenizer settings the plan needs."""
+        try:
+            if plan is None:
+                line_tokens = conversation_tokens = None
                 if continues(turn, held):
-                    room = None if held.remaining is None else held.remaining - CONTEXT_MARGIN
-                    line_tokens = await self._count_tokens(line_texts(turn), room, runner.our_tokenizer)
+                    line_tokens = await self._count_tokens(line_texts(turn), held.remaining - CONTEXT_MARGIN)
                 if line_tokens is None or not fits(line_tokens, held.remaining):
                     conversation_tokens = await self._count_tokens(
-                        conversation_texts(turn), runner.context_size - CONTEXT_MARGIN, runner.our_tokenizer
+                        conversation_texts(turn), runner.context_size - CONTEXT_MARGIN
                     )
-            plan = plan_turn(turn, held, runner, line_tokens=line_tokens, conversation_tokens=conversation_tokens)
+                plan = plan_turn(turn, held, runner, line_tokens=line_tokens, conversation_tokens=conversation_tokens)
+                changes = self._settings_to_install(plan)
         except BadRequest as exc:
             self._post(_Prepared(job, generation, None, {}, exc))
             return
-        applied: dict[str, Any] = {}
-        if plan.action is not Action.RESTART:
-            applied = {k: v for k, v in plan.tokenizer_settings.items() if k not in known or known[k] != v}
-            if applied:
-                try:
-                    await self._configure_tokenizer(applied)
-                except TokenizerUnavailable as exc:
-                    error = ModelUnavailable(f'the tokenizer server of "{self.spec.name}" is not answering ({exc}); the model restarts')
-                    self._post(_Prepared(job, generation, None, {}, error, tokenizer_down=True))
-                    return
-        self._post(_Prepared(job, generation, plan, applied))
+        if changes:
+            try:
+                await self._configure_tokenizer(changes)
+            except TokenizerUnavailable as exc:
+                error = ModelUnavailable(f'the tokenizer server of "{self.spec.name}" is not answering ({exc}); the model restarts')
+                self._post(_Prepared(job, generation, None, {}, error, tokenizer_down=True))
+                return
+        self._post(_Prepared(job, generation, plan, changes))
 
-    async def _count_tokens(self, texts: list[str], room: int | None, our_tokenizer: bool) -> int:
-        """Tokens the texts need (with template overhead), asking the tokenizer only when needed."""
+    async def _count_tokens(self, texts: list[str], room: int) -> int:
+        """Tokens the texts need (with template overhead), from our tokenizer where their bytes
+        cannot prove a fit. In child tasks only."""
         bound = token_bound(texts)
-        if room is None or bound <= room:
-            return bound  # fits for sure: no round trip on the way to the first token
-        if our_tokenizer:
-            with anyio.move_on_after(_TOKENIZER_CALL_TIMEOUT_S):
-                ids = await self._tokenizers.tokenize(self._tokenizer_host, self.config.tokenizer_port, "\n".join(texts))
-                if ids is not None:
-                    return len(ids) + 8 * len(texts)
+        if bound <= room:
+            return bound
+        with anyio.move_on_after(_TOKENIZER_CALL_TIMEOUT_S):
+            ids = await self._tokenizers.tokenize(self._tokenizer_host, self.config.tokenizer_port, "\n".join(texts))
+            if ids is not None:
+                return len(ids) + TOKENS_PER_MESSAGE * len(texts)
         return token_guess(texts)
 
     async def _configure_tokenizer(self, settings: dict[str, Any]) -> None:
@@ -770,8 +816,11 @@ class CardEngine(Engine):
             return
         if self._machine.state is not S.READY:
             return
-        plan = job.plan = message.plan
-        assert plan is not None
+        assert message.plan is not None
+        await self._execute_plan(job, message.plan)
+
+    async def _execute_plan(self, job: _TurnJob, plan: Plan) -> None:
+        job.plan = plan
         if plan.action is Action.PROMPT:
             self._write_prompt(job)
         elif plan.action is Action.RESET:
