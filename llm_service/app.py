@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
-from .api import ollama, openai, status
+from .api import models, ollama, openai, status
 from .api.errors import install_error_handlers
 from .metrics import MetricsHub
 from .models import ModelManager
@@ -93,6 +93,7 @@ def create_app(settings: Any) -> FastAPI:
     app.state.settings = settings
     app.include_router(ollama.router)
     app.include_router(status.router)
+    app.include_router(models.router)
     app.include_router(openai.router)
     install_error_handlers(app)
     install_security(app, settings)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +18,11 @@ import anyio
 from anyio.abc import TaskGroup
 
 from .admission import AdmissionQueue
+from .memory import Holding, plan_room
 from .descriptor import DescriptorResult, ModelSpec, diff_specs, load_descriptor, parse_keep_alive
+from .children import owner_tag
 from .engines import create_engine
+from .engines.upstream_process import ManagedProcesses
 from .engines.base import (
     BadRequest,
     Chunk,
@@ -34,12 +37,12 @@ from .engines.base import (
     RequestTimedOut,
 )
 from .metrics import MetricsHub, ModelMetrics
+from .states import SERVING_STATES
 from .timestamps import rfc3339, rfc3339_in
 from .tokenizer_client import TokenizerClient
 
 log = logging.getLogger(__name__)
 
-_SERVING_STATES = ("ready", "resetting", "processing", "outputting")
 # An engine whose owner loop itself ended by an exception is started again after this long.
 _ENGINE_LOOP_RESTART_S = 1.0
 
@@ -87,12 +90,15 @@ class ModelManager:
         self._tg: TaskGroup | None = None
         self._room_lock = anyio.Lock()
         self._default_keep_alive = parse_keep_alive(settings.default_keep_alive)
+        # The servers launched for managed upstreams; they never outlive the manager.
+        self.processes = ManagedProcesses(owner_tag(settings.data_dir), settings.stop_grace_s)
 
     # ---- life cycle -------------------------------------------------------------------------
 
     async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
             self._tg = tg
+            await tg.start(self.processes.run)
             await self.reload_descriptor()
             tg.start_soon(self._watch_descriptor)
             tg.start_soon(self._reap_idle)
@@ -146,7 +152,7 @@ class ModelManager:
 
     async def _add(self, spec: ModelSpec) -> None:
         metrics = self.metrics.model(spec.name)
-        engine = create_engine(spec, EngineContext(self.settings, metrics, self.tokenizers))
+        engine = create_engine(spec, EngineContext(self.settings, metrics, self.tokenizers, self.processes))
         entry = ModelEntry(
             spec=spec,
             engine=engine,
@@ -244,9 +250,11 @@ class ModelManager:
         entry = self.entry(name)
         seconds = self._keep_alive_for(entry, keep_alive)
         await self._make_room(entry)
-        loaded = await entry.engine.wait_ready(deadline)
-        self._touch(entry, seconds)
-        return loaded
+        entry.expires_at = None  # an expired keep_alive must not stop it while it loads
+        try:
+            return await entry.engine.wait_ready(deadline)
+        finally:
+            self._touch(entry, seconds)
 
     async def unload(self, name: str) -> None:
         entry = self.entry(name)
@@ -257,27 +265,41 @@ class ModelManager:
         entry.last_used = time.monotonic()
         entry.expires_at = None if keep_alive_s is None else entry.last_used + keep_alive_s
 
+    def _budgets(self, entry: ModelEntry) -> list[tuple[str, int, int, Callable[[ModelSpec], int]]]:
+        """(device, what this model needs, the device's budget, a model's claim) for each device
+        budget this model counts against."""
+        spec = entry.spec
+        budgets: list[tuple[str, int, int, Callable[[ModelSpec], int]]] = []
+        if spec.npu_memory_mb:
+            budgets.append(("the card", spec.npu_memory_mb, self.settings.npu_memory_mb, lambda s: s.npu_memory_mb or 0))
+        if spec.gpu_memory_mb and self.settings.gpu_memory_mb:
+            device = spec.gpu_device
+            budgets.append((f"GPU {device}", spec.gpu_memory_mb, self.settings.gpu_memory_mb,
+                            lambda s: (s.gpu_memory_mb or 0) if s.gpu_device == device else 0))
+        return budgets
+
     async def _make_room(self, entry: ModelEntry) -> None:
-        """Stop least recently used idle models until this one fits in the card's memory."""
-        need = entry.spec.npu_memory_mb or 0
-        if need == 0 or entry.engine.is_loaded:
+        """Stop least recently used idle models until this one fits in each device's memory."""
+        if entry.engine.is_loaded:
+            return
+        budgets = self._budgets(entry)
+        if not budgets:
             return
         async with self._room_lock:
-            budget = self.settings.npu_memory_mb
-            others = [e for e in self._entries.values() if e is not entry and e.engine.is_loaded]
-            used = sum(e.spec.npu_memory_mb or 0 for e in others)
-            for victim in sorted(others, key=lambda e: e.last_used):
-                if used + need <= budget:
-                    break
-                if victim.admission.idle and not victim.engine.is_busy and victim.spec.npu_memory_mb:
-                    log.info("unloading %s to make room for %s on the card", victim.spec.name, entry.spec.name)
-                    await victim.engine.stop(f"making room on the card for {entry.spec.name}")
-                    used -= victim.spec.npu_memory_mb
-            if used + need > budget:
-                raise ModelUnavailable(
-                    f'card memory: "{entry.spec.name}" needs {need} MB, {budget - used} MB are free '
-                    "and the models holding the rest are busy"
-                )
+            for device, need, budget, claim in budgets:
+                others = [e for e in self._entries.values() if e is not entry and e.engine.is_loaded and claim(e.spec)]
+                plan = plan_room(need, budget, [
+                    Holding(e.spec.name, claim(e.spec), e.last_used, e.admission.idle and not e.engine.is_busy)
+                    for e in others
+                ])
+                if not plan.fits:
+                    raise ModelUnavailable(
+                        f'{device} memory: "{entry.spec.name}" needs {need} MB, {plan.free_after} MB can be freed '
+                        "and the models holding the rest are busy"
+                    )
+                for name in plan.victims:
+                    log.info("unloading %s to make room for %s on %s", name, entry.spec.name, device)
+                    await self._entries[name].engine.stop(f"making room on {device} for {entry.spec.name}")
 
     def _deadline(self, request: GenerationRequest) -> float:
         if request.deadline is None:
@@ -446,12 +468,26 @@ class ModelManager:
         status["run_on_startup"] = entry.spec.run_on_startup
         status["aliases"] = list(entry.spec.aliases)
         status["npu_memory_mb"] = entry.spec.npu_memory_mb
+        if entry.spec.gpu_memory_mb is not None:
+            status["gpu_memory_mb"] = entry.spec.gpu_memory_mb
+            status["gpu_device"] = entry.spec.gpu_device
         status["expires_at"] = (
             None
             if entry.expires_at is None or not entry.engine.is_loaded
             else rfc3339_in(entry.expires_at - time.monotonic())
         )
         return status
+
+    def model_info(self, name: str) -> dict[str, Any]:
+        """What the model is, whether it is loaded, and where (GET /api/models/{name})."""
+        entry = self.entry(name)
+        info = entry.engine.info()
+        spec = entry.spec
+        if info.get("device") is None:
+            info["device"] = "npu" if spec.npu_memory_mb is not None or spec.engine == "ax-runner" else None
+        info["memory_mb"] = {"npu": spec.npu_memory_mb, "gpu": spec.gpu_memory_mb, "gpu_device": spec.gpu_device}
+        info["keep_alive_expires_at"] = self.model_status(name)["expires_at"]
+        return info
 
     def status(self) -> dict[str, Any]:
         models = [self.model_status(name) for name in self._entries]
@@ -477,7 +513,7 @@ class ModelManager:
             state = entry.engine.state
             if state == "failed":
                 problems.append(f"{name}: failed")
-            elif entry.spec.run_on_startup and state not in _SERVING_STATES:
+            elif entry.spec.run_on_startup and state not in SERVING_STATES:
                 problems.append(f"{name}: {state}")
         return not problems, problems, self.metrics.problems()
 

@@ -143,6 +143,10 @@ class DaemonSettings(FileConfiguredSettings):
     npu_memory_mb: int = Field(
         7040, ge=1, description="NPU memory (CMM) the loaded models may use together, in MiB"
     )
+    gpu_memory_mb: int | None = Field(
+        None, ge=1, description="memory of each GPU the models' gpu_memory_mb may use together, "
+        "in MiB; unset = no budget"
+    )
     descriptor_poll_s: float = Field(
         2, gt=0, description="how often the descriptor file is checked for changes"
     )

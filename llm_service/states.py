@@ -28,6 +28,8 @@ class RunnerState(StrEnum):
 
 
 S = RunnerState
+# The states in which a model is loaded and answering or able to answer.
+SERVING_STATES: frozenset[str] = frozenset({S.READY, S.RESETTING, S.PROCESSING, S.OUTPUTTING})
 # FAILED is not terminal: it means "the last attempt failed; a restart is scheduled".
 ALLOWED_TRANSITIONS: Mapping[RunnerState, frozenset[RunnerState]] = MappingProxyType({
     S.STOPPED:               frozenset({S.WAITING_FOR_TOKENIZER, S.STARTING}),

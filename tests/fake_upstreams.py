@@ -12,12 +12,16 @@ Run: `python fake_upstreams.py --port N`; `POST /_config` with a JSON object cha
   words, delay_s: the streamed answer: words "w1 w2 …", one chunk each, delay_s apart
   health:      200 | 404 | 503 (404 = no /health, as Ollama)
   embeddings:  true | false
+At start (in --config only): "load_s" seconds of loading — /health answers 503 and a line
+"loading weights i/4" goes to stderr at each quarter — or "listen": false, a server that prints
+a line and never listens (a stalled load).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -207,10 +211,27 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--config", default="{}", help="JSON object overriding the defaults")
     args = parser.parse_args()
-    STATE.config.update(json.loads(args.config))
+    config = json.loads(args.config)
+    STATE.config.update(config)
+    if config.get("listen") is False:
+        print("starting, but never listening", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(3600)
     server = ThreadingHTTPServer((args.host, args.port), Handler)
     server.daemon_threads = True
+    load_s = float(config.get("load_s", 0))
+    if load_s:
+        STATE.config["health"] = 503
+        threading.Thread(target=_load, args=(load_s,), daemon=True).start()
     server.serve_forever()
+
+
+def _load(seconds: float) -> None:
+    for step in range(1, 5):
+        time.sleep(seconds / 4)
+        print(f"loading weights {step}/4", file=sys.stderr, flush=True)
+    with STATE.lock:
+        STATE.config["health"] = 200
 
 
 if __name__ == "__main__":

@@ -24,13 +24,14 @@ import anyio
 from anyio.abc import TaskGroup
 
 from ..descriptor import EngineConfig, ModelSpec
-from ..states import RunnerState, StateMachine
+from ..states import SERVING_STATES, RunnerState, StateMachine
 from .log_ring import LogRing
 
 if TYPE_CHECKING:  # the metrics module imports this one
     from ..metrics import ModelMetrics
     from ..settings import DaemonSettings
     from ..tokenizer_client import TokenizerClient
+    from .upstream_process import ManagedProcesses
 
 log = logging.getLogger(__name__)
 S = RunnerState
@@ -131,6 +132,8 @@ class EngineContext:
     settings: DaemonSettings
     metrics: ModelMetrics
     tokenizers: TokenizerClient
+    # The managed upstreams (servers the daemon launches); None where nothing may be launched.
+    processes: ManagedProcesses | None = None
 
 
 # ---- errors a client sees -------------------------------------------------------------------
@@ -273,6 +276,19 @@ class Engine(abc.ABC):
             "since_epoch": snap["since_epoch"],
             "last_error": self.last_error,
             "history": snap["history"][-50:],
+        }
+
+    def info(self) -> dict[str, Any]:
+        """What the model is and where it runs (GET /api/models/{name}); engines fill in what
+        they know: device, base model, adapter."""
+        return {
+            "name": self.spec.name,
+            "engine": self.kind,
+            "loaded": self.state in SERVING_STATES,
+            "state": self.state,
+            "device": None,
+            "base_model": None,
+            "adapter": None,
         }
 
     def transition_history(self) -> list[dict[str, Any]]:

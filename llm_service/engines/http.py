@@ -18,10 +18,12 @@ import logging
 import math
 import os
 import re
+import shlex
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -30,7 +32,7 @@ import anyio
 from pydantic import Field, field_validator
 from yarl import URL
 
-from ..descriptor import EngineConfig
+from ..descriptor import EngineConfig, FieldError
 from ..states import RunnerState
 from ..thinking import ThinkSplitter
 from .base import (
@@ -47,6 +49,7 @@ from .base import (
     ModelUnavailable,
     RequestTimedOut,
 )
+from .upstream_process import Holder, LaunchSpec, ManagedProcess, progress_in_line
 
 log = logging.getLogger(__name__)
 S = RunnerState
@@ -58,24 +61,69 @@ _FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length", 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # After [DONE], how long the rest of the body may take before the connection is given up.
 _DRAIN_TIMEOUT_S = 1.0
+# How often a managed upstream that is coming up is probed (it is known to be on its way).
+_LAUNCH_PROBE_INTERVAL_S = 0.2
 
 
 class HttpConfig(EngineConfig):
-    """The descriptor fields of a model served by an OpenAI-compatible upstream."""
+    """The descriptor fields of a model served by an OpenAI-compatible upstream.
 
-    base_url: str
+    Either `base_url` (a server someone else runs) or `command` (a server the daemon launches,
+    supervises and stops: a managed upstream, upstream_process.py)."""
+
+    base_url: str | None = None
     upstream_model: str | None = None  # the upstream's name of the model; default: the model's name
     api_key_env: str | None = None  # the NAME of the variable holding the key, never the key
     max_concurrency: int = Field(default=1, ge=1)
     request_timeout_s: float = Field(default=300.0, gt=0)
     retries: int = Field(default=2, ge=0)
+    # A managed upstream: argv ("{port}" is filled in; "axm1-llm" is this daemon's own program),
+    # more environment, its working folder (relative to the descriptor's), the port it listens
+    # on (unset: a free one per launch), and the path that answers 200 once it can serve.
+    command: tuple[str, ...] | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    health_path: str | None = None
 
     @field_validator("base_url")
     @classmethod
-    def _base_url(cls, value: str) -> str:
+    def _base_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError("must be an http:// or https:// URL with a host")
+        return value
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _command(cls, value: Any) -> Any:
+        if isinstance(value, str):  # the descriptor's flat string form: split as a shell would
+            value = shlex.split(value)
+        if value is not None and (not value or not all(isinstance(part, str) and part for part in value)):
+            raise ValueError("must be a non-empty list of arguments (or one command line)")
+        return value
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env(cls, value: Any) -> Any:
+        if isinstance(value, str):  # the flat form: a JSON object in a string
+            value = json.loads(value) if value.strip() else {}
+        if isinstance(value, dict):
+            bad = [name for name in value if not isinstance(name, str) or not _ENV_NAME.fullmatch(name)]
+            if bad:
+                raise ValueError(f"not environment variable names: {bad}")
+            if any(name.startswith("AXM1_") for name in value):
+                raise ValueError("AXM1_* variables are the daemon's own and never reach a child")
+            return {name: str(v) for name, v in value.items()}
+        return value
+
+    @field_validator("health_path")
+    @classmethod
+    def _health_path(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError('must be a path starting with "/", e.g. "/health"')
         return value
 
     @field_validator("api_key_env")
@@ -86,7 +134,26 @@ class HttpConfig(EngineConfig):
         return value
 
     def resolved(self, base_dir, model_name: str) -> HttpConfig:
-        return self.model_copy(update={"upstream_model": self.upstream_model or model_name})
+        if self.command is None:
+            if self.base_url is None:
+                raise FieldError("base_url", "missing: give base_url (a running server) or command (a server the daemon launches)")
+            for name in ("env", "cwd", "port"):
+                if name in self.model_fields_set:
+                    raise FieldError(name, "only used with command (a server the daemon launches)")
+        elif self.base_url is not None:
+            raise FieldError("base_url", "give base_url or command, not both: a launched server is reached on 127.0.0.1:port")
+        update: dict[str, Any] = {"upstream_model": self.upstream_model or model_name}
+        if self.command is not None:
+            cwd = (Path(base_dir) / (self.cwd or ".")).resolve()
+            if not cwd.is_dir():
+                raise FieldError("cwd", f"{cwd} is not a folder")
+            update["cwd"] = str(cwd)
+        return self.model_copy(update=update)
+
+    def launch_spec(self, passthrough: tuple[str, ...] = ()) -> LaunchSpec | None:
+        if self.command is None:
+            return None
+        return LaunchSpec(self.command, tuple(sorted(self.env.items())), self.cwd or ".", self.port, passthrough)
 
 
 def _api_root(base_url: str) -> str:
@@ -147,14 +214,13 @@ def _delta_parts(choice: Any) -> tuple[str, str, str | None]:
     return reasoning, content, finish
 
 
-class HttpEngine(Engine):
+class HttpEngine(Engine, Holder):
     kind = "openai-http"
     config_class = HttpConfig
 
     def __init__(self, spec, context: EngineContext) -> None:
         super().__init__(spec, context)
         self.config: HttpConfig = spec.config
-        self.base_url = _api_root(self.config.base_url)
         self.upstream_model = self.config.upstream_model or spec.name
         self.capabilities = EngineCapabilities(
             chat_history=True,
@@ -166,13 +232,48 @@ class HttpEngine(Engine):
         self._session: aiohttp.ClientSession | None = None
         self._session_generation = 0  # tells a probe's result from one of an earlier session
         self._probing = False
-        root = URL(self.base_url)
-        self._urls = {name: root / "v1" / name for name in ("chat/completions", "embeddings", "models")}
-        self._urls["health"] = root / "health"
         self._next_probe_at = math.inf
         self._backoff = self.settings.backoff_min_s
         self._in_flight = 0
         self._recoveries = 0
+        self._upstream_info: dict[str, Any] | None = None  # a worker's GET /info, when it has one
+        # A managed upstream: the process, which launch of it we watch, and the load's clock.
+        self._managed: ManagedProcess | None = None
+        launch = self.config.launch_spec(tuple(self.settings.child_env))
+        if launch is not None:
+            if context.processes is None:
+                raise EngineError(f'model "{spec.name}": managed upstreams need the daemon\'s process registry')
+            self._managed = context.processes.get(launch)
+            self._managed.hold(self)
+        self._launch_generation = 0
+        self._launched_at = 0.0
+        self._last_progress_at = 0.0
+        self._progress: float | None = None
+        self._restarts = 0
+        self._last_loading_detail: str | None = None
+        self._set_base_url(self.config.base_url or "http://127.0.0.1:0")
+
+    def _set_base_url(self, url: str) -> None:
+        self.base_url = _api_root(url)
+        root = URL(self.base_url)
+        self._urls = {name: root / "v1" / name for name in ("chat/completions", "embeddings", "models")}
+        self._urls["health"] = root / "health"
+        self._urls["info"] = root / "info"
+        if self.config.health_path:
+            self._urls["health"] = root.with_path(self.config.health_path)
+
+    # ---- what a managed upstream tells us (called from its relay and exit watchers) --------------
+
+    def on_line(self, line: str) -> None:
+        self.logs.append(line)
+        if self._machine.state in (S.STARTING, S.INITIALIZING):
+            self._last_progress_at = time.monotonic()  # any output while loading is a sign of progress
+            percent = progress_in_line(line)
+            if percent is not None:
+                self._progress = percent
+
+    def on_exit(self, generation: int, description: str) -> None:
+        self._post(("exited", (generation, description)))
 
     # ---- Engine interface -------------------------------------------------------------------
 
@@ -292,7 +393,29 @@ class HttpEngine(Engine):
             capabilities=dataclasses.asdict(self.capabilities),
             recoveries=self._recoveries,
         )
+        if self._managed is not None:
+            status["managed"] = {
+                "command": list(self._managed.spec.command),
+                "pid": self._managed.pid if self._managed.running else None,
+                "port": self._managed.port,
+                "launches": self._managed.launches,
+                "restarts": self._restarts,
+            }
+            if self._machine.state in (S.STARTING, S.INITIALIZING):
+                status["progress"] = {"percent": self._progress, "message": (self.logs.tail(1) or [""])[0]}
         return status
+
+    def info(self) -> dict[str, Any]:
+        info = super().info()
+        upstream = self._upstream_info or {}
+        info.update(
+            device=upstream.get("device"),
+            base_model=upstream.get("base_model"),
+            adapter=(upstream.get("adapters") or {}).get(self.upstream_model) and self.upstream_model,
+            upstream={"base_url": self.base_url, "model": self.upstream_model, "managed": self._managed is not None,
+                      "info": self._upstream_info},
+        )
+        return info
 
     # ---- the owner loop ---------------------------------------------------------------------
 
@@ -301,11 +424,19 @@ class HttpEngine(Engine):
         if kind == "start" and self._machine.state is S.STOPPED:
             self._open_session()
             self._set_state(S.STARTING, "start requested")
-            self._begin_probe()
+            if self._managed is not None:
+                await self._launch()
+            else:
+                self._begin_probe()
         elif kind == "probe" and self._machine.state not in (S.STOPPED, S.STOPPING):
-            self._begin_probe()
+            if self._managed is not None and self._machine.state is S.FAILED and not self._managed.running:
+                await self._relaunch("brought forward by a request")
+            else:
+                self._begin_probe()
         elif kind == "probed":
-            self._on_probed(*payload)
+            await self._on_probed(*payload)
+        elif kind == "exited":
+            self._on_exited(*payload)
         elif kind == "stop":
             reason, done = payload
             await self._stop_now(reason)
@@ -315,7 +446,10 @@ class HttpEngine(Engine):
         return None if self._next_probe_at == math.inf else self._next_probe_at
 
     async def _on_timers(self) -> None:
-        self._begin_probe(periodic=True)
+        if self._managed is not None and self._machine.state is S.FAILED and not self._managed.running:
+            await self._relaunch("restart after back-off")
+        else:
+            self._begin_probe(periodic=True)
 
     async def _recover(self, error: Exception) -> None:
         self._probing = False
@@ -338,7 +472,62 @@ class HttpEngine(Engine):
         self._set_state(S.STOPPING, reason)
         await self._close_session()
         self._next_probe_at = math.inf
+        if self._managed is not None:
+            self._launch_generation = 0  # its exit is the stop's, not a crash
+            await self._managed.release(self)  # the last holder out stops the process
+            self._progress = None
         self._set_state(S.STOPPED, reason)
+
+    # ---- a managed upstream's launches ------------------------------------------------------------
+
+    async def _launch(self) -> None:
+        assert self._managed is not None
+        self._managed.hold(self)
+        try:
+            self._launch_generation = await self._managed.ensure_running()
+        except OSError as exc:
+            self._launch_failed(f"cannot start the upstream's command {self._managed.spec.command[0]!r}: {exc}")
+            return
+        self._set_base_url(self._managed.base_url)
+        self._launched_at = self._last_progress_at = time.monotonic()
+        self._progress = None
+        self._begin_probe()
+
+    async def _relaunch(self, reason: str) -> None:
+        self._restarts += 1
+        self._set_state(S.STARTING, reason)
+        await self._launch()
+
+    def _on_exited(self, generation: int, description: str) -> None:
+        if generation != self._launch_generation or self._machine.state in (S.STOPPED, S.STOPPING):
+            return  # an earlier launch, or the end of our own stop
+        loading = self._machine.state in (S.STARTING, S.INITIALIZING)
+        self.metrics.restarted("crash_at_load" if loading else "crash")
+        last = " | ".join(line for line in self.logs.tail(3) if not line.startswith("[axm1-llm]"))
+        self._launch_failed(
+            f"upstream process {description}{' while loading' if loading else ''}"
+            + (f"; its last output: {last}" if last else "")
+        )
+
+    def _launch_failed(self, reason: str) -> None:
+        """The launch is over (exit, no start, no progress): fail now, relaunch after back-off."""
+        self._launch_generation = 0
+        self._probes_done += 1  # a verdict for the requests waiting on this launch
+        self._probing = False
+        self._fail(reason)
+        self._next_probe_at = time.monotonic() + max(self._backoff, _MIN_PROBE_INTERVAL_S)
+        self._backoff = min(self._backoff * 2, self.settings.backoff_max_s)
+        self._notify()
+
+    def _load_overdue(self, now: float) -> str | None:
+        """Why a managed upstream's load is given up (stall-based, with a cap), or None."""
+        if now - self._last_progress_at > self.settings.load_stall_timeout_s:
+            return f"no output and no answer on {self._urls['health'].path} for {self.settings.load_stall_timeout_s:g}s"
+        if now - self._launched_at > self.settings.load_timeout_cap_s:
+            return f"not ready after {self.settings.load_timeout_cap_s:g}s (load_timeout_cap_s)"
+        return None
+
+    # ---- probes -------------------------------------------------------------------------------
 
     def _begin_probe(self, periodic: bool = False) -> None:
         """Probe the upstream in a child task (a slow upstream must not hold up a stop)."""
@@ -355,15 +544,38 @@ class HttpEngine(Engine):
 
     async def _probe_task(self, generation: int, learn: bool) -> None:
         outcome = await self._probe()
-        embeddings = await self._offers_embeddings() if learn and outcome.kind == "ready" else None
-        self._post(("probed", (generation, outcome, embeddings)))
+        learned = await self._learn() if learn and outcome.kind == "ready" else None
+        self._post(("probed", (generation, outcome, learned)))
 
-    def _on_probed(self, generation: int, outcome: _ProbeOutcome, embeddings: bool | None) -> None:
+    async def _on_probed(self, generation: int, outcome: _ProbeOutcome, learned: tuple[bool, dict | None] | None) -> None:
         if generation != self._session_generation:
             return  # stopped (and maybe started again) while it ran
         self._probing = False
-        self._probes_done += 1
         state = self._machine.state
+        loading_managed = self._managed is not None and state in (S.STARTING, S.INITIALIZING)
+        if self._managed is not None and self._launch_generation == 0:
+            return  # the process is gone; its exit has decided
+        if loading_managed and outcome.kind != "ready":
+            # A server coming up: refused connections and 503s are expected; give up on a stall.
+            now = time.monotonic()
+            if outcome.kind == "loading":
+                if state is S.STARTING:
+                    self._set_state(S.INITIALIZING, outcome.detail)
+                if outcome.detail != self._last_loading_detail:
+                    self._last_progress_at = now
+                self._last_loading_detail = outcome.detail
+            overdue = self._load_overdue(now)
+            if overdue is not None:
+                self.metrics.restarted("load_timeout")
+                self.logs.append(f"[axm1-llm] giving up the load: {overdue}")
+                self._launch_generation = 0
+                await self._managed.terminate()
+                self._launch_failed(f"upstream did not become ready: {overdue}; last answer: {outcome.detail}")
+                return
+            self._next_probe_at = now + _LAUNCH_PROBE_INTERVAL_S
+            self._notify()
+            return
+        self._probes_done += 1
         if outcome.kind == "ready":
             if state is S.FAILED:
                 self._set_state(S.STARTING, "upstream answers again")
@@ -371,8 +583,13 @@ class HttpEngine(Engine):
             if self._machine.state is S.STARTING:
                 self._set_state(S.INITIALIZING, outcome.detail)
             if self._machine.state is S.INITIALIZING:
-                if embeddings is not None:
+                if learned is not None:
+                    embeddings, info = learned
                     self.capabilities = dataclasses.replace(self.capabilities, embeddings=embeddings)
+                    self._upstream_info = info
+                if self._managed is not None:
+                    self.metrics.load_finished(time.monotonic() - self._launched_at)
+                    self._progress = None
                 self._set_state(S.READY, outcome.detail)
             self._backoff = self.settings.backoff_min_s
             self._next_probe_at = time.monotonic() + max(self.settings.backoff_max_s, _MIN_PROBE_INTERVAL_S)
@@ -394,9 +611,13 @@ class HttpEngine(Engine):
             async with session.get(self._urls["health"], timeout=timeout) as health:
                 health_status, health_text, health_reason = health.status, await _body_text(health), health.reason or ""
             if health_status == 200:
-                return _ProbeOutcome("ready", "GET /health answered 200")
+                return _ProbeOutcome("ready", f"GET {self._urls['health'].path} answered 200")
+            path = self._urls["health"].path
             if health_status == 503:  # llama.cpp's answer while it loads its model
-                return _ProbeOutcome("loading", f"GET /health answered 503: {upstream_error_message(health_text, health_reason)}")
+                return _ProbeOutcome("loading", f"GET {path} answered 503: {upstream_error_message(health_text, health_reason)}")
+            if self.config.health_path:  # the entry named the path that tells: nothing else does
+                return _ProbeOutcome("down", f"upstream {self.base_url}: GET {path} answered {health_status}: "
+                                     f"{upstream_error_message(health_text, health_reason)}")
             # No /health (Ollama, OpenAI itself): the model list is the next best sign of life.
             async with session.get(self._urls["models"], timeout=timeout) as models:
                 models_status, models_text, models_reason = models.status, await _body_text(models), models.reason or ""
@@ -409,6 +630,22 @@ class HttpEngine(Engine):
             )
         except (aiohttp.ClientError, TimeoutError, RuntimeError) as exc:  # RuntimeError: session closed by a stop
             return _ProbeOutcome("down", f"upstream {self.base_url} unreachable: {exc!r}")
+
+    async def _learn(self) -> tuple[bool, dict[str, Any] | None]:
+        """What a ready upstream offers: embeddings, and its own description (our workers'
+        GET /info: device, base model, adapters, memory) where it has one."""
+        return await self._offers_embeddings(), await self._fetch_info()
+
+    async def _fetch_info(self) -> dict[str, Any] | None:
+        session = self._require_session()
+        try:
+            async with session.get(self._urls["info"], timeout=aiohttp.ClientTimeout(total=_PROBE_TIMEOUT_S)) as answer:
+                if answer.status != 200:
+                    return None
+                info = json.loads(await _body_text(answer))
+                return info if isinstance(info, dict) else None
+        except (aiohttp.ClientError, TimeoutError, RuntimeError, ValueError):
+            return None
 
     async def _offers_embeddings(self) -> bool:
         """Embeddings are offered only if the upstream actually computes one."""
