@@ -34,6 +34,7 @@ from .engines.base import (
     RequestTimedOut,
 )
 from .metrics import MetricsHub, ModelMetrics
+from .names import matches, resolve_name
 from .timestamps import rfc3339, rfc3339_in
 from .tokenizer_client import TokenizerClient
 
@@ -211,14 +212,13 @@ class ModelManager:
     # ---- lookup -----------------------------------------------------------------------------
 
     def resolve(self, name: str) -> str:
-        if name in self._entries:
-            return name
-        if name in self._aliases:
-            return self._aliases[name]
-        if name.endswith(":latest") and name[: -len(":latest")] in self._entries:
-            return name[: -len(":latest")]
-        if name in self.disabled:
-            raise ModelUnavailable(f'model "{name}" is disabled: {self.disabled[name]}')
+        """The descriptor name of a model, from any name a client uses for it (names.py)."""
+        found = resolve_name(name, self._entries, self._aliases)
+        if found is not None:
+            return found
+        disabled = matches(name, self.disabled)
+        if disabled is not None:
+            raise ModelUnavailable(f'model "{name}" is disabled: {self.disabled[disabled]}')
         raise ModelNotFound(name)
 
     def entry(self, name: str) -> ModelEntry:

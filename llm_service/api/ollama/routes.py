@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from ... import __version__
 from ...engines.base import BadRequest, ChatMessage, Chunk, EngineError, GenerationRequest
 from ...models import ModelEntry, requested_keep_alive
+from ...names import ollama_name
 from ...timestamps import now_rfc3339, rfc3339_in
 from ..streaming import PrefetchedStream, StreamingAnswer, new_request_id, open_stream, until_disconnect
 from . import wire
@@ -131,8 +132,8 @@ async def tags(request: Request) -> dict[str, Any]:
     return {
         "models": [
             {
-                "name": entry.spec.name,
-                "model": entry.spec.name,
+                "name": ollama_name(entry.spec.name),
+                "model": ollama_name(entry.spec.name),
                 "modified_at": entry.modified_at,
                 "size": _size_bytes(entry),
                 "digest": wire.digest(entry.spec.name),
@@ -151,8 +152,8 @@ async def ps(request: Request) -> dict[str, Any]:
             continue
         models.append(
             {
-                "name": entry.spec.name,
-                "model": entry.spec.name,
+                "name": ollama_name(entry.spec.name),
+                "model": ollama_name(entry.spec.name),
                 "size": _size_bytes(entry),
                 "digest": wire.digest(entry.spec.name),
                 "details": wire.details(dict(entry.spec.details)),
