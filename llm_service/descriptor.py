@@ -86,6 +86,10 @@ class EngineConfig(BaseModel):
         paths absolute; raises FieldError. `base_dir` is the descriptor's folder."""
         return self
 
+    def folders(self) -> tuple[Path, ...]:
+        """The folders the model is served from, once resolved (its size on disk); none by default."""
+        return ()
+
 
 class ModelDetails(BaseModel):
     """What /api/tags echoes for the model."""

@@ -34,6 +34,7 @@ from .engines.base import (
     RequestTimedOut,
 )
 from .metrics import MetricsHub, ModelMetrics
+from .model_files import folder_size
 from .names import matches, resolve_name
 from .timestamps import rfc3339, rfc3339_in
 from .tokenizer_client import TokenizerClient
@@ -55,6 +56,7 @@ class ModelEntry:
     modified_at: str = field(default_factory=lambda: rfc3339(time.time()))
     last_used: float = 0.0
     expires_at: float | None = None  # monotonic; None = stays loaded
+    size_bytes: int = 0  # the model's folders on disk, read once per descriptor load
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +157,7 @@ class ModelManager:
             metrics=metrics,
         )
         entry.expires_at = None if spec.run_on_startup else 0.0
+        entry.size_bytes = await anyio.to_thread.run_sync(folder_size, spec.config.folders())
         metrics.npu_memory(spec.npu_memory_mb)
         metrics.context(0, spec.context_size)
         metrics.set_state(engine.state)

@@ -224,6 +224,8 @@ class Engine(abc.ABC):
         self.capabilities = EngineCapabilities()
         self.logs = LogRing(context.settings.runner_log_lines)
         self.last_error: dict[str, Any] | None = None
+        # NPU memory (MiB) the loaded backend claimed, as it reported it; None: no figure.
+        self.claimed_npu_memory_mb: int | None = None
         self._machine = StateMachine()
         self._state_changed = anyio.Event()
         self._inbox_send, self._inbox = anyio.create_memory_object_stream[Any](math.inf)

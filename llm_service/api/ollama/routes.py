@@ -123,8 +123,12 @@ async def chat(request: Request, body: ChatBody) -> Response:
     return await _answer(request, body.model, gen_request, body.keep_alive, body.stream, ChatShapes(body.model))
 
 
-def _size_bytes(entry: ModelEntry) -> int:
-    return (entry.spec.npu_memory_mb or 0) * 1024 * 1024
+MIB = 1024 * 1024
+
+
+def _size_vram(entry: ModelEntry) -> int:
+    """The NPU memory the loaded runner claimed (its remain_cmm before and after the load)."""
+    return (entry.engine.claimed_npu_memory_mb or 0) * MIB
 
 
 @router.get("/api/tags")
@@ -135,7 +139,7 @@ async def tags(request: Request) -> dict[str, Any]:
                 "name": ollama_name(entry.spec.name),
                 "model": ollama_name(entry.spec.name),
                 "modified_at": entry.modified_at,
-                "size": _size_bytes(entry),
+                "size": entry.size_bytes,
                 "digest": wire.digest(entry.spec.name),
                 "details": wire.details(dict(entry.spec.details)),
             }
@@ -154,13 +158,13 @@ async def ps(request: Request) -> dict[str, Any]:
             {
                 "name": ollama_name(entry.spec.name),
                 "model": ollama_name(entry.spec.name),
-                "size": _size_bytes(entry),
+                "size": entry.size_bytes,
                 "digest": wire.digest(entry.spec.name),
                 "details": wire.details(dict(entry.spec.details)),
                 "expires_at": "0001-01-01T00:00:00Z"
                 if entry.expires_at is None
                 else rfc3339_in(entry.expires_at - time.monotonic()),
-                "size_vram": _size_bytes(entry),
+                "size_vram": _size_vram(entry),
                 "context_length": entry.spec.context_size,
                 "state": entry.engine.state,
             }

@@ -61,6 +61,13 @@ class CardConfig(EngineConfig):
         })
 
 
+    def folders(self) -> tuple[Path, ...]:
+        folders = [self.model_path]
+        if self.tokenizer_path is not None and not self.tokenizer_path.is_relative_to(self.model_path):
+            folders.append(self.tokenizer_path)
+        return tuple(folders)
+
+
 def run_command(run_cmd: str, model_dir: Path, dialect: str) -> tuple[Path | None, tuple[str, ...]]:
     """The run script and the argv for `run.sh`, `./run.sh`, `sh run.sh`, `bash run.sh ARGS`,
     `/bin/sh run.sh` or an absolute path. Scripts have no shebang, so they always run through a

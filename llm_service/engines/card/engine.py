@@ -63,6 +63,8 @@ from .output import (
     Ttft,
     TurnEnd,
     Uid,
+    claimed_cmm_mb,
+    remain_cmm_mb,
 )
 from .planner import (
     CONTEXT_MARGIN,
@@ -211,6 +213,7 @@ class CardEngine(Engine):
         self._tokenizer_config: dict[str, Any] = {}  # what /config last set on the server
         self._tokenizer_scope: anyio.CancelScope | None = None
         self._progress: dict[str, Any] | None = None
+        self._cmm_figures: list[int] = []  # remain_cmm of each load step, this load
         self._load_started: float | None = None
         self.last_load_duration: float | None = None
         self._context: tuple[int, int] | None = None  # (precompute_len, remaining)
@@ -330,6 +333,7 @@ class CardEngine(Engine):
             restarts=self._restarts,
             fresh_context_restarts=self._fresh_context_restarts,
             last_load_duration_s=self.last_load_duration,
+            npu_memory_claimed_mb=self.claimed_npu_memory_mb,
             newlines=newlines,
         )
         return status
@@ -534,6 +538,8 @@ class CardEngine(Engine):
         env = child_environment(owner_tag(self.settings.data_dir), self.settings.child_env, {"PATH": path})
         command = self._command()
         self._parser = RunnerOutputParser(self._dialect_name if self.config.dialect != "auto" else None)
+        self._cmm_figures = []
+        self.claimed_npu_memory_mb = None
         self._load_started = now = time.monotonic()
         stall = self._load_stall_s
         self._load_stall_at = now + stall
@@ -589,6 +595,8 @@ class CardEngine(Engine):
             self.logs.append(f"{event.percent}% {event.step}/{event.total} {event.message}")
             if state is S.INITIALIZING:
                 self._progress = {"percent": event.percent, "step": event.step, "total": event.total, "message": event.message}
+                if (remaining_mb := remain_cmm_mb(event.message)) is not None:
+                    self._cmm_figures.append(remaining_mb)
         elif isinstance(event, Uid):
             self._uid = event.uid
         elif isinstance(event, Banner):
@@ -627,6 +635,7 @@ class CardEngine(Engine):
             self.last_load_duration = time.monotonic() - (self._load_started or time.monotonic())
             self._load_stall_at = self._load_cap_at = None
             self._backoff = self.settings.backoff_min_s
+            self.claimed_npu_memory_mb = claimed_cmm_mb(self._cmm_figures)
             self._set_state(S.READY, "runner is at its prompt", load_seconds=round(self.last_load_duration, 3))
             self.metrics.load_finished(self.last_load_duration)
             await self._advance()
