@@ -11,16 +11,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from ... import __version__
-from ...engines.base import BadRequest, ChatMessage, Chunk, EngineError, GenerationRequest
+from ...engines.base import BadRequest, ChatMessage, Chunk, EngineError, GenerationRequest, ModelNotFound
 from ...models import ModelEntry, requested_keep_alive
 from ...names import ollama_name
 from ...timestamps import now_rfc3339, rfc3339_in
 from ..streaming import PrefetchedStream, StreamingAnswer, new_request_id, open_stream, until_disconnect
 from . import wire
-from .wire import ChatBody, ChatShapes, GenerateBody, GenerateShapes, ModelBody
+from .wire import ChatBody, ChatShapes, GenerateBody, GenerateShapes, ModelBody, PullBody
 
 router = APIRouter()
 
@@ -196,6 +196,29 @@ async def show(request: Request, body: ModelBody) -> dict[str, Any]:
         "capabilities": capabilities,
         "modified_at": entry.modified_at,
     }
+
+
+@router.post("/api/pull")
+async def pull(request: Request, body: PullBody) -> Response:
+    """A model the daemon has is "pulled" already: Ollama's progress, ending in success (Home
+    Assistant pulls the model it picked before it uses it). One it lacks cannot be fetched yet."""
+    requested = body.model or body.name
+    if not requested:
+        raise BadRequest("model is required")
+    try:
+        entry = request.app.state.manager.entry(requested)
+    except ModelNotFound:
+        raise EngineError(wire.PULL_MISSING.format(name=requested), status_code=404) from None
+    progress = wire.pull_progress(wire.digest(entry.spec.name), entry.size_bytes)
+    if not body.stream:
+        return JSONResponse(progress[-1])
+    lines = [(json.dumps(item) + "\n").encode() for item in progress]
+
+    async def stream() -> AsyncIterator[bytes]:
+        for line in lines:
+            yield line
+
+    return StreamingResponse(stream(), media_type="application/x-ndjson")
 
 
 @router.get("/api/version")
