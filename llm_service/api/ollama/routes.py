@@ -108,6 +108,7 @@ async def generate(request: Request, body: GenerateBody) -> Response:
         messages.append(ChatMessage("system", body.system))
     messages.append(ChatMessage("user", body.prompt))
     gen_request = _new_request(messages, body, "generate", request.app.state.settings.request_deadline_s)
+    gen_request.raw, gen_request.suffix = body.raw, body.suffix or None
     return await _answer(request, body.model, gen_request, body.keep_alive, body.stream, GenerateShapes(body.model))
 
 
