@@ -20,6 +20,7 @@ from ...names import ollama_name
 from ...timestamps import now_rfc3339, rfc3339_in
 from ..streaming import PrefetchedStream, StreamingAnswer, new_request_id, open_stream, until_disconnect
 from . import wire
+from .show import ShowInput, show_answer
 from .wire import ChatBody, ChatShapes, GenerateBody, GenerateShapes, ModelBody, PullBody
 
 router = APIRouter()
@@ -180,23 +181,17 @@ async def show(request: Request, body: ModelBody) -> dict[str, Any]:
         raise BadRequest("model is required")
     entry = request.app.state.manager.entry(requested)
     spec = entry.spec
-    details = wire.details(dict(spec.details))
-    capabilities = ["completion"]
-    if spec.include_thinking:
-        capabilities.append("thinking")
-    return {
-        "modelfile": f"# served by axm1-llm ({spec.engine})\nFROM {spec.name}\n",
-        "parameters": "",
-        "template": "{{ .Prompt }}",
-        "details": details,
-        "model_info": {
-            "general.architecture": details["family"] or "unknown",
-            "general.basename": spec.name,
-            f"{details['family'] or 'llm'}.context_length": spec.context_size,
-        },
-        "capabilities": capabilities,
-        "modified_at": entry.modified_at,
-    }
+    return show_answer(ShowInput(
+        name=ollama_name(spec.name),
+        engine=spec.engine,
+        details=wire.details(dict(spec.details)),
+        context_size=spec.context_size,
+        include_thinking=spec.include_thinking,
+        modified_at=entry.modified_at,
+        form=await entry.engine.prompt_format(),
+        facts=entry.engine.model_facts(),
+        system=spec.system_prompt,
+    ))
 
 
 @router.post("/api/pull")
