@@ -317,7 +317,7 @@ class ModelManager:
         response does), so that no timer is armed per chunk."""
         entry = self.entry(name)
         keep_alive_s = self._keep_alive_for(entry, keep_alive)
-        self._check_input([m.content for m in request.messages])
+        self._check_input([m.content for m in request.messages] + ([request.suffix] if request.suffix else []))
         self._check_input(list(request.options.stop), prompt=False)
         metrics = entry.metrics
         deadline = self._deadline(request)

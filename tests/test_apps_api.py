@@ -282,3 +282,11 @@ def test_an_upstream_gets_raw_and_suffix_through_its_completions_endpoint(client
         assert absent.value.status_code == 400 and "has none (404)" in absent.value.error
     finally:
         fake.configure(completions=True)
+
+
+def test_a_suffix_is_checked_as_the_prompt_is(daemon):
+    """A lone surrogate is valid JSON but no text: a 400 before anything reaches the runner."""
+    body = '{"model": "coder", "prompt": "x", "suffix": "bad \\ud800 text", "stream": false}'
+    with daemon.client() as http:
+        reply = http.post("/api/generate", content=body)
+    assert reply.status_code == 400 and reply.json()["error"].startswith("invalid text:")
