@@ -48,6 +48,8 @@ def daemon(root, fake):
         scripted_model(root, "star", reply_words=WORDS,
                        tokenizer_dir=infill_tokenizer(tokenizers / "starcoder", "starcoder")),
         scripted_model(root, "stock", reply_words=WORDS, stock_tokenizer=True),
+        # A B runner without `reset`: an empty context for a raw prompt costs a restart.
+        scripted_model(root, "plain-b", dialect="b", reply_words=WORDS),
         {"model_name": "fake-remote", "engine": "openai-http", "base_url": fake.base_url + "/v1",
          "upstream_model": "fake-upstream-model", "retries": "0"},
     ]
@@ -223,6 +225,19 @@ def test_raw_sends_the_prompt_without_the_chat_template(client, daemon):
     # A chat after a raw prompt starts from a context with its template again.
     chat = client.chat(model="echo", messages=[{"role": "user", "content": "after raw"}])
     assert chat.message.content == reply_text("after raw", WORDS, think=False)
+
+
+def test_raw_on_a_runner_without_reset_restarts_it_into_an_empty_context(client, daemon):
+    prompt = "raw after a restart"
+    assert client.generate(model="plain-b", prompt="templated first").response == \
+        reply_text("templated first", WORDS, think=False)
+    raw = client.generate(model="plain-b", prompt=prompt, raw=True)
+    assert raw.response == reply_text(prompt, WORDS, think=False)
+    assert raw.prompt_eval_count == len(plain_ids(TOKENIZER_DIR, prompt))
+    again = client.generate(model="plain-b", prompt=prompt)
+    assert again.response == raw.response and again.prompt_eval_count > raw.prompt_eval_count
+    restarts = [t for t in daemon.get("/api/status_history/plain-b")["history"] if "fresh context needs a restart" in t["reason"]]
+    assert len(restarts) >= 2  # into the raw context, and out of it
 
 
 def test_raw_with_a_stock_tokenizer_script_is_templated_with_a_warning(daemon):
