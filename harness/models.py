@@ -1,6 +1,7 @@
 """Card-shaped model folders for the daemon, served by the emulator or by a plain sh runner."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,25 @@ from harness.net import free_port
 from harness.paths import TOKENIZER_DIR
 
 SYSTEM_PROMPT = "You are a helpful assistant."
+# Fill-in-the-middle tokens of two tokenizer families, for `infill_tokenizer`.
+INFILL_TOKENS = {
+    "qwen": ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),  # Qwen2.5-Coder
+    "starcoder": ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),  # StarCoder, SmolLM's code models
+}
+
+
+def infill_tokenizer(folder: Path, style: str = "qwen") -> Path:
+    """The SmolLM2 tokenizer with the fill-in-the-middle tokens of `style` added as special
+    tokens (as a coder model's tokenizer has them), written to `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = json.loads((TOKENIZER_DIR / "tokenizer.json").read_text())
+    next_id = 1 + max([*tokenizer["model"]["vocab"].values(), *(t["id"] for t in tokenizer["added_tokens"])])
+    for offset, content in enumerate(INFILL_TOKENS[style]):
+        tokenizer["added_tokens"].append({"id": next_id + offset, "content": content, "single_word": False,
+                                          "lstrip": False, "rstrip": False, "normalized": False, "special": True})
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    (folder / "tokenizer_config.json").write_text((TOKENIZER_DIR / "tokenizer_config.json").read_text())
+    return folder
 
 
 def emulator_flags(
@@ -69,6 +89,7 @@ def scripted_model(
     think: bool = False,
     port_from_dollar1: bool = True,
     stock_tokenizer: bool = False,
+    tokenizer_dir: Path = TOKENIZER_DIR,
     extra_flags: tuple[str, ...] = (),
     fields: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -86,7 +107,7 @@ def scripted_model(
         root / name,
         name,
         "ax-emulator \\\n" + " \\\n".join(lines) + "\n",
-        tokenizer_dir=TOKENIZER_DIR,
+        tokenizer_dir=tokenizer_dir,
         tokenizer_port=port,
         tokenizer_args=("--stock",) if stock_tokenizer else (),
         think=think,

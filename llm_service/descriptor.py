@@ -22,6 +22,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .names import name_forms
+
 DEFAULT_ENGINE = "ax-runner"
 DEFAULT_KEEP_ALIVE_S = 300.0  # Ollama's default: five minutes
 # Go's time.ParseDuration, which Ollama uses: "5m", "1h30m", "-1s", "300ms", "1.5h".
@@ -83,6 +85,10 @@ class EngineConfig(BaseModel):
         """Check what needs the file system (paths exist, stay inside their folder) and make
         paths absolute; raises FieldError. `base_dir` is the descriptor's folder."""
         return self
+
+    def folders(self) -> tuple[Path, ...]:
+        """The folders the model is served from, once resolved (its size on disk); none by default."""
+        return ()
 
 
 class ModelDetails(BaseModel):
@@ -195,7 +201,8 @@ def parse_descriptor(
         except FieldError as exc:
             result.errors[key] = f'{source}: {label}: field "{exc.key}": {exc.problem}'
             if has_name:
-                owners.setdefault(name, label)
+                for form in name_forms(name):
+                    owners.setdefault(form, label)
             continue
         result.models[spec.name] = spec
     return result
@@ -256,14 +263,19 @@ def _typed_spec(entry: dict[str, Any], engines: Mapping[str, type[EngineConfig]]
 
 
 def _claim_names(spec: ModelSpec, label: str, owners: dict[str, str]) -> None:
-    if spec.name in owners:
-        raise FieldError("model_name", f"duplicate name: already used by {owners[spec.name]}")
+    """Claim the name and aliases in every form a client may write them (`x` is `x:latest`)."""
+    def taken(name: str) -> str | None:
+        return next((owners[form] for form in name_forms(name) if form in owners), None)
+
+    if (owner := taken(spec.name)) is not None:
+        raise FieldError("model_name", f"duplicate name: already used by {owner}")
     for alias in spec.aliases:
-        if alias in owners or alias == spec.name:
-            raise FieldError("aliases", f'duplicate name "{alias}": already used by {owners.get(alias, label)}')
-    owners[spec.name] = label
-    for alias in spec.aliases:
-        owners[alias] = label
+        owner = label if set(name_forms(alias)) & set(name_forms(spec.name)) else taken(alias)
+        if owner is not None:
+            raise FieldError("aliases", f'duplicate name "{alias}": already used by {owner}')
+    for name in (spec.name, *spec.aliases):
+        for form in name_forms(name):
+            owners[form] = label
 
 
 def resolve_path(base: Path, path: Path) -> Path:

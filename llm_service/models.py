@@ -38,6 +38,8 @@ from .engines.base import (
 )
 from .metrics import MetricsHub, ModelMetrics
 from .states import SERVING_STATES
+from .model_files import folder_size
+from .names import matches, resolve_name
 from .timestamps import rfc3339, rfc3339_in
 from .tokenizer_client import TokenizerClient
 
@@ -57,6 +59,7 @@ class ModelEntry:
     modified_at: str = field(default_factory=lambda: rfc3339(time.time()))
     last_used: float = 0.0
     expires_at: float | None = None  # monotonic; None = stays loaded
+    size_bytes: int = 0  # the model's folders on disk, read once per descriptor load
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +163,7 @@ class ModelManager:
             metrics=metrics,
         )
         entry.expires_at = None if spec.run_on_startup else 0.0
+        entry.size_bytes = await anyio.to_thread.run_sync(folder_size, spec.config.folders())
         metrics.npu_memory(spec.npu_memory_mb)
         metrics.context(0, spec.context_size)
         metrics.set_state(engine.state)
@@ -217,14 +221,13 @@ class ModelManager:
     # ---- lookup -----------------------------------------------------------------------------
 
     def resolve(self, name: str) -> str:
-        if name in self._entries:
-            return name
-        if name in self._aliases:
-            return self._aliases[name]
-        if name.endswith(":latest") and name[: -len(":latest")] in self._entries:
-            return name[: -len(":latest")]
-        if name in self.disabled:
-            raise ModelUnavailable(f'model "{name}" is disabled: {self.disabled[name]}')
+        """The descriptor name of a model, from any name a client uses for it (names.py)."""
+        found = resolve_name(name, self._entries, self._aliases)
+        if found is not None:
+            return found
+        disabled = matches(name, self.disabled)
+        if disabled is not None:
+            raise ModelUnavailable(f'model "{name}" is disabled: {self.disabled[disabled]}')
         raise ModelNotFound(name)
 
     def entry(self, name: str) -> ModelEntry:
@@ -336,7 +339,7 @@ class ModelManager:
         response does), so that no timer is armed per chunk."""
         entry = self.entry(name)
         keep_alive_s = self._keep_alive_for(entry, keep_alive)
-        self._check_input([m.content for m in request.messages])
+        self._check_input([m.content for m in request.messages] + ([request.suffix] if request.suffix else []))
         self._check_input(list(request.options.stop), prompt=False)
         metrics = entry.metrics
         deadline = self._deadline(request)

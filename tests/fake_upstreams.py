@@ -12,6 +12,8 @@ Run: `python fake_upstreams.py --port N`; `POST /_config` with a JSON object cha
   words, delay_s: the streamed answer: words "w1 w2 …", one chunk each, delay_s apart
   health:      200 | 404 | 503 (404 = no /health, as Ollama)
   embeddings:  true | false
+  completions: true (default) | false — /v1/completions streams `prompt[<prompt>]` and, with a
+               suffix, `suffix[<suffix>]`, as two `text` chunks (false: 404, as a chat-only server)
 At start (in --config only): "load_s" seconds of loading — /health answers 503 and a line
 "loading weights i/4" goes to stderr at each quarter — or "listen": false, a server that prints
 a line and never listens (a stalled load).
@@ -36,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "delay_s": 0.0,
     "health": 200,
     "embeddings": False,
+    "completions": True,
 }
 
 
@@ -44,6 +47,7 @@ class State:
         self.lock = threading.Lock()
         self.config = dict(DEFAULTS)
         self.chat_requests: list[dict[str, Any]] = []
+        self.completion_requests: list[dict[str, Any]] = []
         self.in_flight = 0
         self.max_in_flight = 0
         self.disconnects: list[dict[str, Any]] = []
@@ -54,6 +58,7 @@ class State:
             return {
                 "config": self.config,
                 "chat_requests": self.chat_requests,
+                "completion_requests": self.completion_requests,
                 "in_flight": self.in_flight,
                 "max_in_flight": self.max_in_flight,
                 "disconnects": self.disconnects,
@@ -136,6 +141,8 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, {"object": "list", "data": data, "usage": {"prompt_tokens": len(inputs) * 3, "total_tokens": len(inputs) * 3}})
         elif self.path == "/v1/chat/completions":
             self._chat(body)
+        elif self.path == "/v1/completions" and STATE.config["completions"]:
+            self._completion(body)
         else:
             self._json(404, {"detail": "Not Found"})
 
@@ -197,6 +204,22 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             with STATE.lock:
                 STATE.in_flight -= 1
+
+    def _completion(self, body: dict[str, Any]) -> None:
+        """The legacy completions endpoint: the prompt as it came, no chat template."""
+        with STATE.lock:
+            STATE.completion_requests.append({"body": body})
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        pieces = [f"prompt[{body.get('prompt')}]"] + ([f"suffix[{body['suffix']}]"] if "suffix" in body else [])
+        for piece in pieces:
+            self._event({"id": "cmpl-1", "object": "text_completion", "choices": [{"index": 0, "text": piece, "finish_reason": None}]})
+        self._event({"id": "cmpl-1", "object": "text_completion", "choices": [{"index": 0, "text": "", "finish_reason": "stop"}],
+                     "usage": {"prompt_tokens": 3, "completion_tokens": len(pieces), "total_tokens": 3 + len(pieces)}})
+        self._event("[DONE]")
+        self._write_chunk(b"")
 
     def _hang_up(self) -> None:
         """Close the connection now, with no answer or in the middle of one."""

@@ -184,10 +184,10 @@ def test_load_and_unload_with_empty_prompt(daemon):
     with daemon.client() as http:
         loaded = http.post("/api/generate", json={"model": "thinker"}).json()
         assert loaded["done_reason"] == "load"
-        assert any(m["name"] == "thinker" for m in http.get("/api/ps").json()["models"])
+        assert any(m["name"] == "thinker:latest" for m in http.get("/api/ps").json()["models"])
         unloaded = http.post("/api/generate", json={"model": "thinker", "keep_alive": 0}).json()
         assert unloaded["done_reason"] == "unload"
-        assert not any(m["name"] == "thinker" for m in http.get("/api/ps").json()["models"])
+        assert not any(m["name"] == "thinker:latest" for m in http.get("/api/ps").json()["models"])
         assert http.get("/api/status/thinker").json()["state"] == "stopped"
 
 
@@ -226,8 +226,8 @@ def test_official_ollama_client(daemon):
     assert "".join(p.message.content for p in parts) == reply_text("ollama-chat-s", WORDS, think=False)
     assert parts[-1].done and parts[-1].done_reason == "stop"
     listed = {m.model for m in client.list().models}
-    assert {"echo", "thinker", "plain-b"} <= listed
-    assert "echo" in {m.model for m in client.ps().models}
+    assert {"echo:latest", "thinker:latest", "plain-b:latest"} <= listed
+    assert "echo:latest" in {m.model for m in client.ps().models}
     shown = client.show("thinker")
     assert "thinking" in shown.capabilities and "completion" in shown.capabilities
     with pytest.raises(ollama.ResponseError) as missing:

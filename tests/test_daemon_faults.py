@@ -236,7 +236,7 @@ def test_descriptor_hot_reload(tmp_path):
         while True:
             names = {m["name"] for m in daemon.client().get("/api/tags").json()["models"]}
             families = {m["name"]: m["details"]["family"] for m in daemon.client().get("/api/tags").json()["models"]}
-            if names == {"keep", "change", "added"} and families["change"] == "changed":
+            if names == {"keep:latest", "change:latest", "added:latest"} and families["change:latest"] == "changed":
                 break
             assert time.monotonic() < deadline, names
             time.sleep(0.1)

@@ -52,7 +52,7 @@ def test_keep_alive_unloads_idle_models(tmp_path):
         assert _generate(daemon, "m", "hi").status_code == 200
         pid = daemon.client().get("/api/status/m").json()["pid"]
         ps = daemon.client().get("/api/ps").json()["models"]
-        assert [m["name"] for m in ps] == ["m"] and ps[0]["expires_at"] > "2000"
+        assert [m["name"] for m in ps] == ["m:latest"] and ps[0]["expires_at"] > "2000"
         daemon.wait_state("m", "stopped", timeout=10)
         assert not daemon.client().get("/api/ps").json()["models"]
         assert not os.path.exists(f"/proc/{pid}")
@@ -70,11 +70,11 @@ def test_card_memory_budget_unloads_the_least_recently_used_idle_model(tmp_path)
     with running_daemon(tmp_path, entries, "--npu-memory-mb", "7000") as daemon:
         for name in ("first", "second"):
             assert _generate(daemon, name, "load").status_code == 200
-        assert {m["name"] for m in daemon.client().get("/api/ps").json()["models"]} == {"first", "second"}
+        assert {m["name"] for m in daemon.client().get("/api/ps").json()["models"]} == {"first:latest", "second:latest"}
         # 3 x 3000 MB do not fit in 7000 MB: the least recently used idle model makes room.
         assert _generate(daemon, "third", "load").json()["response"] == reply_text("load", WORDS, think=False)
         loaded = {m["name"] for m in daemon.client().get("/api/ps").json()["models"]}
-        assert loaded == {"second", "third"}
+        assert loaded == {"second:latest", "third:latest"}
         history = daemon.client().get("/api/status_history/first").json()["history"]
         assert any("making room on the card for third" in t["reason"] for t in history)
 

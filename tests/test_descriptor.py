@@ -214,6 +214,18 @@ def test_duplicates_the_later_entry_is_the_error(tmp_path: Path) -> None:
     assert 'model "q3": field "model_name": duplicate name' in result.errors["q3"]
 
 
+def test_a_name_and_its_latest_tag_are_one_name(tmp_path: Path) -> None:
+    """`x` and `x:latest` are the same model to a client, so two entries cannot claim them."""
+    make_model_dir(tmp_path)
+    make_model_dir(tmp_path, "other")
+    result = parse([original_entry(), original_entry("qwen3:latest"), original_entry("other") | {"aliases": ["qwen3:latest"]},
+                    original_entry("other") | {"model_name": "own", "aliases": ["own:latest"]}], tmp_path)
+    assert list(result.models) == ["qwen3"]
+    assert 'model "qwen3:latest": field "model_name": duplicate name: already used by model "qwen3"' in result.errors["qwen3:latest"]
+    assert 'field "aliases": duplicate name "qwen3:latest": already used by model "qwen3"' in result.errors["other"]
+    assert 'field "aliases": duplicate name "own:latest": already used by model "own"' in result.errors["own"]
+
+
 def test_unknown_fields_are_warnings(tmp_path: Path) -> None:
     make_model_dir(tmp_path)
     result = parse([original_entry() | {"colour": "blue", "script_path": "/etc/passwd"}], tmp_path)

@@ -30,9 +30,10 @@ async def test_answers_and_model_listings(tmp_path):
         assert (await generate(app, "mm", "alias")).json()["response"] == echo("alias")
         assert (await generate(app, "m:latest", "tag")).json()["response"] == echo("tag")
         tags = (await app.http.get("/api/tags")).json()["models"]
-        assert [(t["name"], t["size"]) for t in tags] == [("m", 100 * 1024 * 1024)]
+        # No folder on disk, no runner claiming card memory: both sizes are 0, not the descriptor's budget.
+        assert [(t["name"], t["size"]) for t in tags] == [("m:latest", 0)]
         ps = (await app.http.get("/api/ps")).json()["models"]
-        assert ps[0]["name"] == "m" and ps[0]["size_vram"] == 100 * 1024 * 1024
+        assert ps[0]["name"] == "m:latest" and ps[0]["size_vram"] == 0
         assert (await app.http.get("/v1/models")).json()["data"][0]["id"] == "m"
         show = (await app.http.post("/api/show", json={"model": "m"})).json()
         assert show["model_info"]["llm.context_length"] == 2048

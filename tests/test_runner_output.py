@@ -16,7 +16,7 @@ import pytest
 
 from llm_service.engines.card.output import (
     BosEos, Banner, ContextUsed, InitOk, InputTokens, KvCache, LogLine, Marker, PlainLine, Progress,
-    RunnerError, RunnerOutputParser, Text, Ttft, TurnEnd, Uid,
+    RunnerError, RunnerOutputParser, Text, Ttft, TurnEnd, Uid, claimed_cmm_mb, remain_cmm_mb,
 )
 
 TRANSCRIPTS = Path(__file__).parent / "transcripts"
@@ -296,3 +296,23 @@ def test_long_answer_holds_nothing_back() -> None:
         token = b"\nword" if i % 50 == 0 else b" word"
         assert parser.feed(token) == [Text(token.decode())] if i else [Text("word")]
         assert len(parser._candidate) == 0 and parser._held_newlines == 0 and not parser._line
+
+
+def test_remain_cmm_figures_of_the_load_steps() -> None:
+    """What the card has left after each load step; the load bar of the reference transcript."""
+    events = [e for burst in load_transcript("b_startup")[0] for e in RunnerOutputParser().feed(burst)]
+    figures = [remain_cmm_mb(e.message) for e in events if isinstance(e, Progress)]
+    assert figures == [None, None, 5000, 3788]
+    assert remain_cmm_mb("init 12 axmodel ok,remain_cmm( 691 MB)") == 691
+    assert remain_cmm_mb("init post axmodel ok") is None
+
+
+def test_claimed_card_memory_is_the_drop_plus_the_first_layer() -> None:
+    # The emulator's 4 layers of 120 MB and a post model of 120 MB, from 7040 MB.
+    assert claimed_cmm_mb([6920, 6800, 6680, 6560, 6440]) == 600
+    # Qwen3-1.7B on the card: 28 layers, then the post model (published figures).
+    layer = 112
+    figures = [7040 - layer * (i + 1) for i in range(28)] + [3788]
+    assert claimed_cmm_mb(figures) == 7040 - 3788
+    assert claimed_cmm_mb([]) is None and claimed_cmm_mb([5000]) is None
+    assert claimed_cmm_mb([5000, 5000]) is None  # no figure moved: nothing to tell

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tokenizer_service.conversation import IncrementalDecoder, prefill_diff, strip_think
+from tokenizer_service.conversation import IncrementalDecoder, infill_tokens, prefill_diff, stop_tokens, strip_think
 from tokenizer_service.prompt_escape import escape_prompt_line, unescape_prompt_line
 
 
@@ -60,3 +60,22 @@ def test_incremental_decoder_lets_invalid_utf8_through_eventually():
     decoder = IncrementalDecoder(byte_decode)
     pieces = [decoder.push([0xFF]) for _ in range(20)]
     assert "\ufffd" in "".join(pieces)
+
+
+def test_infill_tokens_by_family():
+    assert infill_tokens({"<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|fim_pad|>"}) == {
+        "prefix": "<|fim_prefix|>", "suffix": "<|fim_suffix|>", "middle": "<|fim_middle|>"}
+    assert infill_tokens({"<fim_prefix>", "<fim_suffix>", "<fim_middle>"}) == {
+        "prefix": "<fim_prefix>", "suffix": "<fim_suffix>", "middle": "<fim_middle>"}
+    assert infill_tokens({"<\uff5cfim\u2581begin\uff5c>", "<\uff5cfim\u2581hole\uff5c>", "<\uff5cfim\u2581end\uff5c>"})["suffix"] == \
+        "<\uff5cfim\u2581hole\uff5c>"
+    assert infill_tokens({"<fim_prefix>", "<fim_middle>"}) is None  # all three, or no insert
+    assert infill_tokens({"<|im_start|>", "<|im_end|>"}) is None
+
+
+def test_stop_tokens():
+    chatml = "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>'}}"
+    assert stop_tokens("<|im_end|>", chatml) == ["<|im_end|>", "<|im_start|>"]
+    assert stop_tokens("<|endoftext|>", chatml) == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    assert stop_tokens("</s>", "[INST] {{ message['content'] }} [/INST]") == ["</s>"]
+    assert stop_tokens(None, "") == []

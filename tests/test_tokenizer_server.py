@@ -16,6 +16,7 @@ import pytest
 from tokenizer_service.prompt_escape import escape_prompt_line
 from tokenizer_support import SMOLLM2_TOKENIZER, tokenizer_server
 from harness import net
+from harness.models import INFILL_TOKENS, infill_tokenizer
 
 SMOLLM_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
@@ -234,7 +235,13 @@ def test_capabilities_and_tokenize(client, tokenizer):
     assert client.get("/capabilities").json() == {
         "server": "axm1-tokenizer",
         "newline_escape": "backslash",
-        "controls": ["system_prompt", "thinking", "history"],
+        "controls": ["system_prompt", "thinking", "history", "raw"],
+        # What the daemon shows in /api/show: the tokenizer's own template, the texts that end a
+        # reply, and no fill-in-the-middle tokens (SmolLM2-Instruct's vocabulary has none).
+        "chat_template": tokenizer.chat_template,
+        "stop": ["<|im_end|>", "<|im_start|>"],
+        "infill": None,
+        "thinking_switch": False,
     }
     text = "plain text, no template\n"
     assert post(client, "/tokenize", {"text": text}) == {"token_ids": tokenizer.encode(text, add_special_tokens=False)}
@@ -311,8 +318,31 @@ class TestConfig:
     @pytest.fixture()
     def http(self, config_server):
         with net.client(base_url=config_server, timeout=10.0) as http:
-            post(http, "/config", {"system_prompt": None, "thinking": None, "history": []})
+            post(http, "/config", {"system_prompt": None, "thinking": None, "history": [], "raw": False})
             yield http
+
+    def test_raw_opens_an_empty_context_and_encodes_the_text_as_it_is(self, http, tokenizer):
+        """`raw` (until set false): no system prompt at /reset, no template at /encode, the
+        newline escape still restored; the stateless protocol encodes plainly too."""
+        assert post(http, "/config", {"raw": True, "system_prompt": "Daemon prompt."}) == {"ok": True}
+        uid = new_uid(http)
+        assert post(http, "/reset", {"uid": uid, "system_prompt": "Runner prompt."})["token_ids"] == []
+        text = "<|im_start|>user\nDone by hand<|im_end|>\n"
+        first = post(http, "/encode", {"uid": uid, "text": escape_prompt_line(text)})
+        plain = tokenizer.encode(text, add_special_tokens=False)
+        assert first == {"token_ids": plain, "diff": plain}
+        assert plain[0] == tokenizer.convert_tokens_to_ids("<|im_start|>")  # special tokens in the text count as such
+        assert client_stats(http, uid)["prompt_tokens"] == len(plain)
+        # A turn after a reply holds the reply's ids too, and prefills only the new text.
+        second = post(http, "/encode", {"uid": uid, "text": "more", "last_reply": "an answer"})
+        more = tokenizer.encode("more", add_special_tokens=False)
+        assert second["diff"] == more
+        assert second["token_ids"] == plain + tokenizer.encode("an answer", add_special_tokens=False) + more
+        assert post(http, "/encode", {"text": "stateless"})["token_ids"] == tokenizer.encode("stateless", add_special_tokens=False)
+        post(http, "/config", {"raw": False})
+        assert post(http, "/reset", {"uid": uid, "system_prompt": "Runner prompt."})["token_ids"] == \
+            rendered_ids(tokenizer, [{"role": "system", "content": "Daemon prompt."}], generation_prompt=False)
+        assert http.post("/config", json={"raw": "yes"}).status_code == 400
 
     def test_system_prompt_replaces_the_runners_own_at_the_next_reset(self, http, tokenizer):
         uid = new_uid(http)
@@ -358,6 +388,24 @@ class TestConfig:
         post(http, "/reset", {"uid": uid, "system_prompt": "S"})
         assert post(http, "/encode", {"uid": uid, "text": "hi"})["token_ids"] == plain
         assert "no_think" not in tokenizer.decode(plain)
+
+
+def client_stats(http: httpx.Client, uid: str) -> dict:
+    return http.get("/stats", params={"uid": uid}).json()
+
+
+@pytest.mark.parametrize("style", ["qwen", "starcoder"])
+def test_a_coder_tokenizer_offers_its_fill_in_the_middle_tokens(tmp_path: Path, style: str):
+    folder = infill_tokenizer(tmp_path / f"{style}-tokenizer", style)
+    prefix, suffix, middle = INFILL_TOKENS[style]
+    with tokenizer_server(folder) as base_url, net.client(base_url=base_url, timeout=10.0) as http:
+        assert http.get("/capabilities").json()["infill"] == {"prefix": prefix, "suffix": suffix, "middle": middle}
+        post(http, "/config", {"raw": True})
+        prompt = f"{prefix}def add(a, b):\n    {suffix}\n{middle}"
+        ids = post(http, "/encode", {"text": escape_prompt_line(prompt)})["token_ids"]
+        tokens = json.loads((folder / "tokenizer.json").read_text())["added_tokens"]
+        special = {t["content"]: t["id"] for t in tokens}
+        assert ids[0] == special[prefix] and ids[-1] == special[middle] and special[suffix] in ids
 
 
 def test_thinking_reaches_a_template_that_reads_enable_thinking(tmp_path: Path, tokenizer):

@@ -1,7 +1,7 @@
 """Pure conversation logic of the tokenizer server: no I/O, no tokenizer import."""
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -78,3 +78,31 @@ class IncrementalDecoder:
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._ids)
         return text[len(prefix_text):]
+
+
+# Fill-in-the-middle tokens by family, in prefix-suffix-middle order: Qwen2.5-Coder, StarCoder
+# and SmolLM (where its vocabulary has them), DeepSeek-Coder.
+INFILL_STYLES = (
+    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
+    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+    ("<\uff5cfim\u2581begin\uff5c>", "<\uff5cfim\u2581hole\uff5c>", "<\uff5cfim\u2581end\uff5c>"),
+)
+# ChatML's turn markers: a model that writes a new turn has ended its own.
+CHATML_MARKERS = ("<|im_start|>", "<|im_end|>")
+
+
+def infill_tokens(vocabulary: Container[str]) -> dict[str, str] | None:
+    """The tokenizer's fill-in-the-middle tokens as {prefix, suffix, middle}, or None."""
+    for prefix, suffix, middle in INFILL_STYLES:
+        if prefix in vocabulary and suffix in vocabulary and middle in vocabulary:
+            return {"prefix": prefix, "suffix": suffix, "middle": middle}
+    return None
+
+
+def stop_tokens(eos_token: str | None, chat_template: str) -> list[str]:
+    """The texts that end a reply: the end-of-sequence token, and ChatML's turn markers where
+    the template writes them (Ollama lists both for ChatML models)."""
+    stops = [eos_token] if eos_token else []
+    if CHATML_MARKERS[1] in chat_template:
+        stops += CHATML_MARKERS
+    return list(dict.fromkeys(stops))

@@ -16,6 +16,9 @@ Rules this server follows:
   system prompt after `/reset`; after a turn, everything up to the end of the previous reply).
 - `thinking` from `/config` reaches the template as `enable_thinking` only when the template
   reads that variable; otherwise it is ignored. No `/no_think` suffix is ever added.
+- `raw` from `/config` (until set false): `/reset` opens an empty context (no system prompt)
+  and `/encode` encodes the text as it is, without the chat template and without the history;
+  special tokens written in the text (a fill-in-the-middle prompt's) become their ids.
 - Stateless `/decode` has no session to buffer in: it decodes exactly the ids it is given.
 - `/stats`: `prompt_tokens` is the length of the last rendered prompt (all ids), `reply_tokens`
   the number of ids sent to `/decode` since that `/encode`, `reply_text` the text `/decode`
@@ -38,13 +41,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from tokenizer_service.conversation import IncrementalDecoder, prefill_diff, strip_think
+from tokenizer_service.conversation import IncrementalDecoder, infill_tokens, prefill_diff, stop_tokens, strip_think
 from tokenizer_service.prompt_escape import unescape_prompt_line
 
 CAPABILITIES = {
     "server": "axm1-tokenizer",
     "newline_escape": "backslash",
-    "controls": ["system_prompt", "thinking", "history"],
+    "controls": ["system_prompt", "thinking", "history", "raw"],
 }
 HISTORY_ROLES = ("user", "assistant")
 DEFAULT_SESSION_IDLE_SECONDS = 24 * 3600.0
@@ -102,7 +105,21 @@ class ChatTokenizer:
         self._tokenizer = tokenizer
         self._lock = threading.Lock()
         template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+        self.chat_template = template
         self.has_thinking_switch = "enable_thinking" in template
+        eos = tokenizer.eos_token if isinstance(tokenizer.eos_token, str) else None
+        self.stop = stop_tokens(eos, template)
+        self.infill = infill_tokens(tokenizer.get_vocab())
+
+    def facts(self) -> dict[str, Any]:
+        """What `/capabilities` tells about the tokenizer: its chat template, the texts that end
+        a reply, its fill-in-the-middle tokens (None: it has none)."""
+        return {
+            "chat_template": self.chat_template or None,
+            "stop": list(self.stop),
+            "infill": self.infill,
+            "thinking_switch": self.has_thinking_switch,
+        }
 
     @property
     def bos_id(self) -> int:
@@ -141,6 +158,7 @@ class Controls:
     system_prompt: str | None = None
     thinking: bool | None = None
     pending_history: list[dict[str, str]] = field(default_factory=list)
+    raw: bool = False  # empty contexts, prompts encoded as they are
 
 
 @dataclass
@@ -196,11 +214,14 @@ class TokenizerServer:
             found.last_used = now
             return found
 
-    def _take_controls(self) -> tuple[bool | None, list[dict[str, str]]]:
-        """The thinking switch, and the pending history (handed out once)."""
+    def _take_controls(self) -> tuple[bool | None, list[dict[str, str]], bool]:
+        """The thinking switch, the pending history (handed out once), and raw mode."""
         with self._controls_lock:
             history, self.controls.pending_history = self.controls.pending_history, []
-            return self.controls.thinking, history
+            return self.controls.thinking, history, self.controls.raw
+
+    def _prompt_text(self, text: str) -> str:
+        return text if self.stock else unescape_prompt_line(text)
 
     # -- uid protocol ----------------------------------------------------------------------
 
@@ -208,8 +229,8 @@ class TokenizerServer:
         session = self.session(uid)
         with self._controls_lock:
             system_prompt = self.controls.system_prompt if self.controls.system_prompt is not None else system_prompt
-            thinking = self.controls.thinking
-        messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+            thinking, raw = self.controls.thinking, self.controls.raw
+        messages = [] if system_prompt is None or raw else [{"role": "system", "content": system_prompt}]
         held_ids = self.tokenizer.render(messages, generation_prompt=False, thinking=thinking)
         with session.lock:
             session.messages, session.held_ids = messages, held_ids
@@ -220,7 +241,9 @@ class TokenizerServer:
 
     def encode_turn(self, uid: Any, text: str, last_reply: str | None) -> tuple[list[int], list[int]]:
         session = self.session(uid)
-        thinking, history = self._take_controls()
+        thinking, history, raw = self._take_controls()
+        if raw:
+            return self._encode_raw_turn(session, text, last_reply)
         with session.lock:
             # Built aside and stored at the end, so a failing template leaves the session as it was.
             messages, held_ids = list(session.messages), session.held_ids
@@ -230,7 +253,7 @@ class TokenizerServer:
             if history:
                 after_system = 1 if messages and messages[0]["role"] == "system" else 0
                 messages[after_system:after_system] = history
-            messages.append({"role": "user", "content": text if self.stock else unescape_prompt_line(text)})
+            messages.append({"role": "user", "content": self._prompt_text(text)})
             all_ids = self.tokenizer.render(messages, generation_prompt=True, thinking=thinking)
             diff = prefill_diff(all_ids, held_ids)
             session.messages, session.held_ids = messages, all_ids
@@ -238,6 +261,20 @@ class TokenizerServer:
             session.prompt_tokens = len(all_ids)
             session.reply_text = []
             return all_ids, diff
+
+    def _encode_raw_turn(self, session: Session, text: str, last_reply: str | None) -> tuple[list[int], list[int]]:
+        """Raw mode: the text's own ids after what the context holds (a reply, encoded as printed)."""
+        new_ids = self.tokenizer.encode_plain(self._prompt_text(text))
+        with session.lock:
+            held_ids = list(session.held_ids)
+            if last_reply:
+                held_ids += self.tokenizer.encode_plain(last_reply)
+            all_ids = held_ids + new_ids
+            session.held_ids = all_ids
+            session.decoder = IncrementalDecoder(self.tokenizer.decode)
+            session.prompt_tokens = len(all_ids)
+            session.reply_text = []
+            return all_ids, new_ids
 
     def decode_turn(self, uid: Any, ids: list[int]) -> str:
         session = self.session(uid)
@@ -259,9 +296,11 @@ class TokenizerServer:
 
     def encode_stateless(self, text: str) -> list[int]:
         with self._controls_lock:
-            system_prompt, thinking = self.controls.system_prompt, self.controls.thinking
+            system_prompt, thinking, raw = self.controls.system_prompt, self.controls.thinking, self.controls.raw
+        if raw:
+            return self.tokenizer.encode_plain(self._prompt_text(text))
         messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
-        messages.append({"role": "user", "content": text if self.stock else unescape_prompt_line(text)})
+        messages.append({"role": "user", "content": self._prompt_text(text)})
         return self.tokenizer.render(messages, generation_prompt=True, thinking=thinking)
 
     # -- extensions ------------------------------------------------------------------------
@@ -275,6 +314,8 @@ class TokenizerServer:
             updates["thinking"] = optional_field(body, "thinking", bool)
         if "history" in body:
             updates["pending_history"] = parse_history(body["history"])
+        if "raw" in body:
+            updates["raw"] = bool(optional_field(body, "raw", bool))
         with self._controls_lock:
             for name, value in updates.items():
                 setattr(self.controls, name, value)
@@ -375,7 +416,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             key = path[1:]
             return {key: app.tokenizer.bos_id if key == "bos_id" else app.tokenizer.eos_id}
         if path == "/capabilities":
-            return CAPABILITIES
+            return {**CAPABILITIES, **app.tokenizer.facts()}
         if path == "/stats":
             return app.stats(uid)
         if path == "/reset":

@@ -76,6 +76,11 @@ class GenerationRequest:
     # Set by the engine as soon as the backend has read the prompt: counted even when the
     # answer later ends in an error or an abort.
     prompt_tokens: int = 0
+    # /api/generate's raw: the prompt reaches the model as it is, without the chat template.
+    raw: bool = False
+    # Fill in the middle: the text after the prompt (Ollama's and OpenAI's `suffix`); the model
+    # writes what goes between. None (or "") = an ordinary completion.
+    suffix: str | None = None
 
     @property
     def system(self) -> str | None:
@@ -114,6 +119,30 @@ class GenerationResult:
 class Embeddings:
     vectors: list[list[float]]  # in the order of the inputs
     prompt_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Infill:
+    """A tokenizer's fill-in-the-middle tokens (prefix-suffix-middle order)."""
+
+    prefix: str
+    suffix: str
+    middle: str
+
+    def prompt(self, before: str, after: str) -> str:
+        """The prompt that asks for the text between `before` and `after`."""
+        return f"{self.prefix}{before}{self.suffix}{after}{self.middle}"
+
+
+@dataclass(frozen=True, slots=True)
+class PromptFormat:
+    """How the model's prompts are written, as far as its engine knows (for /api/show)."""
+
+    chat_template: str | None = None  # the tokenizer's own chat template (Jinja); None: unknown
+    stop: tuple[str, ...] = ()  # texts that end a reply
+    infill: Infill | None = None  # None: the model cannot fill in the middle (no `insert`)
+    raw: bool = False  # a prompt can reach the model without the chat template
+    thinking_switch: bool = False  # the template turns reasoning on and off
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +256,8 @@ class Engine(abc.ABC):
         self.capabilities = EngineCapabilities()
         self.logs = LogRing(context.settings.runner_log_lines)
         self.last_error: dict[str, Any] | None = None
+        # NPU memory (MiB) the loaded backend claimed, as it reported it; None: no figure.
+        self.claimed_npu_memory_mb: int | None = None
         self._machine = StateMachine()
         self._state_changed = anyio.Event()
         self._inbox_send, self._inbox = anyio.create_memory_object_stream[Any](math.inf)
@@ -264,6 +295,16 @@ class Engine(abc.ABC):
     async def embed(self, inputs: list[str]) -> Embeddings:
         """Vectors for `inputs`. The caller holds an admission slot and has waited for ready."""
         raise BadRequest(f'model "{self.spec.name}" does not serve embeddings')
+
+    async def prompt_format(self) -> PromptFormat:
+        """What the engine knows of the model's prompt format; it may ask its backend (never
+        loads the model). Default: nothing known."""
+        return PromptFormat()
+
+    def model_facts(self) -> dict[str, Any]:
+        """What the engine knows of the model itself for /api/show's model_info, in Ollama's
+        keys without the architecture prefix (`embedding_length`, …); default: nothing."""
+        return {}
 
     def status(self) -> dict[str, Any]:
         """JSON-ready state for /api/status; engines add their own keys."""

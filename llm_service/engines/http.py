@@ -47,6 +47,7 @@ from .base import (
     GenerationRequest,
     GenerationResult,
     ModelUnavailable,
+    PromptFormat,
     RequestTimedOut,
 )
 from .upstream_process import Holder, LaunchSpec, ManagedProcess, progress_in_line
@@ -205,7 +206,7 @@ def _delta_parts(choice: Any) -> tuple[str, str, str | None]:
         raise _MalformedChunk("delta is not an object")
     # Servers name reasoning differently; some (this daemon included) send both with one text.
     reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
-    content = delta.get("content") or ""
+    content = delta.get("content") or choice.get("text") or ""  # /v1/completions chunks carry `text`
     finish = choice.get("finish_reason")
     if not isinstance(reasoning, str) or not isinstance(content, str):
         raise _MalformedChunk("delta text is not a string")
@@ -256,7 +257,7 @@ class HttpEngine(Engine, Holder):
     def _set_base_url(self, url: str) -> None:
         self.base_url = _api_root(url)
         root = URL(self.base_url)
-        self._urls = {name: root / "v1" / name for name in ("chat/completions", "embeddings", "models")}
+        self._urls = {name: root / "v1" / name for name in ("chat/completions", "completions", "embeddings", "models")}
         self._urls["health"] = root / "health"
         self._urls["info"] = root / "info"
         if self.config.health_path:
@@ -313,6 +314,15 @@ class HttpEngine(Engine, Holder):
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk | GenerationResult]:
         body = self._chat_body(request)
+        url = self._urls["chat/completions"]
+        if request.raw or request.suffix:
+            # Raw prompts and fill-in-the-middle: the upstream's /v1/completions, which applies
+            # no chat template; the upstream decides whether it takes `suffix`.
+            url = self._urls["completions"]
+            del body["messages"]
+            body["prompt"] = request.messages[-1].content
+            if request.suffix:
+                body["suffix"] = request.suffix
         warnings = [] if request.options.num_ctx is None else ["num_ctx: the upstream server fixes its context size"]
         began = time.monotonic()
         self._in_flight += 1
@@ -321,7 +331,7 @@ class HttpEngine(Engine, Holder):
                 relayed: list[float] = []  # monotonic time of each relayed chunk
                 try:
                     # aclosing: when our consumer leaves, the upstream connection closes now, not at GC.
-                    async with aclosing(self._stream_chat(body, relayed)) as stream:
+                    async with aclosing(self._stream_chat(url, body, relayed)) as stream:
                         async for item in stream:
                             if isinstance(item, GenerationResult):
                                 self._measure(item, began, relayed, warnings)
@@ -384,6 +394,9 @@ class HttpEngine(Engine, Holder):
         except (ValueError, KeyError, TypeError) as exc:
             raise EngineError(f"upstream {self.base_url} sent a malformed embeddings answer: {exc!r}", status_code=502) from None
         return Embeddings(vectors, prompt_tokens)
+
+    async def prompt_format(self) -> PromptFormat:
+        return PromptFormat(raw=True)  # through /v1/completions; the template is the upstream's own
 
     def status(self) -> dict[str, Any]:
         status = super().status()
@@ -721,10 +734,12 @@ class HttpEngine(Engine, Holder):
         body.update({key: value for key, value in sampling.items() if value is not None})
         return body
 
-    async def _stream_chat(self, body: dict[str, Any], relayed: list[float]) -> AsyncIterator[Chunk | GenerationResult]:
+    async def _stream_chat(self, url: URL, body: dict[str, Any], relayed: list[float]) -> AsyncIterator[Chunk | GenerationResult]:
         """One attempt. Leaving early (consumer gone) closes the upstream connection at once."""
         session = self._require_session()
-        async with session.post(self._urls["chat/completions"], json=body, headers={"Accept": "text/event-stream"}) as response:
+        async with session.post(url, json=body, headers={"Accept": "text/event-stream"}) as response:
+            if response.status == 404 and url == self._urls["completions"]:
+                raise BadRequest(f"raw prompts and suffix go to the upstream's /v1/completions; upstream {self.base_url} has none (404)")
             if response.status != 200:
                 raise self._answer_error(response.status, await _body_text(response), response.reason or "")
             splitter = ThinkSplitter(starts_in_thinking=False)

@@ -11,15 +11,17 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from ... import __version__
-from ...engines.base import BadRequest, ChatMessage, Chunk, EngineError, GenerationRequest
+from ...engines.base import BadRequest, ChatMessage, Chunk, EngineError, GenerationRequest, ModelNotFound
 from ...models import ModelEntry, requested_keep_alive
+from ...names import ollama_name
 from ...timestamps import now_rfc3339, rfc3339_in
 from ..streaming import PrefetchedStream, StreamingAnswer, new_request_id, open_stream, until_disconnect
 from . import wire
-from .wire import ChatBody, ChatShapes, GenerateBody, GenerateShapes, ModelBody
+from .show import ShowInput, show_answer
+from .wire import ChatBody, ChatShapes, GenerateBody, GenerateShapes, ModelBody, PullBody
 
 router = APIRouter()
 
@@ -107,6 +109,7 @@ async def generate(request: Request, body: GenerateBody) -> Response:
         messages.append(ChatMessage("system", body.system))
     messages.append(ChatMessage("user", body.prompt))
     gen_request = _new_request(messages, body, "generate", request.app.state.settings.request_deadline_s)
+    gen_request.raw, gen_request.suffix = body.raw, body.suffix or None
     return await _answer(request, body.model, gen_request, body.keep_alive, body.stream, GenerateShapes(body.model))
 
 
@@ -122,8 +125,12 @@ async def chat(request: Request, body: ChatBody) -> Response:
     return await _answer(request, body.model, gen_request, body.keep_alive, body.stream, ChatShapes(body.model))
 
 
-def _size_bytes(entry: ModelEntry) -> int:
-    return (entry.spec.npu_memory_mb or 0) * 1024 * 1024
+MIB = 1024 * 1024
+
+
+def _size_vram(entry: ModelEntry) -> int:
+    """The NPU memory the loaded runner claimed (its remain_cmm before and after the load)."""
+    return (entry.engine.claimed_npu_memory_mb or 0) * MIB
 
 
 @router.get("/api/tags")
@@ -131,10 +138,10 @@ async def tags(request: Request) -> dict[str, Any]:
     return {
         "models": [
             {
-                "name": entry.spec.name,
-                "model": entry.spec.name,
+                "name": ollama_name(entry.spec.name),
+                "model": ollama_name(entry.spec.name),
                 "modified_at": entry.modified_at,
-                "size": _size_bytes(entry),
+                "size": entry.size_bytes,
                 "digest": wire.digest(entry.spec.name),
                 "details": wire.details(dict(entry.spec.details)),
             }
@@ -151,15 +158,15 @@ async def ps(request: Request) -> dict[str, Any]:
             continue
         models.append(
             {
-                "name": entry.spec.name,
-                "model": entry.spec.name,
-                "size": _size_bytes(entry),
+                "name": ollama_name(entry.spec.name),
+                "model": ollama_name(entry.spec.name),
+                "size": entry.size_bytes,
                 "digest": wire.digest(entry.spec.name),
                 "details": wire.details(dict(entry.spec.details)),
                 "expires_at": "0001-01-01T00:00:00Z"
                 if entry.expires_at is None
                 else rfc3339_in(entry.expires_at - time.monotonic()),
-                "size_vram": _size_bytes(entry),
+                "size_vram": _size_vram(entry),
                 "context_length": entry.spec.context_size,
                 "state": entry.engine.state,
             }
@@ -174,23 +181,40 @@ async def show(request: Request, body: ModelBody) -> dict[str, Any]:
         raise BadRequest("model is required")
     entry = request.app.state.manager.entry(requested)
     spec = entry.spec
-    details = wire.details(dict(spec.details))
-    capabilities = ["completion"]
-    if spec.include_thinking:
-        capabilities.append("thinking")
-    return {
-        "modelfile": f"# served by axm1-llm ({spec.engine})\nFROM {spec.name}\n",
-        "parameters": "",
-        "template": "{{ .Prompt }}",
-        "details": details,
-        "model_info": {
-            "general.architecture": details["family"] or "unknown",
-            "general.basename": spec.name,
-            f"{details['family'] or 'llm'}.context_length": spec.context_size,
-        },
-        "capabilities": capabilities,
-        "modified_at": entry.modified_at,
-    }
+    return show_answer(ShowInput(
+        name=ollama_name(spec.name),
+        engine=spec.engine,
+        details=wire.details(dict(spec.details)),
+        context_size=spec.context_size,
+        include_thinking=spec.include_thinking,
+        modified_at=entry.modified_at,
+        form=await entry.engine.prompt_format(),
+        facts=entry.engine.model_facts(),
+        system=spec.system_prompt,
+    ))
+
+
+@router.post("/api/pull")
+async def pull(request: Request, body: PullBody) -> Response:
+    """A model the daemon has is "pulled" already: Ollama's progress, ending in success (Home
+    Assistant pulls the model it picked before it uses it). One it lacks cannot be fetched yet."""
+    requested = body.model or body.name
+    if not requested:
+        raise BadRequest("model is required")
+    try:
+        entry = request.app.state.manager.entry(requested)
+    except ModelNotFound:
+        raise EngineError(wire.PULL_MISSING.format(name=requested), status_code=404) from None
+    progress = wire.pull_progress(wire.digest(entry.spec.name), entry.size_bytes)
+    if not body.stream:
+        return JSONResponse(progress[-1])
+    lines = [(json.dumps(item) + "\n").encode() for item in progress]
+
+    async def stream() -> AsyncIterator[bytes]:
+        for line in lines:
+            yield line
+
+    return StreamingResponse(stream(), media_type="application/x-ndjson")
 
 
 @router.get("/api/version")

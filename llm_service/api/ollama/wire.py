@@ -84,6 +84,31 @@ class ModelBody(BaseModel):
     name: str | None = None  # older clients send `name`
 
 
+class PullBody(ModelBody):
+    insecure: bool | None = None
+    stream: bool = True
+
+
+# Where a model comes from on this daemon, said where a client asks for one it lacks.
+PULL_MISSING = (
+    'pull model manifest: file does not exist: model "{name}" is not on this daemon, and fetching '
+    "models is not supported yet. Put the model's folder (e.g. one of AXERA-TECH's for the AX-M1 "
+    "card) beside model-descriptor.json and add an entry for it there; the daemon picks it up "
+    "within seconds (README: Adding a model)."
+)
+
+
+def pull_progress(digest_hex: str, size: int) -> list[dict[str, Any]]:
+    """Ollama's progress objects for a model that is already here: every layer is complete."""
+    return [
+        {"status": "pulling manifest"},
+        {"status": f"pulling {digest_hex[:12]}", "digest": f"sha256:{digest_hex}", "total": size, "completed": size},
+        {"status": "verifying sha256 digest"},
+        {"status": "writing manifest"},
+        {"status": "success"},
+    ]
+
+
 def sampling_options(options: Options | None) -> SamplingOptions:
     options = options or Options()
     stop = options.stop or ()

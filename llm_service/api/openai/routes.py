@@ -106,6 +106,7 @@ async def chat_completions(request: Request, body: wire.ChatCompletionBody) -> R
 async def completions(request: Request, body: wire.CompletionBody) -> Response:
     prompt = wire.completion_prompt(body)
     gen_request = _new_request(request, [ChatMessage("user", prompt)], wire.sampling_options(body, body.max_tokens), "generate")
+    gen_request.suffix = body.suffix or None
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     shapes = wire.CompletionShapes(f"cmpl-{gen_request.id}", body.model, int(time.time()), include_usage)
     echoed = prompt if body.echo else ""

@@ -59,6 +59,7 @@ class ChatCompletionBody(_Sampling):
 class CompletionBody(_Sampling):
     prompt: str | list[str]
     echo: bool = False
+    suffix: str | None = None  # fill in the middle: the text after the prompt
 
 
 class EmbeddingBody(_Lenient):

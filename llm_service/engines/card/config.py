@@ -61,6 +61,13 @@ class CardConfig(EngineConfig):
         })
 
 
+    def folders(self) -> tuple[Path, ...]:
+        folders = [self.model_path]
+        if self.tokenizer_path is not None and not self.tokenizer_path.is_relative_to(self.model_path):
+            folders.append(self.tokenizer_path)
+        return tuple(folders)
+
+
 def run_command(run_cmd: str, model_dir: Path, dialect: str) -> tuple[Path | None, tuple[str, ...]]:
     """The run script and the argv for `run.sh`, `./run.sh`, `sh run.sh`, `bash run.sh ARGS`,
     `/bin/sh run.sh` or an absolute path. Scripts have no shebang, so they always run through a
@@ -100,3 +107,37 @@ def program_command(words: list[str], model_dir: Path) -> tuple[str, ...]:
         if ("/" in argument or argument == "..") and not resolve_path(model_dir, Path(argument)).is_relative_to(model_dir):
             raise FieldError("run_cmd", f"argument {argument!r} resolves outside model_path")
     return tuple(words)
+
+
+def script_flags(text: str) -> dict[str, str]:
+    """The `--name value` (or `--name=value`) flags of a run script, as the runner reads them;
+    a shell script whose lines continue with `\\`. Pure; unparsable text gives what it can."""
+    try:
+        words = shlex.split(text.replace("\\\n", " "), comments=True)
+    except ValueError:
+        words = text.split()
+    flags: dict[str, str] = {}
+    for index, word in enumerate(words):
+        if not word.startswith("--"):
+            continue
+        name, equals, value = word[2:].partition("=")
+        if equals:
+            flags[name] = value
+        elif index + 1 < len(words) and not words[index + 1].startswith("--"):
+            flags[name] = words[index + 1]
+    return flags
+
+
+def model_facts_from_flags(flags: dict[str, str]) -> dict[str, object]:
+    """What a runner's flags tell about its model, in Ollama's model_info terms (without the
+    architecture prefix): the architecture, from the layer files' names
+    (`qwen3_p128_l%d_together.axmodel` is qwen3), its layer count and its embedding width."""
+    facts: dict[str, object] = {}
+    template = flags.get("template_filename_axmodel", "")
+    stem = Path(template).name.split("_p", 1)[0] if "%d" in template else ""
+    if stem and stem.replace("-", "").replace(".", "").isalnum():
+        facts["architecture"] = stem
+    for flag, key in (("axmodel_num", "block_count"), ("tokens_embed_size", "embedding_length")):
+        if flags.get(flag, "").isdigit():
+            facts[key] = int(flags[flag])
+    return facts

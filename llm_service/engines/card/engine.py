@@ -40,13 +40,15 @@ from ..base import (
     EngineError,
     GenerationRequest,
     GenerationResult,
+    Infill,
     ModelUnavailable,
+    PromptFormat,
     RequestTimedOut,
     RunnerCrashed,
     RunnerHung,
     BadRequest,
 )
-from .config import CardConfig
+from .config import CardConfig, model_facts_from_flags, script_flags
 from .dialects import DIALECTS, Dialect
 from .output import (
     Banner,
@@ -63,6 +65,8 @@ from .output import (
     Ttft,
     TurnEnd,
     Uid,
+    claimed_cmm_mb,
+    remain_cmm_mb,
 )
 from .planner import (
     CONTEXT_MARGIN,
@@ -92,6 +96,28 @@ _RESET_TIMEOUT_S = 30.0
 # Tokens the runner's context count may differ from the tokenizer's by (an end token or two).
 _CONTEXT_SLACK = 2
 _TOKENIZER_CALL_TIMEOUT_S = 5.0
+# /api/show waits at most this long for a model's tokenizer server to start and say what it knows.
+_DESCRIBE_TIMEOUT_S = 20.0
+
+
+def prompt_format_of(caps: dict[str, Any] | None) -> PromptFormat:
+    """The prompt format our tokenizer server's /capabilities tells; nothing for a stock script
+    (None) or an older server. Pure."""
+    if not caps:
+        return PromptFormat()
+    template = caps.get("chat_template")
+    stop = caps.get("stop")
+    infill = caps.get("infill")
+    tokens = [infill.get(k) for k in ("prefix", "suffix", "middle")] if isinstance(infill, dict) else []
+    raw = "raw" in (caps.get("controls") or ())
+    return PromptFormat(
+        chat_template=template if isinstance(template, str) and template else None,
+        stop=tuple(t for t in stop if isinstance(t, str)) if isinstance(stop, list) else (),
+        # Infill prompts reach the model only as raw prompts.
+        infill=Infill(*tokens) if raw and len(tokens) == 3 and all(isinstance(t, str) and t for t in tokens) else None,
+        raw=raw,
+        thinking_switch=caps.get("thinking_switch") is True,
+    )
 
 
 # ---- messages to the owner loop -------------------------------------------------------------
@@ -210,13 +236,21 @@ class CardEngine(Engine):
         self._tokenizer_probed = False
         self._tokenizer_config: dict[str, Any] = {}  # what /config last set on the server
         self._tokenizer_scope: anyio.CancelScope | None = None
+        # /capabilities asked for /api/show before the first load (the owner's own copy is
+        # _tokenizer_caps, read at every start); and the run script's facts, read once.
+        self._described_caps: dict[str, Any] | None = None
+        self._describe_lock = anyio.Lock()
+        self._script_facts: dict[str, Any] | None = None
         self._progress: dict[str, Any] | None = None
+        self._cmm_figures: list[int] = []  # remain_cmm of each load step, this load
         self._load_started: float | None = None
         self.last_load_duration: float | None = None
         self._context: tuple[int, int] | None = None  # (precompute_len, remaining)
         self._held: tuple[ChatMessage, ...] | None = None  # the conversation the runner's context holds
         self._held_system: str | None = None
+        self._held_raw = False  # the context was opened for raw prompts (empty)
         self._reset_system: str | None = None  # the system prompt the reset under way installs
+        self._reset_raw = False  # … or the empty context it opens for a raw prompt
         # The system prompt the next launch gives the tokenizer for the runner's init /reset, and
         # what else a job waiting for a restart needs the server to hold (history, thinking).
         self._launch_system: str | None = spec.system_prompt
@@ -296,6 +330,49 @@ class CardEngine(Engine):
             if not job.delivered:
                 self._post(_Cancel(job))
 
+    async def prompt_format(self) -> PromptFormat:
+        """What the model's tokenizer server says (our server only): the one the runner talks
+        to, as read at its start; before the first load, asked now — the tokenizer service
+        starts the server the descriptor names, the runner stays off."""
+        dialect = self._dialect
+        if not self.config.tokenizer_port or (dialect is not None and dialect.builtin_tokenizer):
+            return PromptFormat()
+        if self._tokenizer_probed:
+            return prompt_format_of(self._tokenizer_caps)
+        async with self._describe_lock:
+            if self._described_caps is None:
+                self._described_caps = await self._ask_capabilities()
+        return prompt_format_of(self._described_caps)
+
+    async def _ask_capabilities(self) -> dict[str, Any] | None:
+        """The tokenizer server's /capabilities ({} for a stock script), None when it did not
+        answer in time (asked again next time)."""
+        host, port = self._tokenizer_host, self.config.tokenizer_port
+        assert port is not None
+        timeout = min(self.settings.tokenizer_timeout_s, _DESCRIBE_TIMEOUT_S)
+        with anyio.move_on_after(timeout + 1):
+            try:
+                if self.config.tokenizer_py:
+                    await self._tokenizers.start_server(self.spec.name, host)
+                    await self._tokenizers.wait_until_running(self.spec.name, host, port, timeout)
+                else:
+                    await self._tokenizers.wait_until_serving(host, port, min(timeout, 2.0))
+            except TokenizerUnavailable:
+                return None
+            return await self._tokenizers.capabilities(host, port) or {}
+        return None
+
+    def model_facts(self) -> dict[str, Any]:
+        """From the run script's flags: architecture, layers, embedding width (read once)."""
+        if self._script_facts is None:
+            script = self.config.script_path
+            try:
+                text = script.read_text(encoding="utf-8", errors="replace") if script is not None else ""
+            except OSError:
+                text = ""
+            self._script_facts = model_facts_from_flags(script_flags(text))
+        return dict(self._script_facts)
+
     def status(self) -> dict[str, Any]:
         status = super().status()
         job = self._job
@@ -330,6 +407,7 @@ class CardEngine(Engine):
             restarts=self._restarts,
             fresh_context_restarts=self._fresh_context_restarts,
             last_load_duration_s=self.last_load_duration,
+            npu_memory_claimed_mb=self.claimed_npu_memory_mb,
             newlines=newlines,
         )
         return status
@@ -407,6 +485,15 @@ class CardEngine(Engine):
     def _tokenizer_host(self) -> str:
         return self.config.tokenizer_ip or "127.0.0.1"
 
+    def _runner_facts(self) -> Runner:
+        """The runner and its tokenizer server as the planner sees them."""
+        caps = self._tokenizer_caps or {}
+        form = prompt_format_of(caps)
+        return Runner(
+            self._dialect or DIALECTS["b"], self._supports_reset, self._our_tokenizer, self.spec.context_size,
+            raw=form.raw, infill=form.infill, model=self.spec.name,
+        )
+
     def _set_state(self, to: RunnerState, reason: str, **details: Any) -> None:
         if to is not S.INITIALIZING:
             self._progress = None
@@ -468,11 +555,14 @@ class CardEngine(Engine):
         self._context = None
         self._held = ()
         self._held_system = self._launch_system
+        self._held_raw = False
         dialect = self._dialect
         if self.config.tokenizer_port and not (dialect is not None and dialect.builtin_tokenizer):
             self._set_state(S.WAITING_FOR_TOKENIZER, reason, port=self.config.tokenizer_port)
-            settings = {"system_prompt": self._launch_system, "thinking": None, "history": [], **self._launch_extra}
+            settings = {"system_prompt": self._launch_system, "thinking": None, "history": [], "raw": False,
+                        **self._launch_extra}
             self._launch_extra = {}
+            self._held_raw = bool(settings["raw"])  # a server without the control never gets a raw plan
             self._tokenizer_scope = anyio.CancelScope()
             self._start_task(self._prepare_tokenizer, self._generation, self._tokenizer_scope, settings)
         else:
@@ -534,6 +624,8 @@ class CardEngine(Engine):
         env = child_environment(owner_tag(self.settings.data_dir), self.settings.child_env, {"PATH": path})
         command = self._command()
         self._parser = RunnerOutputParser(self._dialect_name if self.config.dialect != "auto" else None)
+        self._cmm_figures = []
+        self.claimed_npu_memory_mb = None
         self._load_started = now = time.monotonic()
         stall = self._load_stall_s
         self._load_stall_at = now + stall
@@ -589,6 +681,8 @@ class CardEngine(Engine):
             self.logs.append(f"{event.percent}% {event.step}/{event.total} {event.message}")
             if state is S.INITIALIZING:
                 self._progress = {"percent": event.percent, "step": event.step, "total": event.total, "message": event.message}
+                if (remaining_mb := remain_cmm_mb(event.message)) is not None:
+                    self._cmm_figures.append(remaining_mb)
         elif isinstance(event, Uid):
             self._uid = event.uid
         elif isinstance(event, Banner):
@@ -614,7 +708,10 @@ class CardEngine(Engine):
         elif isinstance(event, RunnerError):
             self.logs.append(f"[error:{event.kind}] {event.message}")
             if job is not None and event.kind in ("context_overflow", "prompt_too_long"):
-                job.error = BadRequest(f"the prompt does not fit the model's context: {event.message}")
+                job.error = BadRequest(
+                    f"the prompt does not fit the model's context of {self.spec.context_size} tokens (the runner "
+                    f"said: {event.message}): shorten the prompt or send fewer earlier messages"
+                )
                 self._held = None  # what the runner holds now is not reliable
         elif isinstance(event, Marker):
             await self._on_marker()
@@ -627,6 +724,7 @@ class CardEngine(Engine):
             self.last_load_duration = time.monotonic() - (self._load_started or time.monotonic())
             self._load_stall_at = self._load_cap_at = None
             self._backoff = self.settings.backoff_min_s
+            self.claimed_npu_memory_mb = claimed_cmm_mb(self._cmm_figures)
             self._set_state(S.READY, "runner is at its prompt", load_seconds=round(self.last_load_duration, 3))
             self.metrics.load_finished(self.last_load_duration)
             await self._advance()
@@ -634,6 +732,7 @@ class CardEngine(Engine):
             self._reset_at = None
             self._held = ()
             self._held_system = self._reset_system
+            self._held_raw = self._reset_raw
             self._set_state(S.READY, "context reset")
             await self._advance()
         elif state in (S.PROCESSING, S.OUTPUTTING):
@@ -696,10 +795,10 @@ class CardEngine(Engine):
         job = self._job = self._pending.popleft()
         # Unknown after a reset until the runner reports it: then at most the whole context.
         remaining = self._context[1] if self._context else self.spec.context_size
-        held = Held(self._held, self._held_system, remaining)
-        runner = Runner(self._dialect or DIALECTS["b"], self._supports_reset, self._our_tokenizer, self.spec.context_size)
+        held = Held(self._held, self._held_system, remaining, raw=self._held_raw)
+        runner = self._runner_facts()
         try:
-            turn = read_turn(job.request, self.spec.system_prompt, runner.our_tokenizer)
+            turn = read_turn(job.request, self.spec.system_prompt, runner)
             plan = self._plan_without_tokenizer(turn, held, runner)
         except BadRequest as exc:
             job.deliver(exc)
@@ -825,18 +924,19 @@ class CardEngine(Engine):
             self._write_prompt(job)
         elif plan.action is Action.RESET:
             job.phase = "resetting"
-            self._reset(plan.system, "fresh context for a new conversation", request=job.request.id)
+            self._reset(plan.system, "fresh context for a new conversation", raw=plan.raw, request=job.request.id)
         else:
             job.phase = "restarting"
             self._launch_system = plan.system
             self._launch_extra = {k: v for k, v in plan.tokenizer_settings.items() if k != "system_prompt"}
             self._restart_for_fresh_context("fresh context needs a restart (runner has no reset)")
 
-    def _reset(self, system: str | None, reason: str, **details: Any) -> None:
-        """Clear the runner's KV cache; the tokenizer server already holds `system` for its /reset."""
+    def _reset(self, system: str | None, reason: str, raw: bool = False, **details: Any) -> None:
+        """Clear the runner's KV cache; the tokenizer server already holds `system` (or raw mode) for its /reset."""
         dialect = self._dialect
         assert dialect is not None and dialect.reset_command is not None and self._runner is not None
         self._reset_system = system
+        self._reset_raw = raw
         self._reset_at = time.monotonic() + _RESET_TIMEOUT_S
         self._context = None  # known again from the runner's reset lines or its next turn
         self._set_state(S.RESETTING, reason, **details)
@@ -853,7 +953,9 @@ class CardEngine(Engine):
         self._start_task(self._prepare_reset_ahead, self._generation, known)
 
     async def _prepare_reset_ahead(self, generation: int, known: dict[str, Any]) -> None:
-        settings = {"system_prompt": self.spec.system_prompt} if self._our_tokenizer else {}
+        settings: dict[str, Any] = {"system_prompt": self.spec.system_prompt} if self._our_tokenizer else {}
+        if self._runner_facts().raw:
+            settings["raw"] = False
         applied = {k: v for k, v in settings.items() if k not in known or known[k] != v}
         error = None
         if applied:
@@ -928,7 +1030,8 @@ class CardEngine(Engine):
             # the tokenizer's is the whole conversation.
             result.prompt_tokens = result.prompt_tokens or stats.get("prompt_tokens", 0)
         assert job.plan is not None
-        self._held = job.plan.conversation + (ChatMessage("assistant", answer),)
+        # After a raw prompt the context holds no conversation a chat could continue.
+        self._held = None if job.plan.raw else job.plan.conversation + (ChatMessage("assistant", answer),)
         self._held_system = job.plan.system
         job.deliver(result)
         self._job = None

@@ -194,6 +194,30 @@ _ERROR_KINDS = [
 ]
 
 
+_REMAIN_CMM = re.compile(r"remain_cmm\(\s*(\d+)\s*MB\s*\)", re.ASCII)
+
+
+def remain_cmm_mb(message: str) -> int | None:
+    """The card memory (CMM) left, from a load step's message such as
+    `init 3 axmodel ok,remain_cmm(5000 MB)`; None when the message has no figure."""
+    match = _REMAIN_CMM.search(message)
+    return int(match.group(1)) if match else None
+
+
+def claimed_cmm_mb(figures: list[int]) -> int | None:
+    """The card memory a load claimed, from the remain_cmm figures it printed, in order.
+
+    The runner prints what remains after each layer and after the post model, nothing before
+    the first layer. Its layers are of one size, so what was free before the load is the first
+    figure plus one layer's share (the step from the first figure to the second). None with
+    fewer than two figures or no decrease: nothing to tell."""
+    if len(figures) < 2:
+        return None
+    first, second, last = figures[0], figures[1], figures[-1]
+    claimed = (first - last) + max(0, first - second)
+    return claimed if claimed > 0 else None
+
+
 def _float(text: str | None) -> float:
     try:
         return float(text) if text else 0.0

@@ -16,7 +16,7 @@ from typing import Any
 
 from tokenizer_service.prompt_escape import escape_prompt_line
 
-from ..base import BadRequest, ChatMessage, GenerationRequest
+from ..base import BadRequest, ChatMessage, GenerationRequest, Infill
 from .dialects import Dialect
 
 # Options the card fixes at launch (post_config.json); accepted per request but not applied.
@@ -37,6 +37,7 @@ class Turn:
     continuable: bool  # a chat may continue the held conversation; /api/generate never does
     thinking: bool | None
     warnings: tuple[str, ...]
+    raw: bool = False  # the line goes to the model as it is: an empty context, no chat template
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class Held:
     conversation: tuple[ChatMessage, ...] | None  # None: unknown (after an error or an interrupt)
     system: str | None
     remaining: int | None  # tokens left in the context, None: unknown
+    raw: bool = False  # the context was opened for raw prompts: empty, no system prompt
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,9 @@ class Runner:
     supports_reset: bool
     our_tokenizer: bool  # the project's tokenizer server: history, newlines, thinking, counts
     context_size: int
+    raw: bool = False  # our tokenizer server takes raw prompts (its "raw" control)
+    infill: Infill | None = None  # its fill-in-the-middle tokens, where it has them
+    model: str = "model"  # the model's name, for messages
 
 
 class Action(StrEnum):
@@ -75,10 +80,12 @@ class Plan:
     # What the tokenizer server must hold before the action (only keys our server knows).
     tokenizer_settings: dict[str, Any]
     warnings: tuple[str, ...]
+    raw: bool = False  # a raw turn: what the runner holds after it is no conversation to continue
 
 
-def read_turn(request: GenerationRequest, default_system: str | None, our_tokenizer: bool) -> Turn:
-    """The parts of a request a runner can take; warnings for what it cannot."""
+def read_turn(request: GenerationRequest, default_system: str | None, runner: Runner) -> Turn:
+    """The parts of a request a runner can take; warnings for what it cannot. A suffix the
+    model cannot fill in is a BadRequest (Ollama's "does not support insert")."""
     messages = [m for m in request.messages if m.role != "system"]
     if not messages or messages[-1].role != "user":
         raise BadRequest("the last message must come from the user")
@@ -87,17 +94,46 @@ def read_turn(request: GenerationRequest, default_system: str | None, our_tokeni
         for name in FIXED_AT_LAUNCH
         if getattr(request.options, name) is not None
     ]
+    num_ctx = request.options.num_ctx
+    if num_ctx is not None and num_ctx > runner.context_size:
+        warnings.append(
+            f"num_ctx {num_ctx}: the model's context on the card is {runner.context_size} tokens, fixed when "
+            f"the model was converted; the request runs with {runner.context_size}"
+        )
     line = messages[-1].content
-    if "\n" in line and not our_tokenizer:
+    raw = request.raw
+    if request.suffix:
+        if runner.infill is None or not runner.raw:
+            raise BadRequest(f"{runner.model} does not support insert: {_no_insert_reason(runner)}")
+        line, raw = runner.infill.prompt(line, request.suffix), True
+    elif raw and not runner.raw:
+        warnings.append(f"raw: {_templated_anyway(runner)}; the chat template was applied to the prompt")
+        raw = False
+    if "\n" in line and not runner.our_tokenizer:
         warnings.append("newlines replaced with spaces: the stock tokenizer script cannot restore them")
     return Turn(
         line=line,
-        history=tuple(messages[:-1]),
-        system=request.system if request.system is not None else default_system,
-        continuable=request.kind == "chat",
+        history=() if raw else tuple(messages[:-1]),
+        system=None if raw else (request.system if request.system is not None else default_system),
+        continuable=request.kind == "chat" and not raw,
         thinking=request.think,
         warnings=tuple(warnings),
+        raw=raw,
     )
+
+
+def _templated_anyway(runner: Runner) -> str:
+    if runner.dialect.builtin_tokenizer:
+        return "the runner's built-in tokenizer applies the chat template to every prompt"
+    if not runner.our_tokenizer:
+        return "the stock tokenizer script applies the chat template to every prompt"
+    return "this tokenizer server cannot encode a prompt without its chat template"
+
+
+def _no_insert_reason(runner: Runner) -> str:
+    if runner.raw:
+        return "its tokenizer has no fill-in-the-middle tokens"
+    return _templated_anyway(runner) + ", so a fill-in-the-middle prompt cannot reach the model"
 
 
 def conversation_key(messages: tuple[ChatMessage, ...]) -> list[tuple[str, str]]:
@@ -165,15 +201,13 @@ def plan_turn(
     if not continuing:
         needed = _given(conversation_tokens, "conversation_tokens")
         if not fits(needed, runner.context_size):
-            raise BadRequest(
-                f"the conversation needs about {needed} tokens, more than the context of "
-                f"the model ({runner.context_size} tokens)"
-            )
+            raise BadRequest(too_long_message(needed, runner.context_size, bool(turn.history)))
         if history and not ours:
             warnings.append("history flattened into the prompt: the tokenizer cannot take it")
             line = "\n".join(f"{m.role}: {m.content}" for m in history) + f"\nuser: {line}"
             history = ()
-    already_fresh = held.conversation == () and held.system == turn.system
+    # A raw turn needs a context opened empty; any other needs one opened with its system prompt.
+    already_fresh = held.conversation == () and held.raw == turn.raw and (turn.raw or held.system == turn.system)
     if continuing or already_fresh:
         action = Action.PROMPT
     elif runner.supports_reset:
@@ -181,6 +215,17 @@ def plan_turn(
     else:
         action = Action.RESTART
     return _plan(action, turn, history, line, not continuing, runner, warnings)
+
+
+def too_long_message(needed: int, context_size: int, has_history: bool) -> str:
+    """The 400 for a prompt that cannot fit: the count, the context, and what to do."""
+    what = "the conversation" if has_history else "the prompt"
+    advice = "send fewer or shorter earlier messages, or a shorter prompt" if has_history else "shorten the prompt"
+    return (
+        f"{what} needs about {needed} tokens, more than the model's context of {context_size} tokens "
+        f"(less {CONTEXT_MARGIN} kept for the template and the answer's start): {advice}, or use a model "
+        "converted with a longer context (num_ctx cannot enlarge it: the card's context is fixed)"
+    )
 
 
 def _given(value: int | None, name: str) -> int:
@@ -197,6 +242,8 @@ def _plan(
     if runner.our_tokenizer:
         settings["history"] = [{"role": m.role, "content": m.content} for m in history] if fresh else []
         settings["thinking"] = turn.thinking
+        if runner.raw:
+            settings["raw"] = turn.raw
         if action is not Action.PROMPT:
             settings["system_prompt"] = turn.system  # installed by the runner's /reset
     return Plan(
@@ -207,6 +254,7 @@ def _plan(
         system=turn.system,
         tokenizer_settings=settings,
         warnings=tuple(warnings),
+        raw=turn.raw,
     )
 
 
