@@ -121,6 +121,10 @@ def check(outcome: Outcome, words: int, garbage_phase: str = "garbage") -> str |
     if foreign:
         return f"carries another request's marker {sorted(foreign)}: {outcome.text[:200]!r}"
     traces = [t for t in LOG_TRACES if t in outcome.text]
+    if garbage_phase in outcome.phases and "\x1b" in outcome.text:
+        # The garbage fault writes random bytes as the model's text; an ESC among them is text
+        # (escape sequences in an answer stay in it), not a log line that leaked.
+        traces.remove("\x1b")
     if traces:
         return f"runner log traces {traces} in the answer: {outcome.text[:300]!r}"
     if outcome.result == "complete" and garbage_phase not in outcome.phases:
