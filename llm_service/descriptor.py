@@ -116,6 +116,8 @@ class ModelSpec(BaseModel):
     # A GPU-served model's share of its device's memory (managed upstreams), and which device.
     gpu_memory_mb: int | None = Field(default=None, ge=0)
     gpu_device: str = "0"
+    # It only computes embeddings (all-MiniLM, nomic-embed, …): generate and chat are refused.
+    embedding_model: bool = False
     keep_alive: float | None = DEFAULT_KEEP_ALIVE_S  # seconds; None = forever; 0 = unload after use
     system_prompt: str | None = None
     context_size: int = Field(default=2048, ge=1)

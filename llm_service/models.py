@@ -26,6 +26,7 @@ from .engines.upstream_process import ManagedProcesses
 from .engines.base import (
     BadRequest,
     Chunk,
+    EmbedOptions,
     Embeddings,
     Engine,
     EngineContext,
@@ -338,6 +339,10 @@ class ModelManager:
         after the first chunk the consumer enforces it (`complete()` does, and the streaming
         response does), so that no timer is armed per chunk."""
         entry = self.entry(name)
+        if entry.spec.embedding_model:
+            raise BadRequest(
+                f'"{entry.spec.name}" is an embedding model: it computes vectors (/api/embed, /v1/embeddings), not text'
+            )
         keep_alive_s = self._keep_alive_for(entry, keep_alive)
         self._check_input([m.content for m in request.messages] + ([request.suffix] if request.suffix else []))
         self._check_input(list(request.options.stop), prompt=False)
@@ -424,10 +429,13 @@ class ModelManager:
             raise self._timed_out() from None
         raise EngineError("the answer ended without its final record")
 
-    async def embed(self, name: str, inputs: list[str], request_id: str) -> Embeddings:
+    async def embed(
+        self, name: str, inputs: list[str], request_id: str, options: EmbedOptions = EmbedOptions(), keep_alive: Any = None,
+    ) -> Embeddings:
         """Vectors for `inputs`, admitted, loaded, limited and counted like a generation."""
         entry = self.entry(name)
         self._check_input(inputs)
+        keep_alive_s = self._keep_alive_for(entry, keep_alive)
         arrived = time.monotonic()
         deadline = arrived + self.settings.request_deadline_s
         metrics = entry.metrics
@@ -442,16 +450,20 @@ class ModelManager:
                     metrics.request_started()
                     try:
                         await self._make_room(entry)
-                        await entry.engine.wait_ready(deadline)
-                        embeddings = await entry.engine.embed(inputs)
+                        load_duration = await entry.engine.wait_ready(deadline)
+                        embeddings = await entry.engine.embed(inputs, options)
                         reason, tokens = "stop", embeddings.prompt_tokens
+                        embeddings.load_duration = load_duration
+                        embeddings.total_duration = time.monotonic() - arrived
                         return embeddings
                     except EngineError:
                         reason = "error"
                         raise
                     finally:
                         metrics.request_finished(reason, tokens, 0, time.monotonic() - arrived)
-                        self._touch(entry, self._keep_alive_for(entry, None))
+                        self._touch(entry, keep_alive_s)
+                        if keep_alive_s == 0 and self._tg is not None:
+                            self._tg.start_soon(self._unload_when_idle, entry)
         except TimeoutError:
             raise self._timed_out() from None
         finally:

@@ -179,3 +179,30 @@ async def test_embeddings_are_admitted_limited_and_counted_like_generations(tmp_
         metrics = (await app.http.get("/metrics")).text
         assert 'axm1_llm_requests_finished_total{finished_reason="stop",model="e"} 1.0' in metrics
         assert 'axm1_llm_prompt_tokens_total{model="e"} 3.0' in metrics
+
+
+async def test_ollamas_embed_routes_and_embedding_models(tmp_path):
+    entries = [inprocess_model("e", embedding_dim=4, embedding_model="true", keep_alive="-1"), inprocess_model("plain")]
+    async with running_app(tmp_path, entries) as app:
+        both = (await app.http.post("/api/embed", json={"model": "e", "input": ["one two", "three"]})).json()
+        direct = (await app.http.post("/v1/embeddings", json={"model": "e", "input": ["one two", "three"]})).json()
+        assert both["embeddings"] == [row["embedding"] for row in direct["data"]] and both["model"] == "e"
+        assert both["prompt_eval_count"] == 3 and both["total_duration"] > 0 and "load_duration" in both
+        one = (await app.http.post("/api/embed", json={"model": "e:latest", "input": "three"})).json()
+        assert one["embeddings"] == [both["embeddings"][1]]
+        legacy = (await app.http.post("/api/embeddings", json={"model": "e", "prompt": "three"})).json()
+        assert legacy == {"embedding": both["embeddings"][1]}
+        short = (await app.http.post("/api/embed", json={"model": "e", "input": "three", "dimensions": 2})).json()
+        assert short["embeddings"] == [both["embeddings"][1][:2]]
+        noted = (await app.http.post("/api/embed", json={"model": "e", "input": "x", "options": {"num_ctx": 512}})).json()
+        assert noted["warnings"] == ["options num_ctx: not applied to embeddings"]
+        # An embedding model makes no text; a chat model makes no vectors: both clear 400s.
+        chat = await app.http.post("/api/chat", json={"model": "e", "messages": [{"role": "user", "content": "hi"}]})
+        assert chat.status_code == 400 and "is an embedding model" in chat.json()["error"]
+        v1 = await app.http.post("/v1/chat/completions", json={"model": "e", "messages": [{"role": "user", "content": "hi"}]})
+        assert v1.status_code == 400 and "is an embedding model" in v1.json()["error"]["message"]
+        refused = await app.http.post("/api/embed", json={"model": "plain", "input": "x"})
+        assert refused.status_code == 400 and "does not serve embeddings" in refused.json()["error"]
+        show = (await app.http.post("/api/show", json={"model": "e"})).json()
+        assert show["capabilities"] == ["embedding"]
+        assert (await app.http.post("/api/show", json={"model": "plain"})).json()["capabilities"] == ["completion"]

@@ -40,8 +40,9 @@ def test_template_is_the_tokenizers_with_a_suffix_branch_where_it_can_fill_in():
 def test_capabilities_in_ollamas_order():
     assert capabilities(thinking=False, insert=False) == ["completion"]
     assert capabilities(thinking=True, insert=True) == ["completion", "insert", "thinking"]
-    assert capabilities(thinking=False, insert=False, tools=True, embedding=True) == [
-        "completion", "tools", "embedding"]
+    assert capabilities(thinking=False, insert=False, tools=True) == ["completion", "tools"]
+    # An embedding model only embeds, as Ollama lists nomic-embed-text.
+    assert capabilities(thinking=False, insert=False, embedding=True) == ["embedding"]
 
 
 def test_model_info_names_what_is_known():

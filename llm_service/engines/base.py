@@ -116,9 +116,20 @@ class GenerationResult:
 
 
 @dataclass(frozen=True, slots=True)
+class EmbedOptions:
+    """What a client may ask of an embedding besides its inputs."""
+
+    dimensions: int | None = None  # keep the first N dimensions (re-normalised); None: all
+    truncate: bool = True  # False: an input longer than the model takes is an error, not cut
+
+
+@dataclass(slots=True)
 class Embeddings:
     vectors: list[list[float]]  # in the order of the inputs
     prompt_tokens: int
+    warnings: list[str] = field(default_factory=list)
+    load_duration: float = 0.0  # set by the manager
+    total_duration: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,7 +303,7 @@ class Engine(abc.ABC):
         The caller holds an admission slot; the engine does not queue.
         """
 
-    async def embed(self, inputs: list[str]) -> Embeddings:
+    async def embed(self, inputs: list[str], options: EmbedOptions = EmbedOptions()) -> Embeddings:
         """Vectors for `inputs`. The caller holds an admission slot and has waited for ready."""
         raise BadRequest(f'model "{self.spec.name}" does not serve embeddings')
 

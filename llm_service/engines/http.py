@@ -38,6 +38,7 @@ from ..thinking import ThinkSplitter
 from .base import (
     BadRequest,
     Chunk,
+    EmbedOptions,
     Embeddings,
     Engine,
     EngineCapabilities,
@@ -362,11 +363,15 @@ class HttpEngine(Engine, Holder):
         finally:
             self._in_flight -= 1
 
-    async def embed(self, inputs: list[str]) -> Embeddings:
+    async def embed(self, inputs: list[str], options: EmbedOptions = EmbedOptions()) -> Embeddings:
         if not self.capabilities.embeddings:
             raise BadRequest(f'model "{self.spec.name}" does not serve embeddings (its upstream has no /v1/embeddings)')
         session = self._require_session()
-        body = {"model": self.upstream_model, "input": inputs}
+        body: dict[str, Any] = {"model": self.upstream_model, "input": inputs}
+        if options.dimensions is not None:
+            body["dimensions"] = options.dimensions  # OpenAI's field; vLLM and our worker take it
+        if not options.truncate:
+            body["truncate"] = False  # our worker refuses a long input then; others say what they do
         for attempt in range(self.config.retries + 1):
             try:
                 async with session.post(self._urls["embeddings"], json=body) as response:
@@ -391,9 +396,14 @@ class HttpEngine(Engine, Holder):
             rows = sorted(answer["data"], key=lambda row: row["index"])
             vectors = [[float(x) for x in row["embedding"]] for row in rows]
             prompt_tokens = int((answer.get("usage") or {}).get("prompt_tokens") or 0)
+            warnings = [str(w) for w in answer.get("warnings") or []]
         except (ValueError, KeyError, TypeError) as exc:
             raise EngineError(f"upstream {self.base_url} sent a malformed embeddings answer: {exc!r}", status_code=502) from None
-        return Embeddings(vectors, prompt_tokens)
+        if len(vectors) != len(inputs):
+            raise EngineError(f"upstream {self.base_url} sent {len(vectors)} embeddings for {len(inputs)} inputs", status_code=502)
+        if options.dimensions is not None and any(len(v) != options.dimensions for v in vectors):
+            raise EngineError(f"upstream {self.base_url} did not apply dimensions={options.dimensions}", status_code=502)
+        return Embeddings(vectors, prompt_tokens, warnings)
 
     async def prompt_format(self) -> PromptFormat:
         return PromptFormat(raw=True)  # through /v1/completions; the template is the upstream's own

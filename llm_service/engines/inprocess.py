@@ -24,6 +24,7 @@ from ..stop_sequences import StopScanner
 from ..thinking import ThinkSplitter
 from .base import (
     Chunk,
+    EmbedOptions,
     Embeddings,
     Engine,
     EngineBug,
@@ -162,10 +163,12 @@ class InProcessEngine(Engine):
         finally:
             del self._in_flight[request.id]
 
-    async def embed(self, inputs: list[str]) -> Embeddings:
+    async def embed(self, inputs: list[str], options: EmbedOptions = EmbedOptions()) -> Embeddings:
         if not self.capabilities.embeddings:
-            return await super().embed(inputs)
+            return await super().embed(inputs, options)
         vectors = [embedding(text, self.config.embedding_dim) for text in inputs]
+        if options.dimensions is not None:
+            vectors = [vector[: options.dimensions] for vector in vectors]
         return Embeddings(vectors, sum(len(text.split()) for text in inputs))
 
     def status(self) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from ... import __version__
-from ...engines.base import BadRequest, ChatMessage, Chunk, EngineError, GenerationRequest, ModelNotFound
+from ...engines.base import BadRequest, ChatMessage, Chunk, EmbedOptions, EngineError, GenerationRequest, ModelNotFound
 from ...models import ModelEntry, requested_keep_alive
 from ...names import ollama_name
 from ...timestamps import now_rfc3339, rfc3339_in
@@ -191,7 +191,47 @@ async def show(request: Request, body: ModelBody) -> dict[str, Any]:
         form=await entry.engine.prompt_format(),
         facts=entry.engine.model_facts(),
         system=spec.system_prompt,
+        embedding=spec.embedding_model,
     ))
+
+
+def _options_warnings(options: wire.Options | None) -> list[str]:
+    given = sorted(k for k, v in (options.model_dump(exclude_none=True) if options else {}).items())
+    return [f"options {', '.join(given)}: not applied to embeddings"] if given else []
+
+
+@router.post("/api/embed")
+async def embed(request: Request, body: wire.EmbedBody) -> Response:
+    """Vectors for one input or a list (Open WebUI, Continue, LangChain's OllamaEmbeddings)."""
+    manager = request.app.state.manager
+    inputs = [body.input] if isinstance(body.input, str) else list(body.input)
+    if not inputs:  # Ollama loads the model for an empty input
+        seconds = await manager.load(body.model, body.keep_alive)
+        return JSONResponse({"model": body.model, "embeddings": [], "load_duration": wire.ns(seconds)})
+    options = EmbedOptions(dimensions=body.dimensions, truncate=body.truncate)
+    completed, result = await until_disconnect(
+        request, lambda: manager.embed(body.model, inputs, new_request_id(), options, body.keep_alive))
+    if not completed:
+        return Response(status_code=CLIENT_GONE)
+    result.warnings.extend(_options_warnings(body.options))
+    return JSONResponse(wire.embed_answer(body.model, result))
+
+
+@router.post("/api/embeddings")
+async def embeddings_legacy(request: Request, body: wire.LegacyEmbeddingsBody) -> Response:
+    """The older form: `prompt` in, `embedding` out."""
+    manager = request.app.state.manager
+    if not body.prompt:
+        await manager.load(body.model, body.keep_alive)
+        return JSONResponse({"embedding": []})
+    completed, result = await until_disconnect(
+        request, lambda: manager.embed(body.model, [body.prompt], new_request_id(), EmbedOptions(), body.keep_alive))
+    if not completed:
+        return Response(status_code=CLIENT_GONE)
+    answer: dict[str, Any] = {"embedding": result.vectors[0]}
+    if warnings := result.warnings + _options_warnings(body.options):
+        answer["warnings"] = warnings
+    return JSONResponse(answer)
 
 
 @router.post("/api/pull")

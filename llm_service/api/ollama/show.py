@@ -57,8 +57,10 @@ def template_text(form: PromptFormat) -> str:
 
 
 def capabilities(*, thinking: bool, insert: bool, tools: bool = False, embedding: bool = False) -> list[str]:
-    """Ollama's capability names, in its order. `tools` and `embedding` are the hooks of the
-    tool-calling and embedding work (issue 13, sections 1 and 3): nothing sets them yet."""
+    """Ollama's capability names, in its order. `tools` is the hook of the tool-calling work
+    (issue 13, section 1). An embedding model only embeds: no `completion`."""
+    if embedding:
+        return ["embedding"]
     found = ["completion"]
     if tools:
         found.append("tools")
@@ -66,8 +68,6 @@ def capabilities(*, thinking: bool, insert: bool, tools: bool = False, embedding
         found.append("insert")
     if thinking:
         found.append("thinking")
-    if embedding:
-        found.append("embedding")
     return found
 
 
@@ -97,6 +97,7 @@ class ShowInput:
     form: PromptFormat = PromptFormat()
     facts: dict[str, Any] = field(default_factory=dict)
     system: str | None = None
+    embedding: bool = False  # an embedding model
 
 
 def show_answer(given: ShowInput) -> dict[str, Any]:
@@ -119,6 +120,7 @@ def show_answer(given: ShowInput) -> dict[str, Any]:
         "capabilities": capabilities(
             thinking=given.include_thinking or form.thinking_switch,
             insert=form.infill is not None,
+            embedding=given.embedding,
         ),
         "modified_at": given.modified_at,
     }

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ...engines.base import Chunk, GenerationResult, SamplingOptions
+from ...engines.base import Chunk, Embeddings, GenerationResult, SamplingOptions
 from ...timestamps import now_rfc3339
 
 # The Ollama API version whose wire format this daemon speaks (clients gate features on it).
@@ -82,6 +82,41 @@ class ModelBody(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None
     name: str | None = None  # older clients send `name`
+
+
+class EmbedBody(BaseModel):
+    """`/api/embed`: one input or a list, Ollama's `truncate` (default true) and `dimensions`."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1)
+    input: str | list[str] = Field(default_factory=list)
+    truncate: bool = True
+    dimensions: int | None = Field(None, ge=1, le=65536)
+    keep_alive: str | float | int | None = None
+    options: Options | None = None
+
+
+class LegacyEmbeddingsBody(BaseModel):
+    """`/api/embeddings`, the older form: one `prompt`, one `embedding`."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1)
+    prompt: str = ""
+    keep_alive: str | float | int | None = None
+    options: Options | None = None
+
+
+def embed_answer(model: str, embeddings: Embeddings) -> dict[str, Any]:
+    answer: dict[str, Any] = {
+        "model": model,
+        "embeddings": embeddings.vectors,
+        "total_duration": ns(embeddings.total_duration),
+        "load_duration": ns(embeddings.load_duration),
+        "prompt_eval_count": embeddings.prompt_tokens,
+    }
+    if embeddings.warnings:
+        answer["warnings"] = embeddings.warnings
+    return answer
 
 
 class PullBody(ModelBody):

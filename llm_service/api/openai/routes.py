@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from ...engines.base import ChatMessage, Chunk, EngineError, GenerationRequest
+from ...engines.base import ChatMessage, Chunk, EmbedOptions, EngineError, GenerationRequest
 from ...models import Completion, ModelEntry
 from ..errors import openai_error_body
 from ..streaming import PrefetchedStream, StreamingAnswer, new_request_id, open_stream, until_disconnect
@@ -152,7 +152,8 @@ async def embeddings(request: Request, body: wire.EmbeddingBody) -> Response:
     manager = request.app.state.manager
     inputs = [body.input] if isinstance(body.input, str) else body.input
     request_id = new_request_id()
-    completed, result = await until_disconnect(request, lambda: manager.embed(body.model, inputs, request_id))
+    options = EmbedOptions(dimensions=body.dimensions)
+    completed, result = await until_disconnect(request, lambda: manager.embed(body.model, inputs, request_id, options))
     if not completed:
         return Response(status_code=CLIENT_GONE)
-    return JSONResponse(wire.embedding_list(body.model, result.vectors, result.prompt_tokens, body.encoding_format))
+    return JSONResponse(wire.embedding_list(body.model, result.vectors, result.prompt_tokens, body.encoding_format, result.warnings))

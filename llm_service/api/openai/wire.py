@@ -66,6 +66,7 @@ class EmbeddingBody(_Lenient):
     model: str = Field(min_length=1)
     input: str | list[str]
     encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, le=65536)
 
 
 def _text_of(message: OpenAIMessage) -> str:
@@ -230,7 +231,8 @@ class CompletionShapes:
         return body
 
 
-def embedding_list(model: str, vectors: list[list[float]], prompt_tokens: int, encoding: str) -> dict[str, Any]:
+def embedding_list(model: str, vectors: list[list[float]], prompt_tokens: int, encoding: str,
+                   warnings: list[str] = ()) -> dict[str, Any]:
     def encoded(vector: list[float]) -> list[float] | str:
         if encoding == "base64":  # little-endian float32, as OpenAI sends it
             return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
@@ -241,6 +243,7 @@ def embedding_list(model: str, vectors: list[list[float]], prompt_tokens: int, e
         "data": [{"object": "embedding", "index": i, "embedding": encoded(v)} for i, v in enumerate(vectors)],
         "model": model,
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+        **({"warnings": list(warnings)} if warnings else {}),
     }
 
 
