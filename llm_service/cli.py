@@ -1,4 +1,4 @@
-"""The `axm1-llm` command: `serve`, `tokenizer-service` and `status`.
+"""The `axm1-llm` command: `serve`, `tokenizer-service`, `status` and `worker`.
 
 Every settings field is a flag (`queue_size` is `--queue-size`). A flag overrides the environment,
 which overrides the config file, which overrides the default; only flags actually given are
@@ -307,6 +307,12 @@ def cmd_status(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     return 0
 
 
+def cmd_worker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import workers  # here, not at the top: the workers import torch, which `serve` never does
+
+    return workers.main(args.kind, args.worker_args)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="axm1-llm",
@@ -342,6 +348,17 @@ def make_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=10.0, help="seconds to wait (default: %(default)s)"
     )
     status.set_defaults(handler=cmd_status, command_parser=status)
+
+    worker = commands.add_parser(
+        "worker",
+        help="run one model behind an OpenAI-compatible server of its own (needs torch)",
+        description="Run a worker: `transformers` (a causal LM with LoRA adapters, "
+        "/v1/chat/completions) or `embeddings` (/v1/embeddings). "
+        "`axm1-llm worker KIND --help` lists a kind's flags.",
+    )
+    worker.add_argument("kind", choices=("transformers", "embeddings"), help="the kind of worker")
+    worker.add_argument("worker_args", nargs=argparse.REMAINDER, help="the worker's own flags")
+    worker.set_defaults(handler=cmd_worker, command_parser=worker)
     return parser
 
 

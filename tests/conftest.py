@@ -66,6 +66,7 @@ SHARED_FIXTURE_MODULES = {
     "tests/test_http_engine.py",  # `transformers serve`
     "tests/test_managed_upstreams.py",  # the daemon and its managed fake upstreams
     "tests/test_managed_workers.py",  # the daemon and the workers it launches
+    "tests/test_workers.py",  # the SmolLM2 and MiniLM workers
     "tests/test_openai_api.py",  # `transformers serve`, the fake upstream and their daemon
     "tests/test_security.py",  # the secured app
     "tests/test_tokenizer_server.py",  # the tokenizer servers
@@ -77,6 +78,7 @@ START_FIRST = (
     "tests/test_http_engine.py",
     "tests/test_openai_api.py",
     "tests/test_managed_workers.py",
+    "tests/test_workers.py",
     "tests/test_api_fuzz.py",
     "tests/test_emulator_smollm2.py",
     "tests/test_tokenizer_server.py",
