@@ -31,6 +31,25 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return smollm2_checkpoint(tmp_path_factory)
 
 
+@pytest.fixture(scope="session")
+def lora_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seeded random LoRA adapter for SmolLM2, made in a subprocess: the random base model it
+    builds (~0.5 GB) stays out of the test process."""
+    import subprocess
+    import sys
+
+    from harness.paths import REPO_ROOT
+    from upstream_support import OFFLINE
+
+    out = tmp_path_factory.mktemp("lora") / "tuned"
+    made = subprocess.run(
+        [sys.executable, "-m", "workers.lora", "--model", "smollm2", "--out", str(out), "--seed", "0"],
+        cwd=REPO_ROOT, env={**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    assert made.returncode == 0, made.stderr[-3000:]
+    return out
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--soak", action="store_true", help="run the long reliability soak tests")
 

@@ -87,19 +87,6 @@ def smollm2(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def lora_dir(tmp_path_factory) -> Path:
-    """A seeded random adapter for SmolLM2, made in a subprocess: the random base model it builds
-    (~0.5 GB) stays out of the test process."""
-    out = tmp_path_factory.mktemp("lora") / "tuned"
-    made = subprocess.run(
-        [sys.executable, "-m", "workers.lora", "--model", "smollm2", "--out", str(out), "--seed", "0"],
-        cwd=REPO_ROOT, env={**os.environ, **WORKER_ENV}, capture_output=True, text=True, timeout=300,
-    )
-    assert made.returncode == 0, made.stderr[-3000:]
-    return out
-
-
-@pytest.fixture(scope="module")
 def smollm2_lora(lora_dir, checkpoint, tmp_path_factory):
     """SmolLM2 from the suite's converted checkpoint (the same weights as the GGUF, loaded in
     seconds rather than the GGUF path's half minute), with the adapter."""

@@ -253,6 +253,7 @@ class HttpEngine(Engine, Holder):
         self._progress: float | None = None
         self._restarts = 0
         self._last_loading_detail: str | None = None
+        self._embeddings_refused = "no answer yet"  # why the upstream does not embed, once asked
         self._set_base_url(self.config.base_url or "http://127.0.0.1:0")
 
     def _set_base_url(self, url: str) -> None:
@@ -365,7 +366,10 @@ class HttpEngine(Engine, Holder):
 
     async def embed(self, inputs: list[str], options: EmbedOptions = EmbedOptions()) -> Embeddings:
         if not self.capabilities.embeddings:
-            raise BadRequest(f'model "{self.spec.name}" does not serve embeddings (its upstream has no /v1/embeddings)')
+            raise BadRequest(
+                f'model "{self.spec.name}" does not serve embeddings: its upstream answered a test of '
+                f'/v1/embeddings for model "{self.upstream_model}" with {self._embeddings_refused}'
+            )
         session = self._require_session()
         body: dict[str, Any] = {"model": self.upstream_model, "input": inputs}
         if options.dimensions is not None:
@@ -678,8 +682,13 @@ class HttpEngine(Engine, Holder):
                 self._urls["embeddings"], json={"model": self.upstream_model, "input": ["ping"]},
                 timeout=aiohttp.ClientTimeout(total=_PROBE_TIMEOUT_S),
             ) as answer:
-                return answer.status == 200 and bool(json.loads(await _body_text(answer)).get("data"))
-        except (aiohttp.ClientError, TimeoutError, RuntimeError, ValueError, AttributeError):
+                text = await _body_text(answer)
+                if answer.status == 200 and json.loads(text).get("data"):
+                    return True
+                self._embeddings_refused = f"{answer.status}: {upstream_error_message(text, answer.reason or '')}"
+                return False
+        except (aiohttp.ClientError, TimeoutError, RuntimeError, ValueError, AttributeError) as exc:
+            self._embeddings_refused = repr(exc)
             return False
 
     def _fail(self, reason: str) -> None:
