@@ -107,6 +107,28 @@ def daemon_entry(upstream: Upstream) -> dict[str, str]:
             "upstream_model": paced_upstream.MODEL, "max_concurrency": "32", "run_on_startup": "true"}
 
 
+def managed_entry(port: int) -> dict[str, Any]:
+    """The same upstream, launched by the daemon (a managed upstream) on a port known to the bench,
+    so that it can be called directly too."""
+    return {"model_name": MODEL, "engine": "openai-http", "command": [sys.executable, paced_upstream.__file__, "--port", "{port}"],
+            "port": str(port), "upstream_model": paced_upstream.MODEL, "max_concurrency": "32", "run_on_startup": "true",
+            "keep_alive": "-1"}
+
+
+@contextmanager
+def upstream_and_daemon(root: Path, daemon_env: dict[str, str] | None, managed: bool) -> Iterator[tuple[Upstream, Any]]:
+    if not managed:
+        with running_upstream() as upstream, running_daemon(root, [daemon_entry(upstream)], extra_env=daemon_env,
+                                                             **BENCH_DAEMON) as daemon:
+            daemon.wait_state(MODEL, ("ready",), 60)
+            yield upstream, daemon
+        return
+    port = free_port()
+    with running_daemon(root, [managed_entry(port)], extra_env=daemon_env, **BENCH_DAEMON) as daemon:
+        status = daemon.wait_state(MODEL, ("ready",), 60)
+        yield Upstream(port, status["managed"]["pid"]), daemon
+
+
 # ---- one stream ---------------------------------------------------------------------------------
 
 @dataclass
@@ -231,12 +253,12 @@ def added_ttft(results: dict[str, Any], key: str, label: str) -> float:
     return results[label][key]["ttft_ms"]["p50"] - results["direct"][key]["ttft_ms"]["p50"]
 
 
-def http_path_bench(root: Path, daemon_env: dict[str, str] | None = None) -> dict[str, Any]:
+def http_path_bench(root: Path, daemon_env: dict[str, str] | None = None, managed: bool = False) -> dict[str, Any]:
+    """`managed`: the daemon launches the upstream itself (a `command` entry) instead of being
+    pointed at one the bench started; the path of a request is meant to be the same."""
     root.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"load_avg_at_start": loadavg()}
-    with running_upstream() as upstream, running_daemon(root, [daemon_entry(upstream)], extra_env=daemon_env,
-                                                         **BENCH_DAEMON) as daemon:
-        daemon.wait_state(MODEL, ("ready",), 60)
+    results: dict[str, Any] = {"load_avg_at_start": loadavg(), "managed": managed}
+    with upstream_and_daemon(root, daemon_env, managed) as (upstream, daemon):
         all_routes = routes(upstream.port, daemon.port)
         for route in all_routes:  # first requests pay for connections and lazy set-up
             run_stream(route, WARM_UP_CHUNKS, 3000)

@@ -27,6 +27,7 @@ from bench.harness import (
     read_probe, rss_mb, timed_request,
 )
 from bench.http_path import http_path_bench, http_path_table
+from bench.worker_path import worker_bench, worker_table
 from harness.daemon import running_daemon
 from harness.net import free_port
 from harness.paths import REPO_ROOT
@@ -444,19 +445,20 @@ def scripted_runner(root: Path, daemon_env: dict[str, str]) -> dict[str, Any]:
     return results
 
 
-PARTS = ("runner", "http", "real")
+PARTS = ("runner", "http", "managed", "worker", "real")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--skip-real", action="store_true", help="skip the SmolLM2 (transformers engine) part")
+    parser.add_argument("--skip-real", action="store_true", help="skip the SmolLM2 parts (the card's transformers engine and the worker)")
     parser.add_argument("--only", choices=PARTS,
-                        help="run one part: the scripted runner, the HTTP engine path or SmolLM2")
+                        help="run one part: the scripted runner, the HTTP engine path, the same with the "
+                        "upstream launched by the daemon, our transformers worker, or SmolLM2 on the card")
     parser.add_argument("--daemon-source", type=Path, metavar="DIR",
                         help="measure the daemon of another checkout (DIR goes first on the daemon's PYTHONPATH)")
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args(argv)
-    parts = [args.only] if args.only else [part for part in PARTS if not (part == "real" and args.skip_real)]
+    parts = [args.only] if args.only else [part for part in PARTS if not (part in ("real", "worker") and args.skip_real)]
     daemon_env = daemon_source_env(args.daemon_source)
     results: dict[str, Any] = {"machine": machine(), "daemon_llm_service": daemon_package_file(daemon_env)}
     print(f"daemon code: {results['daemon_llm_service']}", file=sys.stderr, flush=True)
@@ -469,6 +471,10 @@ def main(argv: list[str] | None = None) -> int:
             results.update(scripted_runner(root, daemon_env))
         if "http" in parts:
             results["http_path"] = http_path_bench(root / "http", daemon_env)
+        if "managed" in parts:
+            results["managed_http_path"] = http_path_bench(root / "managed", daemon_env, managed=True)
+        if "worker" in parts:
+            results["worker"] = worker_bench(root / "worker", daemon_env)
         if "real" in parts:
             print("real model (SmolLM2, transformers engine) ...", file=sys.stderr, flush=True)
             results["real_model"] = real_model(root / "real", daemon_env)
@@ -481,6 +487,10 @@ def main(argv: list[str] | None = None) -> int:
     tables = [table(results)] if "runner" in parts or "real" in parts else []
     if "http_path" in results:
         tables.append(http_path_table(results["http_path"]))
+    if "worker" in results:
+        tables.append(worker_table(results["worker"]))
+    if "managed_http_path" in results:
+        tables.append("managed upstream (launched by the daemon)\n" + http_path_table(results["managed_http_path"]))
     print("\n\n".join(tables))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")
