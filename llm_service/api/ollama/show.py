@@ -57,8 +57,9 @@ def template_text(form: PromptFormat) -> str:
 
 
 def capabilities(*, thinking: bool, insert: bool, tools: bool = False, embedding: bool = False) -> list[str]:
-    """Ollama's capability names, in its order. `tools` and `embedding` are the hooks of the
-    tool-calling and embedding work (issue 13, sections 1 and 3): nothing sets them yet."""
+    """Ollama's capability names, in its order. `tools`: the model's template renders tool
+    definitions itself (or its upstream takes them); `embedding` is the hook of the embedding
+    work (issue 13, section 3)."""
     found = ["completion"]
     if tools:
         found.append("tools")
@@ -119,6 +120,7 @@ def show_answer(given: ShowInput) -> dict[str, Any]:
         "capabilities": capabilities(
             thinking=given.include_thinking or form.thinking_switch,
             insert=form.infill is not None,
+            tools=form.tools,
         ),
         "modified_at": given.modified_at,
     }
