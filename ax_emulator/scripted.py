@@ -1,7 +1,27 @@
-"""The scripted text engine's replies: a pure function of the user's line (no ML)."""
+"""The scripted text engine's replies: a pure function of the user's line (no ML).
+
+An ordinary line is echoed: `You said: <line>.` and filler words. A line that asks for tool
+calls is answered with the calls, in the forms real models write them, so that tests know every
+answer exactly:
+
+- `call tool NAME {json}` → the Hermes/Qwen form, one block per request:
+  `<tool_call>\\n{"name": "NAME", "arguments": {json}}\\n</tool_call>` (blocks joined by "\\n");
+- `call bare tool NAME {json}` → a bare JSON object, as small models write it:
+  `{"name": "NAME", "arguments": {json}}` on a line of its own;
+- `call broken tool NAME` → a malformed call: `<tool_call>\\n{"name": "NAME", "arguments": {\\n</tool_call>`.
+
+`{json}` is a JSON object right after the name (absent: `{}`); it is found in the line as read,
+or with the line's escapes undone (our tokenizer server's newline escape doubles backslashes,
+and a request nested in a JSON string has its quotes escaped — a tool result asking for the
+next call, say). Requests are answered in the order they appear. `explain first` anywhere in
+the line puts `I will call NAME, NAME.` on a line before the calls. With `think`, the
+`<think>…</think>` block comes first, as for an echo.
+"""
 from __future__ import annotations
 
+import json
 import random
+import re
 
 FILLER_WORDS = (
     "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india",
@@ -9,16 +29,63 @@ FILLER_WORDS = (
     "sierra", "tango", "uniform", "victor", "whiskey", "xray", "yankee", "zulu",
 )
 
+_CALL_REQUEST = re.compile(r"call (bare |broken )?tool ([A-Za-z_][\w.\-]*)")
+_EXPLAIN = "explain first"
+
+
+def _arguments(line: str, at: int) -> dict:
+    """The JSON object written at `at` (after blanks), trying the line's escapes undone."""
+    rest = line[at:].lstrip(" ")
+    decoder = json.JSONDecoder()
+    for text in (rest, rest.replace("\\\\", "\\"), rest.replace("\\\\", "\\").replace('\\"', '"')):
+        if not text.startswith("{"):
+            continue
+        try:
+            value, _ = decoder.raw_decode(text)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return {}
+
+
+def requested_calls(line: str) -> list[tuple[str, str, dict]]:
+    """(form, name, arguments) of each call the line asks for; form: "tagged", "bare", "broken"."""
+    calls = []
+    for match in _CALL_REQUEST.finditer(line):
+        form = {"bare ": "bare", "broken ": "broken"}.get(match.group(1) or "", "tagged")
+        calls.append((form, match.group(2), {} if form == "broken" else _arguments(line, match.end())))
+    return calls
+
+
+def call_reply(calls: list[tuple[str, str, dict]], explain: bool) -> str:
+    parts = []
+    for form, name, arguments in calls:
+        body = json.dumps({"name": name, "arguments": arguments})
+        if form == "bare":
+            parts.append(body)
+        elif form == "broken":
+            parts.append(f'<tool_call>\n{{"name": {json.dumps(name)}, "arguments": {{\n</tool_call>')
+        else:
+            parts.append(f"<tool_call>\n{body}\n</tool_call>")
+    head = f"I will call {', '.join(name for _, name, _ in calls)}.\n" if explain else ""
+    return head + "\n".join(parts)
+
 
 def reply_text(user_line: str, words: int, think: bool) -> str:
     """`You said: <line>.` then `words` filler words chosen by the line, so every answer names
-    the request it belongs to and the same line always gets the same answer.
+    the request it belongs to and the same line always gets the same answer; or the tool calls
+    the line asks for (see the module's doc).
 
     With `think`, a `<think>…</think>` block comes first, as DeepSeek-R1 and Qwen3 write it.
     """
-    chooser = random.Random(user_line)
-    filler = " ".join(chooser.choice(FILLER_WORDS) for _ in range(words))
-    answer = f"You said: {user_line}." + (f" {filler}." if words > 0 else "")
+    calls = requested_calls(user_line)
+    if calls:
+        answer = call_reply(calls, _EXPLAIN in user_line)
+    else:
+        chooser = random.Random(user_line)
+        filler = " ".join(chooser.choice(FILLER_WORDS) for _ in range(words))
+        answer = f"You said: {user_line}." + (f" {filler}." if words > 0 else "")
     if think:
         return f"<think>\nThe user wrote {len(user_line)} characters; I echo them.\n</think>\n\n{answer}"
     return answer

@@ -36,6 +36,7 @@ from .engines.base import (
     ModelNotFound,
     ModelUnavailable,
     RequestTimedOut,
+    ToolCall,
 )
 from .metrics import MetricsHub, ModelMetrics
 from .states import SERVING_STATES
@@ -43,6 +44,8 @@ from .model_files import folder_size
 from .names import matches, resolve_name
 from .timestamps import rfc3339, rfc3339_in
 from .tokenizer_client import TokenizerClient
+from .tool_stream import answer_stream
+from .tools import client_texts
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,7 @@ class Completion:
     content: str
     thinking: str
     result: GenerationResult
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 def requested_keep_alive(value: Any) -> float | None:
@@ -344,7 +348,8 @@ class ModelManager:
                 f'"{entry.spec.name}" is an embedding model: it computes vectors (/api/embed, /v1/embeddings), not text'
             )
         keep_alive_s = self._keep_alive_for(entry, keep_alive)
-        self._check_input([m.content for m in request.messages] + ([request.suffix] if request.suffix else []))
+        self._check_input([m.content for m in request.messages] + ([request.suffix] if request.suffix else [])
+                          + client_texts(request))
         self._check_input(list(request.options.stop), prompt=False)
         metrics = entry.metrics
         deadline = self._deadline(request)
@@ -363,7 +368,7 @@ class ModelManager:
                     await self._make_room(entry)
                     load_seconds = await entry.engine.wait_ready(deadline)
                     first_at = last_at = None
-                    async with closing_stream(entry.engine.generate(request)) as stream:
+                    async with closing_stream(answer_stream(request, entry.engine.generate)) as stream:
                         async for item in stream:
                             now = time.monotonic()
                             if isinstance(item, GenerationResult):
@@ -415,6 +420,7 @@ class ModelManager:
         """The whole answer, within the request's deadline."""
         content: list[str] = []
         thinking: list[str] = []
+        calls: list[ToolCall] = []
         deadline = self._deadline(request)
         try:
             with anyio.fail_after(max(0.0, deadline - time.monotonic())):
@@ -423,8 +429,9 @@ class ModelManager:
                         if isinstance(item, Chunk):
                             content.append(item.content)
                             thinking.append(item.thinking)
+                            calls.extend(item.tool_calls)
                         else:
-                            return Completion("".join(content), "".join(thinking), item)
+                            return Completion("".join(content), "".join(thinking), item, tuple(calls))
         except TimeoutError:
             raise self._timed_out() from None
         raise EngineError("the answer ended without its final record")

@@ -14,6 +14,15 @@ Run: `python fake_upstreams.py --port N`; `POST /_config` with a JSON object cha
   embeddings:  true | false
   completions: true (default) | false — /v1/completions streams `prompt[<prompt>]` and, with a
                suffix, `suffix[<suffix>]`, as two `text` chunks (false: 404, as a chat-only server)
+  tools_reply: how a chat request that carries `tools` is answered (one whose last message is a
+               tool result gets the text `result[<its content>]` instead, ending a tool loop):
+               "deltas" (default) — one call of the first tool (or of the one `tool_choice`
+               names) as OpenAI streams it: a delta with its id and name, then the arguments in
+               two pieces, finish_reason "tool_calls"; "text" — the call written as text in the
+               content (`<tool_call>{...}</tool_call>`, as a server without a tool parser
+               answers); "none" — the usual words, no call
+  tool_arguments: the arguments of that call (default {})
+  text_before_call: content streamed before the call (default "")
 At start (in --config only): "load_s" seconds of loading — /health answers 503 and a line
 "loading weights i/4" goes to stderr at each quarter — or "listen": false, a server that prints
 a line and never listens (a stalled load).
@@ -39,6 +48,9 @@ DEFAULTS: dict[str, Any] = {
     "health": 200,
     "embeddings": False,
     "completions": True,
+    "tools_reply": "deltas",
+    "tool_arguments": {},
+    "text_before_call": "",
 }
 
 
@@ -186,6 +198,11 @@ class Handler(BaseHTTPRequestHandler):
             elif mode == "reasoning":
                 self._event(chunk({"reasoning_content": "pondering", "reasoning": "pondering"}))
                 self._event(chunk({"content": "the answer"}))
+            elif body.get("tools") and (body.get("messages") or [{}])[-1].get("role") == "tool":
+                self._event(chunk({"content": f"result[{body['messages'][-1].get('content')}]"}))
+            elif body.get("tools") and config["tools_reply"] != "none":
+                self._tool_call(body, config)
+                return
             else:
                 for i in range(config["words"]):
                     time.sleep(config["delay_s"])
@@ -204,6 +221,31 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             with STATE.lock:
                 STATE.in_flight -= 1
+
+    def _tool_call(self, body: dict[str, Any], config: dict[str, Any]) -> None:
+        """One call of the first tool (or the named one), as deltas or as text; then the end."""
+        choice = body.get("tool_choice")
+        name = choice["function"]["name"] if isinstance(choice, dict) else body["tools"][0]["function"]["name"]
+        arguments = json.dumps(config["tool_arguments"])
+        if config["text_before_call"]:
+            self._event(chunk({"content": config["text_before_call"]}))
+        if config["tools_reply"] == "text":
+            self._event(chunk({"content": '<tool_call>{"name": "%s", "arguments": ' % name}))
+            self._event(chunk({"content": arguments + "}</tool_call>"}))
+            finish = "stop"
+        else:
+            self._event(chunk({"tool_calls": [{"index": 0, "id": "call_fake_1", "type": "function",
+                                               "function": {"name": name, "arguments": ""}}]}))
+            half = len(arguments) // 2
+            for piece in (arguments[:half], arguments[half:]):
+                self._event(chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}))
+            finish = "tool_calls"
+        self._event(chunk({}, finish))
+        self._event(chunk({}, None, {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11}))
+        self._event("[DONE]")
+        self._write_chunk(b"")
+        with STATE.lock:
+            STATE.completed += 1
 
     def _completion(self, body: dict[str, Any]) -> None:
         """The legacy completions endpoint: the prompt as it came, no chat template."""

@@ -178,7 +178,8 @@ def test_show_of_a_stock_tokenizer_and_of_an_upstream_says_what_is_known(client)
     assert stock.template == "{{ .Prompt }}" and stock.capabilities == ["completion"]
     assert stock.parameters == "num_ctx                        2048"
     remote = client.show("fake-remote")
-    assert remote.template == "{{ .Prompt }}" and remote.capabilities == ["completion"]
+    # An upstream's template is its own; it takes tools (passed on, calls written as text recognised).
+    assert remote.template == "{{ .Prompt }}" and remote.capabilities == ["completion", "tools"]
 
 
 # ---- num_ctx and prompts that cannot fit -----------------------------------------------------

@@ -235,13 +235,15 @@ def test_capabilities_and_tokenize(client, tokenizer):
     assert client.get("/capabilities").json() == {
         "server": "axm1-tokenizer",
         "newline_escape": "backslash",
-        "controls": ["system_prompt", "thinking", "history", "raw"],
+        "controls": ["system_prompt", "thinking", "history", "raw", "tools", "turn"],
         # What the daemon shows in /api/show: the tokenizer's own template, the texts that end a
         # reply, and no fill-in-the-middle tokens (SmolLM2-Instruct's vocabulary has none).
         "chat_template": tokenizer.chat_template,
         "stop": ["<|im_end|>", "<|im_start|>"],
         "infill": None,
         "thinking_switch": False,
+        # SmolLM2's template renders neither definitions nor calls: the server writes them.
+        "tools": {"definitions": "system_prompt", "calls": "text"},
     }
     text = "plain text, no template\n"
     assert post(client, "/tokenize", {"text": text}) == {"token_ids": tokenizer.encode(text, add_special_tokens=False)}

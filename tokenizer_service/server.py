@@ -19,6 +19,13 @@ Rules this server follows:
 - `raw` from `/config` (until set false): `/reset` opens an empty context (no system prompt)
   and `/encode` encodes the text as it is, without the chat template and without the history;
   special tokens written in the text (a fill-in-the-middle prompt's) become their ids.
+- `tools` from `/config` (as `system_prompt`, for the conversation the next `/reset` opens):
+  every render of that conversation passes them to the template as `apply_chat_template(...,
+  tools=...)` does; a template that does not render them gets them in its system prompt in the
+  Hermes/Qwen form (tokenizer_service.tool_prompt). Calls of assistant messages and tool
+  messages go to the template as they are where it renders them, else as that form's text.
+- `turn` from `/config` (once): the messages the next `/encode` appends instead of a user
+  message made of its text — the tool results of a tool round.
 - Stateless `/decode` has no session to buffer in: it decodes exactly the ids it is given.
 - `/stats`: `prompt_tokens` is the length of the last rendered prompt (all ids), `reply_tokens`
   the number of ids sent to `/decode` since that `/encode`, `reply_text` the text `/decode`
@@ -43,13 +50,15 @@ from urllib.parse import parse_qs, urlsplit
 
 from tokenizer_service.conversation import IncrementalDecoder, infill_tokens, prefill_diff, stop_tokens, strip_think
 from tokenizer_service.prompt_escape import unescape_prompt_line
+from tokenizer_service.tool_prompt import as_text_messages, with_tools
 
 CAPABILITIES = {
     "server": "axm1-tokenizer",
     "newline_escape": "backslash",
-    "controls": ["system_prompt", "thinking", "history", "raw"],
+    "controls": ["system_prompt", "thinking", "history", "raw", "tools", "turn"],
 }
-HISTORY_ROLES = ("user", "assistant")
+HISTORY_ROLES = ("user", "assistant", "tool")
+TURN_ROLES = ("user", "tool")
 DEFAULT_SESSION_IDLE_SECONDS = 24 * 3600.0
 # The tokenizer service passes its session lifetime here, since stock script command lines are fixed.
 SESSION_IDLE_ENV = "AXM1_TOKENIZER_SESSION_IDLE_SECONDS"
@@ -110,6 +119,29 @@ class ChatTokenizer:
         eos = tokenizer.eos_token if isinstance(tokenizer.eos_token, str) else None
         self.stop = stop_tokens(eos, template)
         self.infill = infill_tokens(tokenizer.get_vocab())
+        self.tools_native, self.calls_native = self._tool_support()
+
+    def _tool_support(self) -> tuple[bool, bool]:
+        """Does the template render tool definitions, and assistant calls with tool results?
+        Found by rendering probes (a template may also fail on roles it does not know)."""
+        probe = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
+        tool = {"type": "function", "function": {"name": "axm1_probe_tool", "description": "probe",
+                                                  "parameters": {"type": "object", "properties": {}}}}
+        calls = probe + [
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"type": "function", "function": {"name": "axm1_probe_call", "arguments": {"axm1_argument": 1}}}]},
+            {"role": "tool", "content": "axm1_probe_result", "name": "axm1_probe_call"},
+        ]
+        try:
+            tools = "axm1_probe_tool" in self._tokenizer.apply_chat_template(probe, tools=[tool], tokenize=False)
+        except Exception:
+            tools = False
+        try:
+            text = self._tokenizer.apply_chat_template(calls, tokenize=False)
+            native_calls = "axm1_probe_call" in text and "axm1_probe_result" in text
+        except Exception:
+            native_calls = False
+        return tools, native_calls
 
     def facts(self) -> dict[str, Any]:
         """What `/capabilities` tells about the tokenizer: its chat template, the texts that end
@@ -119,6 +151,11 @@ class ChatTokenizer:
             "stop": list(self.stop),
             "infill": self.infill,
             "thinking_switch": self.has_thinking_switch,
+            # How tools reach the model: the template's own form, or ours (tool_prompt.py).
+            "tools": {
+                "definitions": "template" if self.tools_native else "system_prompt",
+                "calls": "template" if self.calls_native else "text",
+            },
         }
 
     @property
@@ -129,13 +166,34 @@ class ChatTokenizer:
     def eos_id(self) -> int:
         return -1 if self._tokenizer.eos_token_id is None else self._tokenizer.eos_token_id
 
-    def render(self, messages: list[dict[str, str]], generation_prompt: bool, thinking: bool | None) -> list[int]:
+    def template_form(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+        """The messages and tools as this template takes them: calls and tool results as text
+        where it does not render them, definitions in the system prompt where it does not."""
+        if not self.calls_native and any(m.get("role") == "tool" or m.get("tool_calls") for m in messages):
+            messages = as_text_messages(messages)
+        if tools and not self.tools_native:
+            if messages and messages[0].get("role") == "system":
+                messages = [{"role": "system", "content": with_tools(messages[0]["content"], tools)}, *messages[1:]]
+            else:
+                messages = [{"role": "system", "content": with_tools(None, tools)}, *messages]
+            tools = None
+        return messages, tools or None
+
+    def render(
+        self, messages: list[dict[str, Any]], generation_prompt: bool, thinking: bool | None,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[int]:
         """Ids of `messages` rendered with the chat template ([] for no messages)."""
+        messages, tools = self.template_form(messages, tools)
         if not messages:
             return []
-        extra = {}
+        extra: dict[str, Any] = {}
         if thinking is not None and self.has_thinking_switch:
             extra["enable_thinking"] = thinking
+        if tools:
+            extra["tools"] = tools
         with self._lock:
             text = self._tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=generation_prompt, **extra
@@ -157,8 +215,10 @@ class Controls:
 
     system_prompt: str | None = None
     thinking: bool | None = None
-    pending_history: list[dict[str, str]] = field(default_factory=list)
+    pending_history: list[dict[str, Any]] = field(default_factory=list)
     raw: bool = False  # empty contexts, prompts encoded as they are
+    tools: list[dict[str, Any]] | None = None  # for the conversation the next /reset opens
+    pending_turn: list[dict[str, Any]] = field(default_factory=list)  # the next /encode's messages
 
 
 @dataclass
@@ -167,7 +227,8 @@ class Session:
 
     decoder: IncrementalDecoder
     lock: threading.Lock = field(default_factory=threading.Lock)
-    messages: list[dict[str, str]] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None  # the definitions every render of it passes
     held_ids: list[int] = field(default_factory=list)
     prompt_tokens: int = 0
     reply_text: list[str] = field(default_factory=list)
@@ -214,11 +275,13 @@ class TokenizerServer:
             found.last_used = now
             return found
 
-    def _take_controls(self) -> tuple[bool | None, list[dict[str, str]], bool]:
-        """The thinking switch, the pending history (handed out once), and raw mode."""
+    def _take_controls(self) -> tuple[bool | None, list[dict[str, Any]], bool, list[dict[str, Any]]]:
+        """The thinking switch, the pending history, raw mode and the pending turn (the pending
+        ones handed out once)."""
         with self._controls_lock:
             history, self.controls.pending_history = self.controls.pending_history, []
-            return self.controls.thinking, history, self.controls.raw
+            turn, self.controls.pending_turn = self.controls.pending_turn, []
+            return self.controls.thinking, history, self.controls.raw, turn
 
     def _prompt_text(self, text: str) -> str:
         return text if self.stock else unescape_prompt_line(text)
@@ -229,11 +292,12 @@ class TokenizerServer:
         session = self.session(uid)
         with self._controls_lock:
             system_prompt = self.controls.system_prompt if self.controls.system_prompt is not None else system_prompt
-            thinking, raw = self.controls.thinking, self.controls.raw
+            thinking, raw, tools = self.controls.thinking, self.controls.raw, self.controls.tools
         messages = [] if system_prompt is None or raw else [{"role": "system", "content": system_prompt}]
-        held_ids = self.tokenizer.render(messages, generation_prompt=False, thinking=thinking)
+        tools = None if raw else tools
+        held_ids = self.tokenizer.render(messages, generation_prompt=False, thinking=thinking, tools=tools)
         with session.lock:
-            session.messages, session.held_ids = messages, held_ids
+            session.messages, session.held_ids, session.tools = messages, held_ids, tools
             session.decoder = IncrementalDecoder(self.tokenizer.decode)
             session.prompt_tokens = 0
             session.reply_text = []
@@ -241,20 +305,20 @@ class TokenizerServer:
 
     def encode_turn(self, uid: Any, text: str, last_reply: str | None) -> tuple[list[int], list[int]]:
         session = self.session(uid)
-        thinking, history, raw = self._take_controls()
+        thinking, history, raw, turn = self._take_controls()
         if raw:
             return self._encode_raw_turn(session, text, last_reply)
         with session.lock:
             # Built aside and stored at the end, so a failing template leaves the session as it was.
-            messages, held_ids = list(session.messages), session.held_ids
+            messages, held_ids, tools = list(session.messages), session.held_ids, session.tools
             if last_reply is not None:
                 messages.append({"role": "assistant", "content": strip_think(last_reply)})
-                held_ids = self.tokenizer.render(messages, generation_prompt=False, thinking=thinking)
+                held_ids = self.tokenizer.render(messages, generation_prompt=False, thinking=thinking, tools=tools)
             if history:
                 after_system = 1 if messages and messages[0]["role"] == "system" else 0
                 messages[after_system:after_system] = history
-            messages.append({"role": "user", "content": self._prompt_text(text)})
-            all_ids = self.tokenizer.render(messages, generation_prompt=True, thinking=thinking)
+            messages += turn or [{"role": "user", "content": self._prompt_text(text)}]
+            all_ids = self.tokenizer.render(messages, generation_prompt=True, thinking=thinking, tools=tools)
             diff = prefill_diff(all_ids, held_ids)
             session.messages, session.held_ids = messages, all_ids
             session.decoder = IncrementalDecoder(self.tokenizer.decode)
@@ -295,13 +359,15 @@ class TokenizerServer:
     # -- stateless protocol ----------------------------------------------------------------
 
     def encode_stateless(self, text: str) -> list[int]:
+        thinking, history, raw, turn = self._take_controls()
         with self._controls_lock:
-            system_prompt, thinking, raw = self.controls.system_prompt, self.controls.thinking, self.controls.raw
+            system_prompt, tools = self.controls.system_prompt, self.controls.tools
         if raw:
             return self.tokenizer.encode_plain(self._prompt_text(text))
         messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
-        messages.append({"role": "user", "content": self._prompt_text(text)})
-        return self.tokenizer.render(messages, generation_prompt=True, thinking=thinking)
+        messages += history
+        messages += turn or [{"role": "user", "content": self._prompt_text(text)}]
+        return self.tokenizer.render(messages, generation_prompt=True, thinking=thinking, tools=tools)
 
     # -- extensions ------------------------------------------------------------------------
 
@@ -316,6 +382,10 @@ class TokenizerServer:
             updates["pending_history"] = parse_history(body["history"])
         if "raw" in body:
             updates["raw"] = bool(optional_field(body, "raw", bool))
+        if "tools" in body:
+            updates["tools"] = parse_tools(body["tools"])
+        if "turn" in body:
+            updates["pending_turn"] = parse_history(body["turn"], TURN_ROLES, "turn")
         with self._controls_lock:
             for name, value in updates.items():
                 setattr(self.controls, name, value)
@@ -341,21 +411,52 @@ def token_ids_field(body: dict[str, Any]) -> list[int]:
     return ids
 
 
-def parse_history(value: Any) -> list[dict[str, str]]:
+def parse_history(value: Any, roles: tuple[str, ...] = HISTORY_ROLES, name: str = "history") -> list[dict[str, Any]]:
+    """Messages for the template: {role, content}, an assistant's `tool_calls` ([{type:
+    function, function: {name, arguments: object}}]) and a tool message's `name` and
+    `tool_call_id`; nothing else passes."""
     if value is None:
         return []
     if not isinstance(value, list):
-        raise ApiError(HTTPStatus.BAD_REQUEST, "history must be a list of {role, content}")
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"{name} must be a list of {{role, content}}")
     history = []
     for item in value:
-        if not (isinstance(item, dict) and item.get("role") in HISTORY_ROLES and isinstance(item.get("content"), str)):
+        if not (isinstance(item, dict) and item.get("role") in roles and isinstance(item.get("content"), str)):
             raise ApiError(
                 HTTPStatus.BAD_REQUEST,
-                f"history items must be {{role: {'|'.join(HISTORY_ROLES)}, content: str}} "
+                f"{name} items must be {{role: {'|'.join(roles)}, content: str}} "
                 "(the system prompt goes in system_prompt)",
             )
-        history.append({"role": item["role"], "content": item["content"]})
+        message: dict[str, Any] = {"role": item["role"], "content": item["content"]}
+        if item["role"] == "assistant" and item.get("tool_calls"):
+            message["tool_calls"] = parse_tool_calls(item["tool_calls"], name)
+        if item["role"] == "tool":
+            for key in ("name", "tool_call_id"):
+                if isinstance(item.get(key), str):
+                    message[key] = item[key]
+        history.append(message)
     return history
+
+
+def parse_tool_calls(value: Any, name: str) -> list[dict[str, Any]]:
+    calls = []
+    for call in value if isinstance(value, list) else [None]:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not (isinstance(function, dict) and isinstance(function.get("name"), str)
+                and isinstance(function.get("arguments", {}), dict)):
+            raise ApiError(HTTPStatus.BAD_REQUEST,
+                           f"{name}: tool_calls must be [{{type: function, function: {{name: str, arguments: object}}}}]")
+        calls.append({"type": "function", "function": {"name": function["name"], "arguments": function.get("arguments", {})}})
+    return calls
+
+
+def parse_tools(value: Any) -> list[dict[str, Any]] | None:
+    """Tool definitions for the template, as `apply_chat_template(tools=...)` takes them."""
+    if value is None:
+        return None
+    if not (isinstance(value, list) and all(isinstance(t, dict) for t in value)):
+        raise ApiError(HTTPStatus.BAD_REQUEST, "tools must be a list of {type: function, function: {name, ...}} or null")
+    return value or None
 
 
 class RequestHandler(BaseHTTPRequestHandler):

@@ -40,9 +40,30 @@ FinishReason = Literal["stop", "length", "abort", "error"]
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A call of one of the request's tools, as the model made it (arguments: a JSON object)."""
+
+    name: str
+    arguments: dict[str, Any]
+    id: str = ""  # the client's or upstream's id ("call_…"); "" where none was given
+
+
+@dataclass(frozen=True, slots=True)
+class ToolChoice:
+    """OpenAI's `tool_choice`: auto (the model decides), none (no tools given to the model),
+    required (some call), or `name` set (a call of that function; mode "required")."""
+
+    mode: Literal["auto", "none", "required"] = "auto"
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ChatMessage:
     role: Literal["system", "user", "assistant", "tool"]
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant's calls
+    tool_name: str | None = None  # a tool message: the tool whose result it is, where known
+    tool_call_id: str | None = None  # a tool message: the call it answers, where given
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +102,10 @@ class GenerationRequest:
     # Fill in the middle: the text after the prompt (Ollama's and OpenAI's `suffix`); the model
     # writes what goes between. None (or "") = an ordinary completion.
     suffix: str | None = None
+    # Tools the model may call (OpenAI's and Ollama's `tools`: [{type: function, function: {name,
+    # description, parameters}}]), and how (tool_choice). None = no tools (llm_service/tools.py).
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
 
     @property
     def system(self) -> str | None:
@@ -95,6 +120,7 @@ class Chunk:
     content: str = ""
     thinking: str = ""
     tokens: int = 0  # generated tokens this chunk stands for (an estimate until the final record)
+    tool_calls: tuple[ToolCall, ...] = ()  # complete calls (never together with thinking)
 
 
 @dataclass(slots=True)
@@ -154,6 +180,7 @@ class PromptFormat:
     infill: Infill | None = None  # None: the model cannot fill in the middle (no `insert`)
     raw: bool = False  # a prompt can reach the model without the chat template
     thinking_switch: bool = False  # the template turns reasoning on and off
+    tools: bool = False  # tool definitions reach the model in its own template's form (or upstream's)
 
 
 @dataclass(frozen=True, slots=True)

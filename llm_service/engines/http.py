@@ -35,6 +35,8 @@ from yarl import URL
 from ..descriptor import EngineConfig, FieldError
 from ..states import RunnerState
 from ..thinking import ThinkSplitter
+from ..tool_calls import call_from
+from ..tools import upstream_messages, upstream_tool_choice
 from .base import (
     BadRequest,
     Chunk,
@@ -50,6 +52,7 @@ from .base import (
     ModelUnavailable,
     PromptFormat,
     RequestTimedOut,
+    ToolCall,
 )
 from .upstream_process import Holder, LaunchSpec, ManagedProcess, progress_in_line
 
@@ -214,6 +217,48 @@ def _delta_parts(choice: Any) -> tuple[str, str, str | None]:
     if finish is not None and not isinstance(finish, str):
         raise _MalformedChunk("finish_reason is not a string")
     return reasoning, content, finish
+
+
+class _CallDeltas:
+    """An upstream's streamed `tool_calls` deltas, gathered by index until the answer ends:
+    the first delta of a call brings its id and name, the next ones pieces of its arguments."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, dict[str, Any]] = {}
+
+    def add(self, deltas: Any) -> None:
+        if not isinstance(deltas, list):
+            raise _MalformedChunk("tool_calls is not a list")
+        for position, delta in enumerate(deltas):
+            if not isinstance(delta, dict):
+                raise _MalformedChunk("a tool call delta is not an object")
+            index = delta.get("index", position)
+            function = delta.get("function") or {}
+            if not isinstance(index, int) or not isinstance(function, dict):
+                raise _MalformedChunk("a tool call delta has no index or function")
+            call = self._calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
+            if isinstance(delta.get("id"), str):
+                call["id"] = delta["id"]
+            if isinstance(function.get("name"), str):
+                call["name"] += function["name"]
+            arguments = function.get("arguments")
+            if isinstance(arguments, str):
+                call["arguments"] += arguments
+            elif isinstance(arguments, dict):  # some servers send the object itself
+                call["arguments"] = json.dumps(arguments)
+
+    def take(self) -> tuple[list[ToolCall], list[str]]:
+        """The gathered calls, and the text of any that is not a valid call (returned as text)."""
+        calls, broken = [], []
+        for _, call in sorted(self._calls.items()):
+            parsed = call_from({"id": call["id"], "name": call["name"], "arguments": call["arguments"] or "{}"}, tagged=True)
+            if parsed is None:
+                broken.append(call)
+            else:
+                calls.append(parsed)
+        self._calls = {}
+        return calls, [f'<tool_call>{{"name": {json.dumps(c["name"])}, "arguments": {c["arguments"]}}}</tool_call>'
+                       for c in broken]
 
 
 class HttpEngine(Engine, Holder):
@@ -410,7 +455,9 @@ class HttpEngine(Engine, Holder):
         return Embeddings(vectors, prompt_tokens, warnings)
 
     async def prompt_format(self) -> PromptFormat:
-        return PromptFormat(raw=True)  # through /v1/completions; the template is the upstream's own
+        # raw through /v1/completions; the template (and so tools) is the upstream's own: tools
+        # and tool_choice are passed on, and calls it writes as text are recognised too.
+        return PromptFormat(raw=True, tools=True)
 
     def status(self) -> dict[str, Any]:
         status = super().status()
@@ -737,10 +784,14 @@ class HttpEngine(Engine, Holder):
         options = request.options
         body: dict[str, Any] = {
             "model": self.upstream_model,
-            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "messages": upstream_messages(request.messages),
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        if request.tools:  # as sent: the upstream applies tools and tool_choice itself
+            body["tools"] = request.tools
+            if request.tool_choice.mode != "auto" or request.tool_choice.name:
+                body["tool_choice"] = upstream_tool_choice(request.tool_choice)
         sampling = {
             "temperature": options.temperature,
             "top_p": options.top_p,
@@ -762,6 +813,7 @@ class HttpEngine(Engine, Holder):
             if response.status != 200:
                 raise self._answer_error(response.status, await _body_text(response), response.reason or "")
             splitter = ThinkSplitter(starts_in_thinking=False)
+            deltas = _CallDeltas()
             finish: str | None = None
             usage: dict[str, Any] | None = None
             done = False
@@ -786,6 +838,9 @@ class HttpEngine(Engine, Holder):
                     if not isinstance(choices, list):
                         raise _MalformedChunk("choices is not a list")
                     parts = [_delta_parts(choice) for choice in choices[:1]]
+                    for choice in choices[:1]:
+                        if (choice.get("delta") or {}).get("tool_calls") is not None:
+                            deltas.add(choice["delta"]["tool_calls"])
                 except (ValueError, _MalformedChunk) as exc:
                     raise EngineError(
                         f"upstream {self.base_url} sent a malformed stream chunk ({exc}): {data[:200]!r}",
@@ -810,6 +865,11 @@ class HttpEngine(Engine, Holder):
             if thinking or visible:
                 relayed.append(time.monotonic())
                 yield Chunk(content=visible, thinking=thinking)
+            calls, broken = deltas.take()
+            if calls or broken:
+                relayed.append(time.monotonic())
+                # A call that is not valid goes on as text: the tool stage warns about it.
+                yield Chunk(content="".join(broken), tool_calls=tuple(calls))
             if finish == "error":
                 raise EngineError(f"upstream {self.base_url} ended the answer with an error", status_code=502)
             yield _result(finish, usage, len(relayed))

@@ -17,6 +17,7 @@ from ... import __version__
 from ...engines.base import BadRequest, ChatMessage, Chunk, EmbedOptions, EngineError, GenerationRequest, ModelNotFound
 from ...models import ModelEntry, requested_keep_alive
 from ...names import ollama_name
+from ...tools import parse_tools
 from ...timestamps import now_rfc3339, rfc3339_in
 from ..streaming import PrefetchedStream, StreamingAnswer, new_request_id, open_stream, until_disconnect
 from . import wire
@@ -44,7 +45,7 @@ async def _answer(
         completed, whole = await until_disconnect(request, lambda: manager.complete(model, gen_request, keep_alive))
         if not completed:
             return Response(status_code=CLIENT_GONE)
-        return JSONResponse(shapes.final(whole.result, whole.content, whole.thinking), headers=headers)
+        return JSONResponse(shapes.final(whole.result, whole.content, whole.thinking, whole.tool_calls), headers=headers)
     answer = await open_stream(request, manager.generate(model, gen_request, keep_alive=keep_alive), gen_request.deadline)
     if answer is None:
         return Response(status_code=CLIENT_GONE)
@@ -118,10 +119,11 @@ async def chat(request: Request, body: ChatBody) -> Response:
     _check_unsupported(None, body.messages)
     if not body.messages:
         return await _load_or_unload(request, body.model, body.keep_alive, "chat")
-    if body.messages[-1].role != "user":
-        raise BadRequest('the last message must have the role "user"')
-    messages = [ChatMessage(m.role, m.content) for m in body.messages]
+    if body.messages[-1].role not in ("user", "tool"):
+        raise BadRequest('the last message must have the role "user" or "tool"')
+    messages = wire.chat_messages(body.messages)
     gen_request = _new_request(messages, body, "chat", request.app.state.settings.request_deadline_s)
+    gen_request.tools = parse_tools(body.tools)
     return await _answer(request, body.model, gen_request, body.keep_alive, body.stream, ChatShapes(body.model))
 
 

@@ -57,8 +57,9 @@ def template_text(form: PromptFormat) -> str:
 
 
 def capabilities(*, thinking: bool, insert: bool, tools: bool = False, embedding: bool = False) -> list[str]:
-    """Ollama's capability names, in its order. `tools` is the hook of the tool-calling work
-    (issue 13, section 1). An embedding model only embeds: no `completion`."""
+    """Ollama's capability names, in its order. `tools`: the model's template renders tool
+    definitions itself (or its upstream takes them). An embedding model only embeds: no
+    `completion`."""
     if embedding:
         return ["embedding"]
     found = ["completion"]
@@ -120,6 +121,7 @@ def show_answer(given: ShowInput) -> dict[str, Any]:
         "capabilities": capabilities(
             thinking=given.include_thinking or form.thinking_switch,
             insert=form.infill is not None,
+            tools=form.tools,
             embedding=given.embedding,
         ),
         "modified_at": given.modified_at,

@@ -10,8 +10,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ...engines.base import Chunk, Embeddings, GenerationResult, SamplingOptions
+from ...engines.base import ChatMessage, Chunk, Embeddings, GenerationResult, SamplingOptions, ToolCall
 from ...timestamps import now_rfc3339
+from ..tool_wire import ollama_tool_calls, wire_tool_calls
 
 # The Ollama API version whose wire format this daemon speaks (clients gate features on it).
 OLLAMA_API_VERSION = "0.12.0"
@@ -20,9 +21,11 @@ OLLAMA_API_VERSION = "0.12.0"
 class OllamaMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "tool"]
-    content: str = ""
+    content: str | None = ""  # null: an assistant message that only made calls
     thinking: str | None = None
     images: list[str] | None = None
+    tool_calls: list[Any] | None = None  # an assistant's: [{function: {name, arguments: {…}}}]
+    tool_name: str | None = None  # a tool message's: the tool whose result it is
 
 
 # Bounds of the numeric options: beyond them a value is a mistake (or 1e400, which JSON parses
@@ -76,6 +79,21 @@ class GenerateBody(_Common):
 class ChatBody(_Common):
     messages: list[OllamaMessage] = Field(default_factory=list)
     tools: list[Any] | None = None
+
+
+def chat_messages(messages: list[OllamaMessage]) -> list[ChatMessage]:
+    """The request's messages, tool calls and tool results included (`name` and
+    `tool_call_id`, which some clients send on tool messages, are taken too)."""
+    out = []
+    for i, m in enumerate(messages):
+        extra = m.model_extra or {}
+        name = m.tool_name or (extra.get("name") if isinstance(extra.get("name"), str) else None)
+        call_id = extra.get("tool_call_id") if isinstance(extra.get("tool_call_id"), str) else None
+        out.append(ChatMessage(
+            m.role, m.content or "", wire_tool_calls(m.tool_calls, f"messages[{i}]") if m.role == "assistant" else (),
+            tool_name=name if m.role == "tool" else None, tool_call_id=call_id if m.role == "tool" else None,
+        ))
+    return out
 
 
 class ModelBody(BaseModel):
@@ -204,7 +222,8 @@ class GenerateShapes:
         body["done"] = False
         return body
 
-    def final(self, result: GenerationResult, content: str = "", thinking: str = "") -> dict[str, Any]:
+    def final(self, result: GenerationResult, content: str = "", thinking: str = "",
+              tool_calls: tuple[ToolCall, ...] = ()) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "created_at": now_rfc3339(), "response": content}
         if thinking:
             body["thinking"] = thinking
@@ -218,17 +237,28 @@ class ChatShapes:
 
     def __init__(self, model: str) -> None:
         self.model = model
+        self.calls = 0  # tool calls sent so far (Ollama numbers them with `index`)
+
+    def _calls(self, calls: tuple[ToolCall, ...]) -> list[dict[str, Any]]:
+        out = ollama_tool_calls(calls, self.calls)
+        self.calls += len(calls)
+        return out
 
     def chunk(self, item: Chunk) -> dict[str, Any]:
-        message = {"role": "assistant", "content": item.content}
+        message: dict[str, Any] = {"role": "assistant", "content": item.content}
         if item.thinking:
             message["thinking"] = item.thinking
+        if item.tool_calls:
+            message["tool_calls"] = self._calls(item.tool_calls)
         return {"model": self.model, "created_at": now_rfc3339(), "message": message, "done": False}
 
-    def final(self, result: GenerationResult, content: str = "", thinking: str = "") -> dict[str, Any]:
-        message = {"role": "assistant", "content": content}
+    def final(self, result: GenerationResult, content: str = "", thinking: str = "",
+              tool_calls: tuple[ToolCall, ...] = ()) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": content}
         if thinking:
             message["thinking"] = thinking
+        if tool_calls:
+            message["tool_calls"] = self._calls(tool_calls)
         body: dict[str, Any] = {"model": self.model, "created_at": now_rfc3339(), "message": message, "done": True}
         body.update(final_fields(result))
         return body

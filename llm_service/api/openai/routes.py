@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ...engines.base import ChatMessage, Chunk, EmbedOptions, EngineError, GenerationRequest
 from ...models import Completion, ModelEntry
+from ...tools import parse_tool_choice, parse_tools
 from ..errors import openai_error_body
 from ..streaming import PrefetchedStream, StreamingAnswer, new_request_id, open_stream, until_disconnect
 from . import wire
@@ -84,6 +85,8 @@ async def chat_completions(request: Request, body: wire.ChatCompletionBody) -> R
         "chat",
         wire.wants_thinking(body),
     )
+    gen_request.tools = parse_tools(body.tools)
+    gen_request.tool_choice = parse_tool_choice(body.tool_choice, gen_request.tools)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     shapes = wire.ChatShapes(f"chatcmpl-{gen_request.id}", body.model, int(time.time()), include_usage)
 
@@ -97,7 +100,7 @@ async def chat_completions(request: Request, body: wire.ChatCompletionBody) -> R
                     yield chunk
 
     def whole(completion: Completion) -> dict[str, Any]:
-        return shapes.whole(completion.result, completion.content, completion.thinking)
+        return shapes.whole(completion.result, completion.content, completion.thinking, completion.tool_calls)
 
     return await _answer(request, body.model, gen_request, body.stream, events, whole)
 

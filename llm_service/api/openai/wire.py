@@ -10,7 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ...engines.base import BadRequest, ChatMessage, Chunk, GenerationResult, SamplingOptions
+from ...engines.base import BadRequest, ChatMessage, Chunk, GenerationResult, SamplingOptions, ToolCall
+from ..tool_wire import openai_tool_call_deltas, openai_tool_calls, tool_names_by_id, wire_tool_calls
 
 # Thinking goes out under both names: Ollama and vLLM clients read `reasoning`,
 # llama.cpp's and many others read `reasoning_content`.
@@ -35,6 +36,9 @@ class ContentPart(_Lenient):
 class OpenAIMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[Any] | None = None  # an assistant's: [{id, type: function, function: {name, arguments: str}}]
+    tool_call_id: str | None = None  # a tool message's: the call it answers
+    name: str | None = None
 
 
 class _Sampling(_Lenient):
@@ -54,6 +58,9 @@ class ChatCompletionBody(_Sampling):
     messages: list[OpenAIMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT_LIMIT)
     reasoning_effort: str | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # accepted; a model may make several calls either way
 
 
 class CompletionBody(_Sampling):
@@ -95,11 +102,19 @@ def sampling_options(body: _Sampling, max_tokens: int | None) -> SamplingOptions
 
 
 def chat_messages(body: ChatCompletionBody) -> list[ChatMessage]:
-    messages = [
-        ChatMessage("system" if m.role == "developer" else m.role, _text_of(m)) for m in body.messages
-    ]
-    if messages[-1].role != "user":
-        raise BadRequest('the last message must have the role "user"')
+    messages = []
+    names: dict[str, str] = {}  # call id -> function name, from the assistant messages so far
+    for i, m in enumerate(body.messages):
+        role = "system" if m.role == "developer" else m.role
+        calls = wire_tool_calls(m.tool_calls, f"messages[{i}]") if role == "assistant" else ()
+        names.update(tool_names_by_id(calls))
+        if role == "tool":
+            name = m.name or names.get(m.tool_call_id or "")
+            messages.append(ChatMessage("tool", _text_of(m), tool_name=name, tool_call_id=m.tool_call_id))
+        else:
+            messages.append(ChatMessage(role, _text_of(m), calls))
+    if messages[-1].role not in ("user", "tool"):
+        raise BadRequest('the last message must have the role "user" or "tool"')
     return messages
 
 
@@ -126,7 +141,9 @@ def usage(result: GenerationResult) -> dict[str, int]:
     }
 
 
-def finish_reason(result: GenerationResult) -> str:
+def finish_reason(result: GenerationResult, made_calls: bool = False) -> str:
+    if made_calls:
+        return "tool_calls"
     return "length" if result.finish_reason == "length" else "stop"
 
 
@@ -138,6 +155,7 @@ class ChatShapes:
         self.model = model
         self.created = created
         self.include_usage = include_usage
+        self.calls = 0  # tool calls sent so far (their stream index)
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         body = {
@@ -162,26 +180,34 @@ class ChatShapes:
             delta["content"] = chunk.content
         if chunk.thinking:
             delta.update(dict.fromkeys(REASONING_KEYS, chunk.thinking))
+        if chunk.tool_calls:
+            delta["tool_calls"] = openai_tool_call_deltas(chunk.tool_calls, self.calls)
+            self.calls += len(chunk.tool_calls)
         return self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
 
     def final_chunks(self, result: GenerationResult) -> list[dict[str, Any]]:
         extra = {"warnings": result.warnings} if result.warnings else {}
-        chunks = [self._chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason(result)}], **extra)]
+        finish = finish_reason(result, self.calls > 0)
+        chunks = [self._chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}], **extra)]
         if self.include_usage:
             chunks.append(self._chunk([], usage=usage(result)))
         return chunks
 
-    def whole(self, result: GenerationResult, content: str, thinking: str) -> dict[str, Any]:
+    def whole(self, result: GenerationResult, content: str, thinking: str, tool_calls: tuple[ToolCall, ...] = ()) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": content}
         if thinking:
             message.update(dict.fromkeys(REASONING_KEYS, thinking))
+        if tool_calls:
+            message["tool_calls"] = openai_tool_calls(tool_calls)
+            message["content"] = content or None  # as OpenAI answers a message that only calls
         body = {
             "id": self.id,
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
             "system_fingerprint": None,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(result)}],
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": finish_reason(result, bool(tool_calls))}],
             "usage": usage(result),
         }
         if result.warnings:

@@ -117,6 +117,7 @@ def prompt_format_of(caps: dict[str, Any] | None) -> PromptFormat:
         infill=Infill(*tokens) if raw and len(tokens) == 3 and all(isinstance(t, str) and t for t in tokens) else None,
         raw=raw,
         thinking_switch=caps.get("thinking_switch") is True,
+        tools="tools" in (caps.get("controls") or ()) and (caps.get("tools") or {}).get("definitions") == "template",
     )
 
 
@@ -251,6 +252,8 @@ class CardEngine(Engine):
         self._held_raw = False  # the context was opened for raw prompts (empty)
         self._reset_system: str | None = None  # the system prompt the reset under way installs
         self._reset_raw = False  # … or the empty context it opens for a raw prompt
+        self._held_tools: list[dict[str, Any]] | None = None  # the tools the held conversation has
+        self._reset_tools: list[dict[str, Any]] | None = None  # … and the ones the reset under way installs
         # The system prompt the next launch gives the tokenizer for the runner's init /reset, and
         # what else a job waiting for a restart needs the server to hold (history, thinking).
         self._launch_system: str | None = spec.system_prompt
@@ -489,9 +492,13 @@ class CardEngine(Engine):
         """The runner and its tokenizer server as the planner sees them."""
         caps = self._tokenizer_caps or {}
         form = prompt_format_of(caps)
+        controls = caps.get("controls") or ()
+        tools = caps.get("tools") if isinstance(caps.get("tools"), dict) else {}
         return Runner(
             self._dialect or DIALECTS["b"], self._supports_reset, self._our_tokenizer, self.spec.context_size,
             raw=form.raw, infill=form.infill, model=self.spec.name,
+            tools=("template" if tools.get("definitions") == "template" else "system_prompt") if "tools" in controls else None,
+            turn_control="turn" in controls,
         )
 
     def _set_state(self, to: RunnerState, reason: str, **details: Any) -> None:
@@ -556,13 +563,15 @@ class CardEngine(Engine):
         self._held = ()
         self._held_system = self._launch_system
         self._held_raw = False
+        self._held_tools = None
         dialect = self._dialect
         if self.config.tokenizer_port and not (dialect is not None and dialect.builtin_tokenizer):
             self._set_state(S.WAITING_FOR_TOKENIZER, reason, port=self.config.tokenizer_port)
             settings = {"system_prompt": self._launch_system, "thinking": None, "history": [], "raw": False,
-                        **self._launch_extra}
+                        "tools": None, "turn": [], **self._launch_extra}
             self._launch_extra = {}
             self._held_raw = bool(settings["raw"])  # a server without the control never gets a raw plan
+            self._held_tools = settings.get("tools")  # … nor tools
             self._tokenizer_scope = anyio.CancelScope()
             self._start_task(self._prepare_tokenizer, self._generation, self._tokenizer_scope, settings)
         else:
@@ -733,6 +742,7 @@ class CardEngine(Engine):
             self._held = ()
             self._held_system = self._reset_system
             self._held_raw = self._reset_raw
+            self._held_tools = self._reset_tools
             self._set_state(S.READY, "context reset")
             await self._advance()
         elif state in (S.PROCESSING, S.OUTPUTTING):
@@ -795,7 +805,7 @@ class CardEngine(Engine):
         job = self._job = self._pending.popleft()
         # Unknown after a reset until the runner reports it: then at most the whole context.
         remaining = self._context[1] if self._context else self.spec.context_size
-        held = Held(self._held, self._held_system, remaining, raw=self._held_raw)
+        held = Held(self._held, self._held_system, remaining, raw=self._held_raw, tools=self._held_tools)
         runner = self._runner_facts()
         try:
             turn = read_turn(job.request, self.spec.system_prompt, runner)
@@ -924,19 +934,24 @@ class CardEngine(Engine):
             self._write_prompt(job)
         elif plan.action is Action.RESET:
             job.phase = "resetting"
-            self._reset(plan.system, "fresh context for a new conversation", raw=plan.raw, request=job.request.id)
+            self._reset(plan.system, "fresh context for a new conversation", raw=plan.raw,
+                        tools=plan.tokenizer_settings.get("tools"), request=job.request.id)
         else:
             job.phase = "restarting"
             self._launch_system = plan.system
             self._launch_extra = {k: v for k, v in plan.tokenizer_settings.items() if k != "system_prompt"}
             self._restart_for_fresh_context("fresh context needs a restart (runner has no reset)")
 
-    def _reset(self, system: str | None, reason: str, raw: bool = False, **details: Any) -> None:
-        """Clear the runner's KV cache; the tokenizer server already holds `system` (or raw mode) for its /reset."""
+    def _reset(
+        self, system: str | None, reason: str, raw: bool = False, tools: list[dict[str, Any]] | None = None, **details: Any
+    ) -> None:
+        """Clear the runner's KV cache; the tokenizer server already holds `system` and `tools`
+        (or raw mode) for its /reset."""
         dialect = self._dialect
         assert dialect is not None and dialect.reset_command is not None and self._runner is not None
         self._reset_system = system
         self._reset_raw = raw
+        self._reset_tools = tools
         self._reset_at = time.monotonic() + _RESET_TIMEOUT_S
         self._context = None  # known again from the runner's reset lines or its next turn
         self._set_state(S.RESETTING, reason, **details)
@@ -954,8 +969,11 @@ class CardEngine(Engine):
 
     async def _prepare_reset_ahead(self, generation: int, known: dict[str, Any]) -> None:
         settings: dict[str, Any] = {"system_prompt": self.spec.system_prompt} if self._our_tokenizer else {}
-        if self._runner_facts().raw:
+        facts = self._runner_facts()
+        if facts.raw:
             settings["raw"] = False
+        if facts.tools is not None:
+            settings["tools"] = None
         applied = {k: v for k, v in settings.items() if k not in known or known[k] != v}
         error = None
         if applied:
@@ -983,6 +1001,7 @@ class CardEngine(Engine):
         self._parser.begin_turn()
         if self._our_tokenizer:
             self._tokenizer_config["history"] = []  # the runner's /encode for this line consumes it
+            self._tokenizer_config["turn"] = []  # … and a tool round's messages
         self._set_state(S.PROCESSING, "prompt sent", request=job.request.id)
         job.context_before = self._context[0] if self._context else None
         job.prompt_written_at = time.monotonic()
@@ -1033,6 +1052,7 @@ class CardEngine(Engine):
         # After a raw prompt the context holds no conversation a chat could continue.
         self._held = None if job.plan.raw else job.plan.conversation + (ChatMessage("assistant", answer),)
         self._held_system = job.plan.system
+        self._held_tools = job.plan.tools
         job.deliver(result)
         self._job = None
         await self._after_turn(job)

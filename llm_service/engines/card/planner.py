@@ -6,16 +6,29 @@ describes ("Decisions the daemon makes"), in one place.
 
 A runner reads one line per turn, so a request becomes one prompt line plus what must be set up
 before it: a fresh context (a reset, or a restart where the runner has no reset), and the
-tokenizer server's settings (system prompt, the history a fresh context opens with, thinking).
+tokenizer server's settings (system prompt, the history a fresh context opens with, thinking,
+the tools and the tool results of a tool round).
+
+Tools (llm_service/tools.py): our tokenizer server takes the definitions for the conversation
+it opens (its template renders them, or it puts them in the system prompt), and a tool round's
+results as the turn's messages (`turn`); the line then carries the results as text. A stock
+script cannot take them: the definitions go into the first line of the conversation, in the
+Hermes/Qwen form, and a tool round is a user line of `<tool_response>`s. Either way a tool round
+that continues the held conversation (which holds the assistant's call as the model wrote it)
+is one line, with no re-prefill; the tools are part of what the context holds.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 from tokenizer_service.prompt_escape import escape_prompt_line
+from tokenizer_service.tool_prompt import as_text_messages, assistant_text, responses_text, tools_block, with_tools
 
+from ...tool_calls import split_calls
+from ...tools import call_key, choice_instruction, template_message, tools_for_model
 from ..base import BadRequest, ChatMessage, GenerationRequest, Infill
 from .dialects import Dialect
 
@@ -38,6 +51,10 @@ class Turn:
     thinking: bool | None
     warnings: tuple[str, ...]
     raw: bool = False  # the line goes to the model as it is: an empty context, no chat template
+    # The turn's new messages: the user's, or a tool round's results (the line is their text).
+    messages: tuple[ChatMessage, ...] = ()
+    tools: list[dict[str, Any]] | None = None  # the definitions given to the model
+    instruction: str | None = None  # what a required tool_choice adds (system prompt or line)
 
 
 @dataclass(frozen=True)
@@ -48,6 +65,7 @@ class Held:
     system: str | None
     remaining: int | None  # tokens left in the context, None: unknown
     raw: bool = False  # the context was opened for raw prompts: empty, no system prompt
+    tools: list[dict[str, Any]] | None = None  # the definitions the conversation was opened with
 
 
 @dataclass(frozen=True)
@@ -61,6 +79,10 @@ class Runner:
     raw: bool = False  # our tokenizer server takes raw prompts (its "raw" control)
     infill: Infill | None = None  # its fill-in-the-middle tokens, where it has them
     model: str = "model"  # the model's name, for messages
+    # How our tokenizer server takes tool definitions: "template" (its template renders them),
+    # "system_prompt" (it writes them there); None: it cannot (a stock script, an older server).
+    tools: str | None = None
+    turn_control: bool = False  # it takes a tool round's messages (`turn`)
 
 
 class Action(StrEnum):
@@ -81,14 +103,15 @@ class Plan:
     tokenizer_settings: dict[str, Any]
     warnings: tuple[str, ...]
     raw: bool = False  # a raw turn: what the runner holds after it is no conversation to continue
+    tools: list[dict[str, Any]] | None = None  # the definitions the conversation holds after the turn
 
 
 def read_turn(request: GenerationRequest, default_system: str | None, runner: Runner) -> Turn:
     """The parts of a request a runner can take; warnings for what it cannot. A suffix the
     model cannot fill in is a BadRequest (Ollama's "does not support insert")."""
     messages = [m for m in request.messages if m.role != "system"]
-    if not messages or messages[-1].role != "user":
-        raise BadRequest("the last message must come from the user")
+    if not messages or messages[-1].role not in ("user", "tool"):
+        raise BadRequest("the last message must come from the user, or be a tool's result")
     warnings = [
         f"{name}: fixed at launch by the runner's post_config.json, not applied per request"
         for name in FIXED_AT_LAUNCH
@@ -100,7 +123,14 @@ def read_turn(request: GenerationRequest, default_system: str | None, runner: Ru
             f"num_ctx {num_ctx}: the model's context on the card is {runner.context_size} tokens, fixed when "
             f"the model was converted; the request runs with {runner.context_size}"
         )
-    line = messages[-1].content
+    start = len(messages) - 1
+    while messages[-1].role == "tool" and start > 0 and messages[start - 1].role == "tool":
+        start -= 1
+    turn_messages = tuple(messages[start:])
+    line = responses_text(m.content for m in turn_messages) if messages[-1].role == "tool" else messages[-1].content
+    tools = tools_for_model(request)
+    if tools:
+        warnings.extend(_tools_warnings(runner))
     raw = request.raw
     if request.suffix:
         if runner.infill is None or not runner.raw:
@@ -111,15 +141,39 @@ def read_turn(request: GenerationRequest, default_system: str | None, runner: Ru
         raw = False
     if "\n" in line and not runner.our_tokenizer:
         warnings.append("newlines replaced with spaces: the stock tokenizer script cannot restore them")
+    system = None if raw else (request.system if request.system is not None else default_system)
+    instruction = choice_instruction(request.tool_choice) if tools else None
+    if instruction and runner.tools is not None:
+        # Our tokenizer server writes the tools: the instruction goes with them, in the system prompt.
+        system = (system + "\n\n" if system else "") + instruction
     return Turn(
         line=line,
-        history=() if raw else tuple(messages[:-1]),
-        system=None if raw else (request.system if request.system is not None else default_system),
+        history=() if raw else tuple(messages[:start]),
+        system=system,
         continuable=request.kind == "chat" and not raw,
         thinking=request.think,
         warnings=tuple(warnings),
         raw=raw,
+        messages=turn_messages,
+        tools=tools,
+        instruction=instruction,
     )
+
+
+def _tools_warnings(runner: Runner) -> list[str]:
+    if runner.tools == "template":
+        return []
+    if runner.tools == "system_prompt":
+        return ["tools: this model's chat template does not render tool definitions; they are in its system "
+                "prompt, in the Hermes/Qwen form (<tools>…</tools>, calls as <tool_call>…</tool_call>)"]
+    if runner.dialect.builtin_tokenizer:
+        who = "the runner's built-in tokenizer"
+    elif runner.our_tokenizer:
+        who = "this tokenizer server"
+    else:
+        who = "the stock tokenizer script"
+    return [f"tools: {who} cannot take tool definitions; they are written into the prompt line, in the "
+            "Hermes/Qwen form (<tools>…</tools>, calls as <tool_call>…</tool_call>)"]
 
 
 def _templated_anyway(runner: Runner) -> str:
@@ -136,35 +190,59 @@ def _no_insert_reason(runner: Runner) -> str:
     return _templated_anyway(runner) + ", so a fill-in-the-middle prompt cannot reach the model"
 
 
-def conversation_key(messages: tuple[ChatMessage, ...]) -> list[tuple[str, str]]:
-    """A conversation as the runner sees it: clients do not send think blocks back."""
+def conversation_key(messages: tuple[ChatMessage, ...]) -> list[tuple[str, str, tuple[tuple[str, str], ...]]]:
+    """A conversation as the runner sees it: clients do not send think blocks back, and an
+    assistant's calls count whether they come as the model's text (what the runner holds) or as
+    `tool_calls` (what a client sends back)."""
     out = []
     for m in messages:
-        content = m.content
-        if m.role == "assistant" and "</think>" in content:
-            content = content.split("</think>", 1)[1]
-        out.append((m.role, content.strip()))
+        content, calls = m.content, ()
+        if m.role == "assistant":
+            if "</think>" in content:
+                content = content.split("</think>", 1)[1]
+            content, found = split_calls(content)
+            calls = call_key([*m.tool_calls, *found])
+        out.append((m.role, content.strip(), calls))
     return out
 
 
 def continues(turn: Turn, held: Held) -> bool:
-    """The turn is exactly the held conversation plus one new user line."""
+    """The turn is exactly the held conversation plus one new user line (or tool round)."""
     return (
         turn.continuable
         and held.conversation is not None
         and held.system == turn.system
+        and held.tools == turn.tools
         and conversation_key(held.conversation) == conversation_key(turn.history)
     )
 
 
 def line_texts(turn: Turn) -> list[str]:
     """What a continued turn adds to the context."""
-    return [turn.line]
+    return [turn.line, turn.instruction or ""]
 
 
 def conversation_texts(turn: Turn) -> list[str]:
     """What a fresh context for the turn holds."""
-    return [m.content for m in turn.history] + [turn.line, turn.system or ""]
+    texts = [m.content for m in turn.history] + [turn.line, turn.system or "", turn.instruction or ""]
+    texts += [json.dumps(call.arguments, ensure_ascii=False) for m in turn.history for call in m.tool_calls]
+    if turn.tools:
+        texts.append(tools_block(turn.tools))
+    return texts
+
+
+def _context_tools(turn: Turn, runner: Runner) -> list[dict[str, Any]] | None:
+    """The definitions the context must be opened with (our server takes them at its reset)."""
+    return turn.tools if runner.tools is not None else None
+
+
+def flat_text(message: ChatMessage) -> str:
+    """A history message in a flattened prompt line."""
+    if message.role == "assistant" and message.tool_calls:
+        return "assistant: " + assistant_text(message.content, [(c.name, c.arguments) for c in message.tool_calls])
+    if message.role == "tool":
+        return "user: " + responses_text([message.content])
+    return f"{message.role}: {message.content}"
 
 
 def token_bound(texts: list[str]) -> int:
@@ -189,13 +267,17 @@ def plan_turn(
     Raises BadRequest when the conversation cannot fit the context at all."""
     warnings = list(turn.warnings)
     history, line = turn.history, turn.line
+    conversation = history + (turn.messages or (ChatMessage("user", line),))
     ours = runner.our_tokenizer
+    system = turn.system
     if not runner.dialect.keeps_context:
         # Legacy runners start every turn from a clean context: nothing to reset.
         if history and not ours:
             warnings.append("history not sent: the stock tokenizer script cannot take it")
             history = ()
-        return _plan(Action.PROMPT, turn, history, line, True, runner, warnings)
+        if turn.tools and runner.tools is None:
+            line = _line_with_tools(line, turn)
+        return _plan(Action.PROMPT, turn, history, line, True, runner, warnings, conversation, system)
 
     continuing = continues(turn, held) and fits(_given(line_tokens, "line_tokens"), held.remaining)
     if not continuing:
@@ -204,17 +286,35 @@ def plan_turn(
             raise BadRequest(too_long_message(needed, runner.context_size, bool(turn.history)))
         if history and not ours:
             warnings.append("history flattened into the prompt: the tokenizer cannot take it")
-            line = "\n".join(f"{m.role}: {m.content}" for m in history) + f"\nuser: {line}"
+            line = "\n".join(flat_text(m) for m in history) + f"\nuser: {line}"
             history = ()
-    # A raw turn needs a context opened empty; any other needs one opened with its system prompt.
-    already_fresh = held.conversation == () and held.raw == turn.raw and (turn.raw or held.system == turn.system)
+            conversation = (ChatMessage("user", line),)
+        if turn.tools and runner.tools is None:
+            line = _line_with_tools(line, turn)
+    elif turn.instruction and runner.tools is None:
+        line = f"{turn.instruction}\n\n{line}"  # the tools are in the context; the instruction is per turn
+    # A raw turn needs a context opened empty; any other needs one opened with its system prompt
+    # (and the tools our tokenizer server writes with it).
+    already_fresh = (
+        held.conversation == () and held.raw == turn.raw
+        and (turn.raw or (held.system == system and held.tools == _context_tools(turn, runner)))
+    )
     if continuing or already_fresh:
         action = Action.PROMPT
     elif runner.supports_reset:
         action = Action.RESET
     else:
         action = Action.RESTART
-    return _plan(action, turn, history, line, not continuing, runner, warnings)
+    return _plan(action, turn, history, line, not continuing, runner, warnings, conversation, system)
+
+
+def _line_with_tools(line: str, turn: Turn) -> str:
+    """A conversation's first line where the tokenizer cannot take the definitions: the
+    definitions (and a required tool_choice's instruction) first, in the Hermes/Qwen form."""
+    head = with_tools(None, turn.tools) or ""
+    if turn.instruction:
+        head += "\n\n" + turn.instruction
+    return f"{head}\n\n{line}"
 
 
 def too_long_message(needed: int, context_size: int, has_history: bool) -> str:
@@ -236,26 +336,39 @@ def _given(value: int | None, name: str) -> int:
 
 def _plan(
     action: Action, turn: Turn, history: tuple[ChatMessage, ...], line: str, fresh: bool,
-    runner: Runner, warnings: list[str],
+    runner: Runner, warnings: list[str], conversation: tuple[ChatMessage, ...], system: str | None,
 ) -> Plan:
     settings: dict[str, Any] = {}
     if runner.our_tokenizer:
-        settings["history"] = [{"role": m.role, "content": m.content} for m in history] if fresh else []
+        settings["history"] = _history_items(history, runner) if fresh else []
         settings["thinking"] = turn.thinking
         if runner.raw:
             settings["raw"] = turn.raw
+        if runner.tools is not None:
+            settings["tools"] = turn.tools  # installed by the runner's /reset, as the system prompt
+        if runner.turn_control:
+            tool_round = bool(turn.messages) and turn.messages[-1].role == "tool"
+            settings["turn"] = [template_message(m) for m in turn.messages] if tool_round else []
         if action is not Action.PROMPT:
-            settings["system_prompt"] = turn.system  # installed by the runner's /reset
+            settings["system_prompt"] = system  # installed by the runner's /reset
     return Plan(
         action=action,
         line=runner_line(line, runner),
         fresh=fresh,
-        conversation=history + (ChatMessage("user", line),),
-        system=turn.system,
+        conversation=conversation,
+        system=system,
         tokenizer_settings=settings,
         warnings=tuple(warnings),
         raw=turn.raw,
+        tools=turn.tools,
     )
+
+
+def _history_items(history: tuple[ChatMessage, ...], runner: Runner) -> list[dict[str, Any]]:
+    """The history for our tokenizer server; calls and tool results as text where it cannot
+    take them (a server without the tools control knows only user and assistant)."""
+    items = [template_message(m) for m in history]
+    return items if runner.tools is not None else as_text_messages(items)
 
 
 def runner_line(text: str, runner: Runner) -> str:
