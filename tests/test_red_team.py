@@ -191,7 +191,7 @@ def test_a_dialect_c_chat_larger_than_the_context_is_refused_after_a_reset(tmp_p
             reply = http.post("/api/chat", json={"model": "axllm", "stream": False,
                                                  "messages": [{"role": "user", "content": " ".join(["word"] * 400)}]})
         assert reply.status_code == 400, reply.text
-        assert "more than the context" in reply.json()["error"]
+        assert "more than the model's context" in reply.json()["error"]
 
 
 # ---- 4 and 5. the tokenizer service runs only the descriptor's servers, on ports of their own ----
