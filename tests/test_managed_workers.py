@@ -171,6 +171,11 @@ def test_embeddings_through_every_route_equal_the_models_own(worker_daemon) -> N
     assert ollama["prompt_eval_count"] > 0 and ollama["model"] == "minilm"
     short = httpx.post(url + "/api/embed", json={"model": "minilm", "input": "x", "dimensions": 64}, timeout=60).json()
     assert len(short["embeddings"][0]) == 64
+    long_text = "word " * 400
+    cut = httpx.post(url + "/api/embed", json={"model": "minilm", "input": long_text}, timeout=60).json()
+    assert cut["warnings"] == ["input 0 has 402 tokens: only its first 256 were embedded"]
+    whole = httpx.post(url + "/api/embed", json={"model": "minilm", "input": long_text, "truncate": False}, timeout=60)
+    assert whole.status_code == 400 and "402 tokens, more than the 256" in whole.json()["error"]
     show = httpx.post(url + "/api/show", json={"model": "minilm"}, timeout=30).json()
     assert show["capabilities"] == ["embedding"]
     chat = httpx.post(url + "/api/chat", json={"model": "minilm", "messages": [{"role": "user", "content": "hi"}]})

@@ -418,6 +418,8 @@ def test_embedding_requests_it_refuses_or_cuts(minilm):
     status, body = embed(minilm, input="word " * 400)
     assert status == 200 and body["usage"]["prompt_tokens"] == 256
     assert body["warnings"] == ["input 0 has 402 tokens: only its first 256 were embedded"]
+    status, body = embed(minilm, input=["short", "word " * 400], truncate=False)  # Ollama's truncate
+    assert status == 400 and body["error"]["message"].startswith("input 1 has 402 tokens, more than the 256")
     reply = net.post(minilm.base_url + "/v1/embeddings", json={"model": "other", "input": "x"}, timeout=30)
     assert reply.status_code == 404 and reply.json()["error"]["code"] == "model_not_found"
 

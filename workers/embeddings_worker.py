@@ -188,6 +188,17 @@ class EmbeddingRequest(BaseModel):
     input: Any
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
+    # Ollama's `truncate` (the daemon passes it on): false makes a too long input an error.
+    truncate: bool = True
+
+
+def check_lengths(lengths: Sequence[int], limit: int) -> None:
+    """With truncate false: every input must fit whole."""
+    too_long = [(i, n) for i, n in enumerate(lengths) if n > limit]
+    if too_long:
+        i, n = too_long[0]
+        raise ApiError(400, f"input {i} has {n} tokens, more than the {limit} this model takes "
+                       "(truncate is false: shorten it, or allow truncation)", "invalid_request", "input")
 
 
 def embedding_list(model: str, embedded: Embedded, dimensions: int | None, encoding_format: str,
@@ -235,6 +246,8 @@ def build_app(settings: Settings, slot: ModelSlot[Embedder]) -> FastAPI:
         check_dimensions(body.dimensions, embedder.width)  # before any work
         async with one_at_a_time:
             embedded = await anyio.to_thread.run_sync(embedder.embed, texts)
+        if not body.truncate:
+            check_lengths(embedded.lengths, embedder.max_tokens)
         return embedding_list(body.model, embedded, body.dimensions, body.encoding_format, embedder.max_tokens)
 
     return app
