@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import anyio
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
-from starlette.types import Send
+from starlette.types import Receive, Scope, Send
 
 from ..engines.base import EngineError, RequestTimedOut
 from ..logging_setup import request_id_var
@@ -140,6 +140,21 @@ class StreamingAnswer(StreamingResponse):
         super().__init__(body, media_type=media_type, headers=headers)
         self._deadline = deadline
         self._error_item = error_item
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The answer is written from this task and the disconnect is watched from a child task
+        (Starlette does it the other way round): the headers and the first item go out without
+        waiting for a task switch. A client that leaves cancels the writing, as in Starlette."""
+        async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch)
+            await self.stream_response(send)
+            tg.cancel_scope.cancel()
 
     async def stream_response(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
