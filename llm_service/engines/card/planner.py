@@ -16,6 +16,7 @@ from typing import Any
 
 from tokenizer_service.prompt_escape import escape_prompt_line
 
+from ...structured.prompt import place_instruction
 from ..base import BadRequest, ChatMessage, GenerationRequest, Infill
 from .dialects import Dialect
 
@@ -111,10 +112,19 @@ def read_turn(request: GenerationRequest, default_system: str | None, runner: Ru
         raw = False
     if "\n" in line and not runner.our_tokenizer:
         warnings.append("newlines replaced with spaces: the stock tokenizer script cannot restore them")
+    system = None if raw else (request.system if request.system is not None else default_system)
+    if request.structured is not None:  # the JSON the answer must be: told in the system prompt or the line
+        placed = place_instruction(
+            request.structured, line, system, raw=raw,
+            system_prompt_settable=runner.our_tokenizer and runner.dialect.keeps_context,
+            why_not=_no_system_prompt_reason(runner),
+        )
+        line, system = placed.line, placed.system
+        warnings.append(placed.warning)
     return Turn(
         line=line,
         history=() if raw else tuple(messages[:-1]),
-        system=None if raw else (request.system if request.system is not None else default_system),
+        system=system,
         continuable=request.kind == "chat" and not raw,
         thinking=request.think,
         warnings=tuple(warnings),
@@ -128,6 +138,14 @@ def _templated_anyway(runner: Runner) -> str:
     if not runner.our_tokenizer:
         return "the stock tokenizer script applies the chat template to every prompt"
     return "this tokenizer server cannot encode a prompt without its chat template"
+
+
+def _no_system_prompt_reason(runner: Runner) -> str:
+    if runner.dialect.builtin_tokenizer:
+        return "the runner's built-in tokenizer takes no system prompt from the daemon"
+    if not runner.our_tokenizer:
+        return "the stock tokenizer script takes no system prompt from the daemon"
+    return "a legacy runner keeps no context to open with a system prompt"
 
 
 def _no_insert_reason(runner: Runner) -> str:
