@@ -54,6 +54,9 @@ class ChatCompletionBody(_Sampling):
     messages: list[OpenAIMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT_LIMIT)
     reasoning_effort: str | None = None
+    # {"type": "text" | "json_object" | "json_schema", "json_schema": {name, schema, strict}};
+    # checked by structured/requests.py, whose messages name what is wrong.
+    response_format: Any = None
 
 
 class CompletionBody(_Sampling):
