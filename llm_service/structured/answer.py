@@ -107,6 +107,8 @@ def problem_with(value: Any, spec: StructuredOutput) -> str | None:
         if _depth(value) > SHALLOW:
             return "the JSON is nested too deeply to be checked against the schema"
         raise SchemaUnusable("the schema refers to itself without end ($ref)") from None
+    except Exception as exc:  # a schema the validator accepted but cannot apply to this value
+        raise SchemaUnusable(f"the schema cannot be applied: {exc!r}") from None
     if not errors:
         return None
     error = best_match(errors)

@@ -102,6 +102,8 @@ def unusable(spec: StructuredOutput, instances: tuple[object, ...]) -> str | Non
             problem_with(instance, spec)
         except SchemaUnusable as exc:
             return str(exc)
+        except Exception as exc:  # whatever else a strange schema makes the validator raise
+            return f"it cannot be applied: {exc!r}"
     return None
 
 
