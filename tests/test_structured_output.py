@@ -65,6 +65,8 @@ def daemon(tmp_path_factory, fake):
         scripted_model(root, "echo", reply_words=WORDS),
         scripted_model(root, "thinker", reply_words=WORDS, think=True),
         scripted_model(root, "stock", reply_words=WORDS, stock_tokenizer=True),
+        # A B runner without `reset`: a fresh context costs a restart.
+        scripted_model(root, "plain-b", dialect="b", reply_words=WORDS),
         # Slow enough that a request can queue behind one attempt.
         scripted_model(root, "slow", reply_words=WORDS, tokens_per_second=25),
         {"model_name": "fake-remote", "engine": "openai-http", "base_url": fake.base_url + "/v1",
@@ -245,6 +247,18 @@ def test_a_stock_tokenizer_gets_the_schema_in_the_prompt_line(daemon):
     body = post(daemon, "/api/generate", {"model": "stock", "prompt": f"Again. {directive('retry', value)}",
                                           "format": POINT, "stream": False}).json()
     assert body["response"] == json.dumps(value) and body["warnings"][1].startswith("structured output: valid after 2 attempts")
+
+
+def test_a_runner_without_reset_restarts_for_each_attempt(client, daemon):
+    """The system prompt holding the schema, and each retry, need a fresh context: on a B runner
+    without `reset` that is a restart (a full load on the card), counted apart from faults."""
+    value = {"x": 6, "label": "restarted"}
+    assert client.generate(model="plain-b", prompt="plain first").response == reply_text("plain first", WORDS, think=False)
+    before = daemon.get("/api/status/plain-b")["fresh_context_restarts"]
+    answer = client.generate(model="plain-b", prompt=f"B. {directive('retry', value)}", format=POINT)
+    assert answer.response == json.dumps(value)
+    status = daemon.get("/api/status/plain-b")
+    assert status["fresh_context_restarts"] == before + 2 and status["restarts"] == 0
 
 
 def test_thinking_stays_apart_from_the_json(client):
