@@ -138,6 +138,14 @@ class ModelMetrics:
         self._npu_memory = gauge("axm1_llm_npu_memory_bytes",
                                  "Card (NPU, CMM) memory the model claims, from the model descriptor.")
         self._npu_memory_declared = False
+        # Structured output (format / response_format): each attempt at a JSON answer, and the
+        # requests that got none valid within structured_output_retries.
+        attempts = counter("axm1_llm_structured_output_attempts_total",
+                           "Attempts at a structured (JSON) answer by outcome: valid, invalid.", ("outcome",))
+        self._structured_attempts = {outcome: attempts.labels(name, outcome) for outcome in ("valid", "invalid")}
+        self._structured_failures = counter(
+            "axm1_llm_structured_output_failures_total",
+            "Structured-output requests answered with an error: no attempt was valid.").labels(name)
 
     def request_queued(self) -> None:
         self._waiting.inc()
@@ -166,6 +174,13 @@ class ModelMetrics:
         self._prompt_tokens.inc(prompt_tokens)
         self._generation_tokens.inc(generation_tokens)
         self._e2e.observe(e2e_seconds)
+        self.write_soon()
+
+    def structured_attempt(self, valid: bool) -> None:
+        self._structured_attempts["valid" if valid else "invalid"].inc()
+
+    def structured_failed(self) -> None:
+        self._structured_failures.inc()
         self.write_soon()
 
     def set_state(self, state: str) -> None:

@@ -160,6 +160,10 @@ class DaemonSettings(FileConfiguredSettings):
     max_prompt_chars: int = Field(
         200_000, ge=1, description="largest prompt, all messages together, in characters"
     )
+    structured_output_retries: int = Field(
+        2, ge=0, le=10, description="an answer that is not valid for the request's format / "
+        "response_format is asked again this many times, each in a fresh context, before a 502"
+    )
     runner_log_lines: int = Field(
         500, ge=1, description="runner output lines kept per model for status and errors"
     )

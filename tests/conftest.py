@@ -88,6 +88,7 @@ SHARED_FIXTURE_MODULES = {
     "tests/test_workers.py",  # the SmolLM2 and MiniLM workers
     "tests/test_openai_api.py",  # `transformers serve`, the fake upstream and their daemon
     "tests/test_security.py",  # the secured app
+    "tests/test_structured_output.py",  # the daemon with card models and the fake upstream
     "tests/test_tokenizer_server.py",  # the tokenizer servers
 }
 # The longest work goes out first, so that it does not start last and hold up the end of the run.

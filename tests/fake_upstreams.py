@@ -23,6 +23,10 @@ Run: `python fake_upstreams.py --port N`; `POST /_config` with a JSON object cha
                answers); "none" — the usual words, no call
   tool_arguments: the arguments of that call (default {})
   text_before_call: content streamed before the call (default "")
+A chat whose last user message holds a `json:<mode> <value>` directive is answered with the
+scripted emulator's JSON for it (ax_emulator/scripted.py `json_reply`), in chunks of 8
+characters, as a server that honours `response_format` might send it (or not: `broken`); the
+body's `response_format` is recorded like the rest.
 At start (in --config only): "load_s" seconds of loading — /health answers 503 and a line
 "loading weights i/4" goes to stderr at each quarter — or "listen": false, a server that prints
 a line and never listens (a stalled load).
@@ -36,7 +40,11 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's emulator
+from ax_emulator.scripted import json_reply  # noqa: E402
 
 DEFAULTS: dict[str, Any] = {
     "chat": "stream",
@@ -92,6 +100,13 @@ def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict[str, int
     if usage is not None:
         body["usage"] = usage
     return body
+
+
+def _json_answer(body: dict[str, Any]) -> str | None:
+    """The scripted JSON answer the last user message asks for, if it asks for one."""
+    users = [m for m in body.get("messages") or [] if isinstance(m, dict) and m.get("role") == "user"]
+    content = users[-1].get("content") if users else None
+    return json_reply(content) if isinstance(content, str) else None
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -195,6 +210,11 @@ class Handler(BaseHTTPRequestHandler):
             elif mode == "think_inline":
                 for piece in ("<thi", "nk>pondering", " hard</think>", "the answer"):
                     self._event(chunk({"content": piece}))
+            elif (answer := _json_answer(body)) is not None:
+                for start in range(0, len(answer), 8):
+                    time.sleep(config["delay_s"])
+                    self._event(chunk({"content": answer[start:start + 8]}))
+                    sent += 1
             elif mode == "reasoning":
                 self._event(chunk({"reasoning_content": "pondering", "reasoning": "pondering"}))
                 self._event(chunk({"content": "the answer"}))

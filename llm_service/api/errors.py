@@ -41,7 +41,7 @@ def error_body(path: str, message: str, status_code: int, code: str | None = Non
 
 
 def engine_error_body(path: str, exc: EngineError) -> dict[str, Any]:
-    param = "model" if exc.code == "model_not_found" else None
+    param = "model" if exc.code == "model_not_found" else getattr(exc, "param", None)
     return error_body(path, exc.message, exc.status_code, exc.code, param)
 
 

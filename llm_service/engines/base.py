@@ -30,6 +30,7 @@ from .log_ring import LogRing
 if TYPE_CHECKING:  # the metrics module imports this one
     from ..metrics import ModelMetrics
     from ..settings import DaemonSettings
+    from ..structured.output import StructuredOutput
     from ..tokenizer_client import TokenizerClient
     from .upstream_process import ManagedProcesses
 
@@ -106,6 +107,10 @@ class GenerationRequest:
     # description, parameters}}]), and how (tool_choice). None = no tools (llm_service/tools.py).
     tools: list[dict[str, Any]] | None = None
     tool_choice: ToolChoice = field(default_factory=ToolChoice)
+    # The answer must be JSON (Ollama's format, OpenAI's response_format); None: free text. The
+    # card's planner puts the instruction in front of the model, the HTTP engine passes
+    # response_format on; structured/attempts.py validates and retries.
+    structured: StructuredOutput | None = None
 
     @property
     def system(self) -> str | None:

@@ -35,6 +35,7 @@ from yarl import URL
 from ..descriptor import EngineConfig, FieldError
 from ..states import RunnerState
 from ..thinking import ThinkSplitter
+from ..structured.output import upstream_response_format
 from ..tool_calls import call_from
 from ..tools import upstream_messages, upstream_tool_choice
 from .base import (
@@ -802,6 +803,9 @@ class HttpEngine(Engine, Holder):
             "stop": list(options.stop) or None,
         }
         body.update({key: value for key, value in sampling.items() if value is not None})
+        if request.structured is not None:
+            # vLLM and llama.cpp constrain their sampling with it; the answer is validated anyway.
+            body["response_format"] = upstream_response_format(request.structured)
         return body
 
     async def _stream_chat(self, url: URL, body: dict[str, Any], relayed: list[float]) -> AsyncIterator[Chunk | GenerationResult]:

@@ -19,6 +19,8 @@ from ...models import ModelEntry, requested_keep_alive
 from ...names import ollama_name
 from ...tools import parse_tools
 from ...timestamps import now_rfc3339, rfc3339_in
+from ...structured import attempts as structured_attempts
+from ...structured.requests import from_ollama_format
 from ..streaming import PrefetchedStream, StreamingAnswer, new_request_id, open_stream, until_disconnect
 from . import wire
 from .show import ShowInput, show_answer
@@ -41,12 +43,20 @@ async def _answer(
     """Run a generation and answer it as NDJSON or one JSON object."""
     manager = request.app.state.manager
     headers = {"X-Request-Id": gen_request.id}
+    # A structured answer (format) is validated, and asked again when invalid: structured/attempts.py.
+    structured = gen_request.structured is not None
     if not stream:
-        completed, whole = await until_disconnect(request, lambda: manager.complete(model, gen_request, keep_alive))
+        completed, whole = await until_disconnect(
+            request,
+            lambda: structured_attempts.complete(manager, model, gen_request, keep_alive) if structured
+            else manager.complete(model, gen_request, keep_alive),
+        )
         if not completed:
             return Response(status_code=CLIENT_GONE)
         return JSONResponse(shapes.final(whole.result, whole.content, whole.thinking, whole.tool_calls), headers=headers)
-    answer = await open_stream(request, manager.generate(model, gen_request, keep_alive=keep_alive), gen_request.deadline)
+    items = (structured_attempts.generate(manager, model, gen_request, keep_alive) if structured
+             else manager.generate(model, gen_request, keep_alive=keep_alive))
+    answer = await open_stream(request, items, gen_request.deadline)
     if answer is None:
         return Response(status_code=CLIENT_GONE)
     return StreamingAnswer(
@@ -111,6 +121,7 @@ async def generate(request: Request, body: GenerateBody) -> Response:
     messages.append(ChatMessage("user", body.prompt))
     gen_request = _new_request(messages, body, "generate", request.app.state.settings.request_deadline_s)
     gen_request.raw, gen_request.suffix = body.raw, body.suffix or None
+    gen_request.structured = from_ollama_format(body.format)
     return await _answer(request, body.model, gen_request, body.keep_alive, body.stream, GenerateShapes(body.model))
 
 
@@ -124,6 +135,7 @@ async def chat(request: Request, body: ChatBody) -> Response:
     messages = wire.chat_messages(body.messages)
     gen_request = _new_request(messages, body, "chat", request.app.state.settings.request_deadline_s)
     gen_request.tools = parse_tools(body.tools)
+    gen_request.structured = from_ollama_format(body.format)
     return await _answer(request, body.model, gen_request, body.keep_alive, body.stream, ChatShapes(body.model))
 
 

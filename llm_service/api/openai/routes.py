@@ -18,6 +18,8 @@ from fastapi.responses import JSONResponse, Response
 from ...engines.base import ChatMessage, Chunk, EmbedOptions, EngineError, GenerationRequest
 from ...models import Completion, ModelEntry
 from ...tools import parse_tool_choice, parse_tools
+from ...structured import attempts as structured_attempts
+from ...structured.requests import from_openai_response_format
 from ..errors import openai_error_body
 from ..streaming import PrefetchedStream, StreamingAnswer, new_request_id, open_stream, until_disconnect
 from . import wire
@@ -51,12 +53,18 @@ async def _answer(
 ) -> Response:
     manager = request.app.state.manager
     headers = {"X-Request-Id": gen_request.id}
+    # A structured answer (response_format) is validated, and asked again when invalid: structured/attempts.py.
+    structured = gen_request.structured is not None
     if not stream:
-        completed, completion = await until_disconnect(request, lambda: manager.complete(model, gen_request))
+        completed, completion = await until_disconnect(
+            request,
+            lambda: structured_attempts.complete(manager, model, gen_request) if structured else manager.complete(model, gen_request),
+        )
         if not completed:
             return Response(status_code=CLIENT_GONE)
         return JSONResponse(whole(completion), headers=headers)
-    answer = await open_stream(request, manager.generate(model, gen_request), gen_request.deadline)
+    items = structured_attempts.generate(manager, model, gen_request) if structured else manager.generate(model, gen_request)
+    answer = await open_stream(request, items, gen_request.deadline)
     if answer is None:
         return Response(status_code=CLIENT_GONE)
     return StreamingAnswer(
@@ -87,6 +95,7 @@ async def chat_completions(request: Request, body: wire.ChatCompletionBody) -> R
     )
     gen_request.tools = parse_tools(body.tools)
     gen_request.tool_choice = parse_tool_choice(body.tool_choice, gen_request.tools)
+    gen_request.structured = from_openai_response_format(body.response_format)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     shapes = wire.ChatShapes(f"chatcmpl-{gen_request.id}", body.model, int(time.time()), include_usage)
 

@@ -61,6 +61,9 @@ class ChatCompletionBody(_Sampling):
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None  # accepted; a model may make several calls either way
+    # {"type": "text" | "json_object" | "json_schema", "json_schema": {name, schema, strict}};
+    # checked by structured/requests.py, whose messages name what is wrong.
+    response_format: Any = None
 
 
 class CompletionBody(_Sampling):

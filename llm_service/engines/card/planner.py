@@ -27,6 +27,7 @@ from typing import Any
 from tokenizer_service.prompt_escape import escape_prompt_line
 from tokenizer_service.tool_prompt import as_text_messages, assistant_text, responses_text, tools_block, with_tools
 
+from ...structured.prompt import place_instruction
 from ...tool_calls import split_calls
 from ...tools import call_key, choice_instruction, template_message, tools_for_model
 from ..base import BadRequest, ChatMessage, GenerationRequest, Infill
@@ -146,6 +147,14 @@ def read_turn(request: GenerationRequest, default_system: str | None, runner: Ru
     if instruction and runner.tools is not None:
         # Our tokenizer server writes the tools: the instruction goes with them, in the system prompt.
         system = (system + "\n\n" if system else "") + instruction
+    if request.structured is not None:  # the JSON the answer must be: told in the system prompt or the line
+        placed = place_instruction(
+            request.structured, line, system, raw=raw,
+            system_prompt_settable=runner.our_tokenizer and runner.dialect.keeps_context,
+            why_not=_no_system_prompt_reason(runner),
+        )
+        line, system = placed.line, placed.system
+        warnings.append(placed.warning)
     return Turn(
         line=line,
         history=() if raw else tuple(messages[:start]),
@@ -182,6 +191,14 @@ def _templated_anyway(runner: Runner) -> str:
     if not runner.our_tokenizer:
         return "the stock tokenizer script applies the chat template to every prompt"
     return "this tokenizer server cannot encode a prompt without its chat template"
+
+
+def _no_system_prompt_reason(runner: Runner) -> str:
+    if runner.dialect.builtin_tokenizer:
+        return "the runner's built-in tokenizer takes no system prompt from the daemon"
+    if not runner.our_tokenizer:
+        return "the stock tokenizer script takes no system prompt from the daemon"
+    return "a legacy runner keeps no context to open with a system prompt"
 
 
 def _no_insert_reason(runner: Runner) -> str:
