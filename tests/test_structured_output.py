@@ -458,10 +458,8 @@ def test_openai_parse_with_a_pydantic_model(oai, api):
 # ---- LangChain with_structured_output -------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["json_schema", "json_mode", "function_calling"])
+@pytest.mark.parametrize("method", ["json_schema", "json_mode"])
 def test_langchain_chat_ollama_with_structured_output(daemon, method):
-    if method == "function_calling":
-        pytest.skip("function_calling binds the schema as a tool and reads a tool call: tools are issue 13 section 1")
     from langchain_ollama import ChatOllama
 
     value = {"x": 31, "label": f"ollama {method}"}
@@ -471,10 +469,8 @@ def test_langchain_chat_ollama_with_structured_output(daemon, method):
     assert as_dict.invoke(f"JSON, please. {directive('valid', value)}") == value
 
 
-@pytest.mark.parametrize("method", ["json_schema", "json_mode", "function_calling"])
+@pytest.mark.parametrize("method", ["json_schema", "json_mode"])
 def test_langchain_chat_openai_with_structured_output(daemon, method):
-    if method == "function_calling":
-        pytest.skip("function_calling binds the schema as a tool and reads a tool call: tools are issue 13 section 1")
     from langchain_openai import ChatOpenAI
 
     value = {"x": 41, "label": f"openai {method}"}
@@ -483,6 +479,20 @@ def test_langchain_chat_openai_with_structured_output(daemon, method):
     assert structured.invoke(f"Return the point as JSON. {directive('fenced', value)}") == Point(**value)
     raw = chat.with_structured_output(Point, method=method, include_raw=True).invoke(f"Again as JSON. {directive('retry', value)}")
     assert raw["parsed"] == Point(**value) and raw["parsing_error"] is None
+
+
+def test_langchain_function_calling_reads_the_schema_as_a_tool_call(daemon):
+    """with_structured_output(method="function_calling") binds the schema as a tool and reads the
+    call's arguments: the tools path (the scripted model calls the tool its line names)."""
+    from langchain_ollama import ChatOllama
+    from langchain_openai import ChatOpenAI
+
+    value = {"x": 51, "label": "function calling"}
+    line = f"Return the point. call tool Point {json.dumps(value)}"
+    ollama = ChatOllama(model="echo", base_url=daemon.url).with_structured_output(Point, method="function_calling")
+    assert ollama.invoke(line) == Point(**value)
+    chat = ChatOpenAI(model="echo", base_url=daemon.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    assert chat.with_structured_output(Point, method="function_calling").invoke(line) == Point(**value)
 
 
 # ---- an HTTP upstream -------------------------------------------------------------------------
