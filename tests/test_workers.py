@@ -221,7 +221,6 @@ def test_unknown_model_is_404_in_openais_shape(smollm2):
 @pytest.mark.slow
 @pytest.mark.parametrize("extra, param", [
     ({"tools": [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"n": 2}, "n"),
     ({"logprobs": True}, "logprobs"),
 ])
@@ -440,11 +439,27 @@ def test_unsupported_fields_are_named():
     assert unsupported_field({"tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "n": 1,
                               "presence_penalty": 0, "logprobs": False, "user": "me", "modalities": ["text"]}) is None
     for body, param in [({"tools": [{"type": "function"}]}, "tools"), ({"tool_choice": "required"}, "tool_choice"),
-                        ({"response_format": {"type": "json_schema"}}, "response_format"), ({"n": 3}, "n"),
+                        ({"n": 3}, "n"),
                         ({"frequency_penalty": 0.5}, "frequency_penalty"), ({"logit_bias": {"1": 5}}, "logit_bias"),
                         ({"modalities": ["text", "audio"]}, "modalities")]:
         error = unsupported_field(body)
         assert error is not None and (error.status_code, error.param) == (400, param)
+
+
+def test_response_format_becomes_the_daemons_instruction_in_the_system_prompt():
+    from workers.common import ApiError
+    from workers.transformers_worker import with_json_instruction
+
+    user = [{"role": "user", "content": "a point"}]
+    assert with_json_instruction(user, None) == user and with_json_instruction(user, {"type": "text"}) == user
+    told = with_json_instruction(user, {"type": "json_object"})
+    assert told[0]["role"] == "system" and "one JSON object" in told[0]["content"] and told[1:] == user
+    schema = {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object", "required": ["x"]}}}
+    merged = with_json_instruction([{"role": "system", "content": "Be brief."}, *user], schema)
+    assert merged[0]["content"].startswith("Be brief.\n\n") and '"required"' in merged[0]["content"]
+    with pytest.raises(ApiError) as bad:
+        with_json_instruction(user, {"type": "json_schema"})
+    assert bad.value.status_code == 400 and bad.value.param == "response_format"
 
 
 def test_chat_messages_take_text_only():

@@ -38,7 +38,10 @@ from transformers import (  # noqa: E402
 
 from ax_emulator.engines import default_gguf  # noqa: E402
 from llm_service.api.openai.wire import OpenAIMessage, StreamOptions  # noqa: E402  (the daemon's own shapes)
+from llm_service.engines.base import BadRequest  # noqa: E402
 from llm_service.stop_sequences import StopScanner  # noqa: E402
+from llm_service.structured.prompt import instruction  # noqa: E402
+from llm_service.structured.requests import from_openai_response_format  # noqa: E402
 from workers.common import (  # noqa: E402
     SSE_DONE,
     ApiError,
@@ -286,8 +289,6 @@ UNSUPPORTED: tuple[tuple[str, Any, str], ...] = (
     ("functions", _given, "functions are not supported: this worker does not call tools"),
     ("tool_choice", lambda v: v not in (None, "none", "auto"), "tool_choice is not supported: this worker does not call tools"),
     ("function_call", lambda v: v not in (None, "none", "auto"), "function_call is not supported: this worker does not call tools"),
-    ("response_format", lambda v: v is not None and not (isinstance(v, dict) and v.get("type") == "text"),
-     "response_format is not supported: only plain text answers"),
     ("n", lambda v: v != 1, "n must be 1: one answer per request"),
     ("logprobs", _given, "logprobs are not supported"),
     ("top_logprobs", lambda v: v is not None, "top_logprobs are not supported"),
@@ -370,8 +371,25 @@ def finish_reason(stopped_on_string: bool, completion_ids: Sequence[int], limit:
     return "length" if len(completion_ids) >= limit else "stop"
 
 
+def with_json_instruction(messages: list[dict[str, str]], response_format: Any) -> list[dict[str, str]]:
+    """`response_format` json_object / json_schema: this worker cannot constrain its sampling, so
+    the model is told, in the system prompt, as the daemon tells the card (the same words). The
+    daemon validates what comes back and asks again; a direct client gets the model's answer."""
+    try:
+        spec = from_openai_response_format(response_format)
+    except BadRequest as exc:
+        raise ApiError(400, exc.message, "invalid_request", "response_format") from None
+    if spec is None:
+        return messages
+    told = instruction(spec)
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{messages[0]['content']}\n\n{told}"}, *messages[1:]]
+    return [{"role": "system", "content": told}, *messages]
+
+
 def make_plan(chat: ChatModel, body: ChatRequest, adapter: str | None) -> Plan:
-    input_ids = chat.encode(chat_messages(body.messages))
+    messages = with_json_instruction(chat_messages(body.messages), (body.model_extra or {}).get("response_format"))
+    input_ids = chat.encode(messages)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     return Plan(
         input_ids=input_ids,
