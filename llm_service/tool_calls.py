@@ -25,6 +25,7 @@ from collections.abc import Collection
 from typing import Any
 
 from .engines.base import ToolCall
+from .json_text import StringScanner
 from tokenizer_service.tool_prompt import CALL_CLOSE, CALL_OPEN
 
 Event = str | ToolCall
@@ -354,22 +355,10 @@ class ToolCallParser:
 
 def _close_outside_strings(text: str) -> int:
     """Where the block's closing tag is, not counting one inside a JSON string; -1: not yet."""
-    in_string = escaped = False
-    at = 0
-    while at < len(text):
-        char = text[at]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char == "<" and text.startswith(CALL_CLOSE, at):
+    strings = StringScanner()
+    for at, char in enumerate(text):
+        if not strings.consumed(char) and char == "<" and text.startswith(CALL_CLOSE, at):
             return at
-        at += 1
     return -1
 
 

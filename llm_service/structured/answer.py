@@ -27,6 +27,7 @@ from typing import Any
 from jsonschema.exceptions import best_match
 from referencing.exceptions import Unresolvable
 
+from ..json_text import StringScanner
 from .output import StructuredOutput
 
 # A fence's opening line: ``` with an optional language word; the block ends at the next ```.
@@ -154,21 +155,16 @@ def _bracketed_spans(text: str) -> list[tuple[int, int]]:
     pairs: list[tuple[int, int]] = []
     spans: list[tuple[int, int]] = []
     stack: list[tuple[int, str]] = []  # (position, the bracket that closes it)
-    in_string = escaped = False
+    strings = StringScanner()
     for i, char in enumerate(text):
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
+        if strings.in_string:
+            strings.consumed(char)
         elif char in closing:
             stack.append((i, closing[char]))
         elif not stack:
-            continue  # prose: only brackets matter
-        elif char == '"':
-            in_string = True
+            continue  # prose: only brackets matter, and its quotes open no string
+        elif strings.consumed(char):
+            continue  # a string opens
         elif char in "}]":
             opened, expected = stack.pop()
             if char != expected:
@@ -231,19 +227,12 @@ def remove_trailing_commas(text: str) -> str | None:
     strings; None when there is none."""
     out: list[str] = []
     removed = False
-    in_string = escaped = False
+    strings = StringScanner()
     i, n = 0, len(text)
     while i < n:
         char = text[i]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
+        if strings.consumed(char):
+            pass
         elif char == ",":
             j = i + 1
             while j < n and text[j] in " \t\r\n":
