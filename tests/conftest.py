@@ -50,6 +50,22 @@ def lora_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture
+def client(daemon):
+    """The official `ollama` client on the module's `daemon` (a module may define its own)."""
+    import ollama
+
+    return ollama.Client(host=daemon.url, timeout=120)
+
+
+@pytest.fixture
+def oai(daemon):
+    """The official `openai` client on the module's `daemon`'s /v1."""
+    import openai
+
+    return openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--soak", action="store_true", help="run the long reliability soak tests")
 

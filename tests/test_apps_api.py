@@ -57,16 +57,6 @@ def daemon(root, fake):
         yield d
 
 
-@pytest.fixture
-def client(daemon) -> ollama.Client:
-    return ollama.Client(host=daemon.url, timeout=120)
-
-
-@pytest.fixture
-def oai(daemon) -> openai.OpenAI:
-    return openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
 def plain_ids(tokenizer_dir: Path, text: str) -> list[int]:
     """The ids of `text` encoded as it is, special tokens included: what a raw prompt prefills."""
     return Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).encode(text, add_special_tokens=False).ids

@@ -76,16 +76,6 @@ def daemon(tmp_path_factory, fake):
         yield d
 
 
-@pytest.fixture
-def client(daemon) -> ollama.Client:
-    return ollama.Client(host=daemon.url, timeout=120)
-
-
-@pytest.fixture
-def oai(daemon) -> openai.OpenAI:
-    return openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
 def post(daemon, path: str, body: dict[str, Any]) -> Any:
     """The raw answer (the clients drop `warnings`)."""
     with daemon.client(timeout=120) as http:

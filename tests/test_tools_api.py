@@ -13,7 +13,6 @@ answers with OpenAI's tool_calls deltas, or with the call written as text).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -70,16 +69,6 @@ def daemon(tmp_path_factory, fake):
     ]
     with running_daemon(root, entries) as d:
         yield d
-
-
-@pytest.fixture
-def client(daemon) -> ollama.Client:
-    return ollama.Client(host=daemon.url, timeout=120)
-
-
-@pytest.fixture
-def oai(daemon) -> openai.OpenAI:
-    return openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 def tool_round_line(contents: list[str], model: str) -> str:
