@@ -324,7 +324,7 @@ def chat_messages(messages: Sequence[OpenAIMessage]) -> list[dict[str, str]]:
     """The messages as the chat template takes them; tool turns are refused (no tools here)."""
     out = []
     for message in messages:
-        if message.role == "tool" or _given((message.model_extra or {}).get("tool_calls")):
+        if message.role == "tool" or _given(message.tool_calls):
             raise ApiError(400, "tool calls and tool messages are not supported: this worker does not call tools",
                            "unsupported_parameter", "messages")
         out.append({"role": "system" if message.role == "developer" else message.role, "content": _text_of(message)})
