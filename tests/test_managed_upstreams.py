@@ -111,10 +111,10 @@ def test_kill_9_mid_answer_is_an_explicit_error_then_a_restart_serves(daemon, cl
                 os.kill(first_pid, signal.SIGKILL)
     assert "lost the connection" in str(failure.value) or "upstream" in str(failure.value)
     assert 3 <= len(received) < 40
-    failed = daemon.wait_state("streamer", ("failed", "starting", "initializing", "ready"))
-    history = states_seen(daemon, "streamer")
-    assert "failed" in history[-4:] or failed["state"] == "failed"
-    assert "killed by signal SIGKILL" in json.dumps(daemon.get("/api/status/streamer")["history"])
+    # The broken connection can reach the client before the daemon has reaped the process.
+    wait_until(lambda: "killed by signal SIGKILL" in json.dumps(daemon.get("/api/status/streamer")["history"]), 15,
+               "the history to record the SIGKILL")
+    assert "failed" in states_seen(daemon, "streamer")
     # The next request is served by a new process.
     answer = chat(client, "streamer")
     assert answer.split() == [f"w{i}" for i in range(1, 41)]

@@ -46,8 +46,12 @@ def kill_mid_answer(client: openai.OpenAI, daemon, model: str) -> tuple[int, lis
 def assert_crash_then_restart(client: openai.OpenAI, daemon, model: str, messages: list[dict[str, Any]]) -> None:
     pid, received, error = kill_mid_answer(client, daemon, model)
     assert len(received) >= 3 and "upstream" in str(error)
-    history = daemon.get(f"/api/status/{model}")["history"]
-    assert any(t["to"] == "failed" and "killed by signal SIGKILL" in t["reason"] for t in history), history
+    # The broken connection can reach the client before the daemon has reaped the process.
+    def crash_recorded() -> bool:
+        history = daemon.get(f"/api/status/{model}")["history"]
+        return any(t["to"] == "failed" and "killed by signal SIGKILL" in t["reason"] for t in history)
+
+    wait_until(crash_recorded, 15, f"{model}'s history to record the SIGKILL")
     answer = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
     assert answer.choices[0].message.content
     status = daemon.get(f"/api/status/{model}")
