@@ -37,7 +37,7 @@ from transformers import (  # noqa: E402
 )
 
 from ax_emulator.engines import default_gguf  # noqa: E402
-from llm_service.api.openai.wire import OpenAIMessage, StreamOptions  # noqa: E402  (the daemon's own shapes)
+from llm_service.api.openai.wire import OpenAIMessage, StreamOptions, message_text  # noqa: E402  (the daemon's own shapes)
 from llm_service.engines.base import BadRequest  # noqa: E402
 from llm_service.stop_sequences import StopScanner  # noqa: E402
 from llm_service.structured.prompt import instruction  # noqa: E402
@@ -310,14 +310,10 @@ def unsupported_field(body: dict[str, Any]) -> ApiError | None:
 
 
 def _text_of(message: OpenAIMessage) -> str:
-    if message.content is None or isinstance(message.content, str):
-        return message.content or ""
-    texts = []
-    for part in message.content:
-        if part.type != "text":
-            raise ApiError(400, f'content parts of type "{part.type}" are not supported: text only', "unsupported_parameter", "messages")
-        texts.append(part.text or "")
-    return "".join(texts)
+    try:
+        return message_text(message)
+    except BadRequest as exc:  # the daemon's check, in this worker's error shape
+        raise ApiError(400, exc.message, "unsupported_parameter", "messages") from None
 
 
 def chat_messages(messages: Sequence[OpenAIMessage]) -> list[dict[str, str]]:

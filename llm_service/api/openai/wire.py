@@ -79,7 +79,8 @@ class EmbeddingBody(_Lenient):
     dimensions: int | None = Field(None, ge=1, le=65536)
 
 
-def _text_of(message: OpenAIMessage) -> str:
+def message_text(message: OpenAIMessage) -> str:
+    """A message's text: its string, or its text parts joined; any other part is a BadRequest."""
     if message.content is None or isinstance(message.content, str):
         return message.content or ""
     texts = []
@@ -113,9 +114,9 @@ def chat_messages(body: ChatCompletionBody) -> list[ChatMessage]:
         names.update(tool_names_by_id(calls))
         if role == "tool":
             name = m.name or names.get(m.tool_call_id or "")
-            messages.append(ChatMessage("tool", _text_of(m), tool_name=name, tool_call_id=m.tool_call_id))
+            messages.append(ChatMessage("tool", message_text(m), tool_name=name, tool_call_id=m.tool_call_id))
         else:
-            messages.append(ChatMessage(role, _text_of(m), calls))
+            messages.append(ChatMessage(role, message_text(m), calls))
     if messages[-1].role not in ("user", "tool"):
         raise BadRequest('the last message must have the role "user" or "tool"')
     return messages
