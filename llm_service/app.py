@@ -11,6 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import __version__
 from .api import models, ollama, openai, status
 from .api.errors import install_error_handlers
+from .api.hot_routes import HotRoutesMiddleware
 from .metrics import MetricsHub
 from .models import ModelManager
 from .security import install_security
@@ -96,6 +97,8 @@ def create_app(settings: Any) -> FastAPI:
     app.include_router(models.router)
     app.include_router(openai.router)
     install_error_handlers(app)
+    # Innermost of ours, so that keys, body limits and the HTTP metrics apply to it as to the rest.
+    app.add_middleware(HotRoutesMiddleware, routers=[ollama.router, openai.router], exception_handlers=app.exception_handlers)
     install_security(app, settings)
     app.add_middleware(JsonBodiesByDefault)
     app.add_middleware(HttpMetricsMiddleware, metrics=hub)

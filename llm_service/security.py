@@ -73,8 +73,13 @@ class SecurityMiddleware:
             f"request body too large: the limit is {self.max_body_bytes} bytes (max_body_bytes)"
         )
         declared = headers.get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
-            await send_error(send, path, 413, too_large, "request_too_large")
+        if declared.isdigit():
+            if int(declared) > self.max_body_bytes:
+                await send_error(send, path, 413, too_large, "request_too_large")
+                return
+            # The server frames the body by its Content-Length: it cannot grow past it, so the
+            # request needs no counting on the way in (nor a wrapper around every chunk sent).
+            await self.app(scope, receive, send)
             return
         await self._call_with_body_limit(scope, receive, send, path, too_large)
 
@@ -90,7 +95,7 @@ class SecurityMiddleware:
     async def _call_with_body_limit(
         self, scope: Scope, receive: Receive, send: Send, path: str, too_large: str
     ) -> None:
-        """Run the app, failing with 413 once a chunked body grows past the limit."""
+        """Run the app, failing with 413 once a body of undeclared length (chunked) grows past the limit."""
         received = 0
         response_started = False
 

@@ -24,6 +24,8 @@ from ..logging_setup import request_id_var
 
 T = TypeVar("T")
 
+CLIENT_GONE = 499  # nginx's convention for a client that closed the connection first
+
 
 def new_request_id() -> str:
     """A fresh request id, also made the id every log line of this request carries."""
@@ -98,31 +100,12 @@ class PrefetchedStream:
             await self._stream.aclose()  # type: ignore[attr-defined]
 
 
-async def open_stream(request: Request, stream: AsyncIterator[Any], deadline: float) -> PrefetchedStream | None:
-    """Prefetch the first item while watching for a disconnect and the deadline. None when the
-    client left."""
-    prefetched = PrefetchedStream(stream)
-
-    async def prefetch() -> None:
-        try:
-            with anyio.fail_after(max(0.0, deadline - time.monotonic())):
-                await prefetched.prefetch()
-        except TimeoutError:
-            raise deadline_error() from None
-
-    try:
-        completed, _ = await until_disconnect(request, prefetch)
-    except BaseException:
-        await prefetched.aclose()
-        raise
-    if not completed:
-        await prefetched.aclose()
-        return None
-    return prefetched
-
-
 class StreamingAnswer(StreamingResponse):
-    """A streamed answer that ends at the request's deadline with one last error item.
+    """A streamed answer: its first item is fetched before the response starts, so that an error
+    up to then (404, 503 queue full, a model that failed to load, the deadline) is an ordinary
+    error response with its status code, raised to the exception handlers. A client that leaves
+    first cancels the request. After the first byte, the deadline ends the answer with one last
+    error item.
 
     The deadline wraps the whole body in one cancel scope, here in a plain coroutine: a scope
     inside the body's async generators would span their `yield`s, which anyio forbids.
@@ -130,33 +113,64 @@ class StreamingAnswer(StreamingResponse):
 
     def __init__(
         self,
-        body: AsyncIterator[bytes],
+        items: AsyncIterator[Any],
+        render: Callable[[PrefetchedStream], AsyncIterator[bytes]],
         *,
         deadline: float,
         error_item: Callable[[EngineError], bytes],
         media_type: str,
         headers: dict[str, str],
     ) -> None:
-        super().__init__(body, media_type=media_type, headers=headers)
+        self._answer = PrefetchedStream(items)
+        super().__init__(render(self._answer), media_type=media_type, headers=headers)
         self._deadline = deadline
         self._error_item = error_item
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The answer is written from this task and the disconnect is watched from a child task
-        (Starlette does it the other way round): the headers and the first item go out without
-        waiting for a task switch. A client that leaves cancels the writing, as in Starlette."""
+        """One task group for the whole answer: the first item is awaited and the answer written
+        from this task while a child task watches for the disconnect (Starlette does it the other
+        way round), so the first item goes out without waiting for a task switch."""
+        gone = False
+        failure: Exception | None = None
+        self._started = False
         async with anyio.create_task_group() as tg:
 
             async def watch() -> None:
+                nonlocal gone
+                # The body has been read: the next message on the channel can only be the disconnect.
                 while (await receive())["type"] != "http.disconnect":
                     pass
+                gone = True
                 tg.cancel_scope.cancel()
 
             tg.start_soon(watch)
-            await self.stream_response(send)
+            try:
+                await self._prefetch()
+            except Exception as exc:  # re-raised below as itself, not inside an exception group
+                failure = exc
+            else:
+                await self.stream_response(send)
             tg.cancel_scope.cancel()
+        if failure is not None:
+            await self._answer.aclose()
+            raise failure
+        if gone:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+                await self._answer.aclose()
+                if not self._started:  # nobody reads it; it records the request as abandoned
+                    await send({"type": "http.response.start", "status": CLIENT_GONE, "headers": []})
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _prefetch(self) -> None:
+        try:
+            with anyio.fail_after(max(0.0, self._deadline - time.monotonic())):
+                await self._answer.prefetch()
+        except TimeoutError:
+            raise deadline_error() from None
 
     async def stream_response(self, send: Send) -> None:
+        self._started = True
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         with anyio.move_on_after(max(0.0, self._deadline - time.monotonic())) as scope:
             async for chunk in self.body_iterator:

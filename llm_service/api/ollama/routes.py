@@ -21,14 +21,13 @@ from ...tools import parse_tools
 from ...timestamps import now_rfc3339, rfc3339_in
 from ...structured import attempts as structured_attempts
 from ...structured.requests import from_ollama_format
-from ..streaming import PrefetchedStream, StreamingAnswer, new_request_id, open_stream, until_disconnect
+from ..streaming import CLIENT_GONE, PrefetchedStream, StreamingAnswer, new_request_id, until_disconnect
 from . import wire
 from .show import ShowInput, show_answer
 from .wire import ChatBody, ChatShapes, GenerateBody, GenerateShapes, ModelBody, PullBody
 
 router = APIRouter()
 
-CLIENT_GONE = 499  # nginx's convention for a client that closed the connection first
 
 
 def _check_unsupported(images: list[str] | None, messages: list[wire.OllamaMessage] = ()) -> None:
@@ -56,12 +55,9 @@ async def _answer(
         return JSONResponse(shapes.final(whole.result, whole.content, whole.thinking, whole.tool_calls), headers=headers)
     items = (structured_attempts.generate(manager, model, gen_request, keep_alive) if structured
              else manager.generate(model, gen_request, keep_alive=keep_alive))
-    answer = await open_stream(request, items, gen_request.deadline)
-    if answer is None:
-        return Response(status_code=CLIENT_GONE)
     return StreamingAnswer(
-        _ndjson(answer, shapes), deadline=gen_request.deadline, error_item=lambda exc: wire.error_line(exc.message),
-        media_type="application/x-ndjson", headers=headers,
+        items, lambda answer: _ndjson(answer, shapes), deadline=gen_request.deadline,
+        error_item=lambda exc: wire.error_line(exc.message), media_type="application/x-ndjson", headers=headers,
     )
 
 

@@ -21,12 +21,10 @@ from ...tools import parse_tool_choice, parse_tools
 from ...structured import attempts as structured_attempts
 from ...structured.requests import from_openai_response_format
 from ..errors import openai_error_body
-from ..streaming import PrefetchedStream, StreamingAnswer, new_request_id, open_stream, until_disconnect
+from ..streaming import CLIENT_GONE, PrefetchedStream, StreamingAnswer, new_request_id, until_disconnect
 from . import wire
 
 router = APIRouter()
-
-CLIENT_GONE = 499  # nginx's convention, as the Ollama routes use it
 
 
 def _sse(body: dict[str, Any] | str) -> bytes:
@@ -50,6 +48,7 @@ async def _answer(
     stream: bool,
     stream_events: Callable[[PrefetchedStream], AsyncIterator[dict[str, Any]]],
     whole: Callable[[Completion], dict[str, Any]],
+    opening: dict[str, Any] | None = None,
 ) -> Response:
     manager = request.app.state.manager
     headers = {"X-Request-Id": gen_request.id}
@@ -64,24 +63,25 @@ async def _answer(
             return Response(status_code=CLIENT_GONE)
         return JSONResponse(whole(completion), headers=headers)
     items = structured_attempts.generate(manager, model, gen_request) if structured else manager.generate(model, gen_request)
-    answer = await open_stream(request, items, gen_request.deadline)
-    if answer is None:
-        return Response(status_code=CLIENT_GONE)
     return StreamingAnswer(
-        _sse_stream(stream_events(answer)), deadline=gen_request.deadline, error_item=_sse_error,
-        media_type="text/event-stream", headers=headers,
+        items, lambda answer: _sse_stream(stream_events(answer), opening), deadline=gen_request.deadline,
+        error_item=_sse_error, media_type="text/event-stream", headers=headers,
     )
 
 
-async def _sse_stream(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
-    """The events, then [DONE]. A client that leaves cancels us; the answer stream closes on the way out."""
+async def _sse_stream(events: AsyncIterator[dict[str, Any]], opening: dict[str, Any] | None) -> AsyncIterator[bytes]:
+    """The events, then [DONE]. The opening event (the chat role chunk) goes out in one write with
+    the first answer event: one less write and wake-up before the client has the first token.
+    A client that leaves cancels us; the answer stream closes on the way out."""
+    pending = _sse(opening) if opening is not None else b""
     try:
         async for event in events:
-            yield _sse(event)
+            yield pending + _sse(event)
+            pending = b""
     except EngineError as exc:
-        yield _sse_error(exc)
+        yield pending + _sse_error(exc)
         return
-    yield _sse("[DONE]")
+    yield pending + _sse("[DONE]")
 
 
 @router.post("/v1/chat/completions")
@@ -100,7 +100,6 @@ async def chat_completions(request: Request, body: wire.ChatCompletionBody) -> R
     shapes = wire.ChatShapes(f"chatcmpl-{gen_request.id}", body.model, int(time.time()), include_usage)
 
     async def events(answer: PrefetchedStream) -> AsyncIterator[dict[str, Any]]:
-        yield shapes.role_chunk()
         async for item in answer.items():
             if isinstance(item, Chunk):
                 yield shapes.delta_chunk(item)
@@ -111,7 +110,7 @@ async def chat_completions(request: Request, body: wire.ChatCompletionBody) -> R
     def whole(completion: Completion) -> dict[str, Any]:
         return shapes.whole(completion.result, completion.content, completion.thinking, completion.tool_calls)
 
-    return await _answer(request, body.model, gen_request, body.stream, events, whole)
+    return await _answer(request, body.model, gen_request, body.stream, events, whole, opening=shapes.role_chunk())
 
 
 @router.post("/v1/completions")
