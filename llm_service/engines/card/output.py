@@ -252,6 +252,11 @@ def runner_error_kind(message: str) -> str | None:
 _ESC = 0x1B
 _NORMAL, _AFTER_ESC, _IN_CSI = range(3)
 _MAX_CSI_BYTES = 32
+# A whole CSI sequence as the byte-wise reader below accepts it. Every log line carries two, and
+# reading them whole takes the parsing of a log chunk from ~0.25 to ~0.1 µs a byte: such a
+# chunk comes right before a turn's first text. A sequence split across reads, or one the
+# pattern does not take, goes through the byte-wise reader.
+_WHOLE_CSI = re.compile(rb"\x1b\[([\x20-\x3f]{0,%d})([\x40-\x7e])" % _MAX_CSI_BYTES)
 
 
 class RunnerOutputParser:
@@ -346,6 +351,15 @@ class RunnerOutputParser:
                     return
                 if esc > index:
                     self._plain(data[index:esc])
+                whole = _WHOLE_CSI.match(data, esc)
+                if whole is not None:
+                    params, final = whole.group(1, 2)
+                    self._escape[:] = whole.group(0)
+                    self._csi[:] = params
+                    colour = final == b"m"
+                    self._escape_done(colour=colour, reset=colour and params in (b"", b"0"))
+                    index = whole.end()
+                    continue
                 self._escape_state = _AFTER_ESC
                 self._escape[:] = b"\x1b"
                 index = esc + 1
