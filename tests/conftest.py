@@ -32,6 +32,17 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def hf_upstream(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    """`transformers serve` on SmolLM2, started once for the modules of TRANSFORMERS_SERVE_GROUP
+    (each load of torch and the model costs ~40 s of CPU on a 2-core machine)."""
+    from upstream_support import transformers_serve
+
+    server = transformers_serve(checkpoint, tmp_path_factory.mktemp("hf-upstream")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def lora_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A seeded random LoRA adapter for SmolLM2, made in a subprocess: the random base model it
     builds (~0.5 GB) stays out of the test process."""
@@ -98,7 +109,7 @@ SHARED_FIXTURE_MODULES = {
     "tests/test_cli.py",  # the status server
     "tests/test_daemon_api.py",  # the daemon with every dialect's model
     "tests/test_emulator.py",  # emulator_tokenizer
-    "tests/test_http_engine.py",  # `transformers serve`
+    "tests/test_http_engine.py",  # `transformers serve` (hf_upstream), with test_openai_api
     "tests/test_managed_upstreams.py",  # the daemon and its managed fake upstreams
     "tests/test_managed_workers.py",  # the daemon and the workers it launches
     "tests/test_workers.py",  # the SmolLM2 and MiniLM workers
@@ -140,6 +151,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):  # noqa: ANN001, AN
     class SharedFixtureScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             module = nodeid.split("::", 1)[0]
+            if module in SHARED_UNITS:
+                return SHARED_UNITS[module]
             return module if module in SHARED_FIXTURE_MODULES else nodeid
 
     config.option.loadscopereorder = False  # keep the collection's order: START_FIRST first

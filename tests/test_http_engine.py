@@ -33,7 +33,7 @@ from llm_service.admission import AdmissionQueue
 from llm_service.metrics import MetricsHub
 from llm_service.settings import DaemonSettings
 from llm_service.tokenizer_client import TokenizerClient
-from upstream_support import FakeUpstream, transformers_serve
+from upstream_support import FakeUpstream
 
 SETTINGS = DaemonSettings(backoff_min_s=0.05, backoff_max_s=0.4, metrics_dir=None)
 
@@ -85,13 +85,6 @@ def fake(tmp_path: Path):
     upstream.stop()
 
 
-@pytest.fixture(scope="module")
-def hf_upstream(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
-    server = transformers_serve(checkpoint, tmp_path_factory.mktemp("hf-upstream")).start()
-    yield server
-    server.stop()
-
-
 # ---- the real upstream ----------------------------------------------------------------------
 
 
@@ -117,10 +110,11 @@ def test_streams_a_real_answer_with_real_usage(hf_upstream, checkpoint: Path) ->
     anyio.run(scenario)
 
 
-@pytest.mark.slow
-def test_upstream_going_down_fails_the_model_and_coming_back_recovers_it(checkpoint: Path, tmp_path: Path) -> None:
-    server = transformers_serve(checkpoint, tmp_path).start()
-    spec = spec_for(server.base_url, upstream_model=str(checkpoint), retries=1)
+def test_upstream_going_down_fails_the_model_and_coming_back_recovers_it(tmp_path: Path) -> None:
+    # The fake upstream, stopped and started again on its port: what matters is the server
+    # going away and coming back, not which model it serves (a real one costs two loads of torch).
+    server = FakeUpstream(tmp_path, words=3).start()
+    spec = spec_for(server.base_url + "/v1", upstream_model="fake-upstream-model", retries=1)
 
     async def scenario() -> None:
         async with running(spec) as engine:

@@ -19,20 +19,17 @@ from harness import net
 from harness.daemon import running_daemon
 from harness.models import scripted_model
 from fake_upstreams import DEFAULTS as FAKE_DEFAULTS
-from upstream_support import FakeUpstream, transformers_serve
+from upstream_support import FakeUpstream
 
 WORDS = 8
 FAKE_CONFIG = {"embeddings": True}
 
 
 @pytest.fixture(scope="module")
-def upstreams(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
-    logs = tmp_path_factory.mktemp("openai-upstreams")
-    real = transformers_serve(checkpoint, logs).start()
-    fake = FakeUpstream(logs, **FAKE_CONFIG).start()
-    yield real, fake
+def upstreams(hf_upstream, tmp_path_factory: pytest.TempPathFactory):
+    fake = FakeUpstream(tmp_path_factory.mktemp("openai-upstreams"), **FAKE_CONFIG).start()
+    yield hf_upstream, fake
     fake.stop()
-    real.stop()
 
 
 @pytest.fixture(scope="module")
