@@ -81,6 +81,15 @@ def test_boundaries_turn_paragraph_sentence() -> None:
     ]
 
 
+def test_abbreviations_and_speaker_labels_end_no_sentence_and_prose_colons_are_no_speakers() -> None:
+    text = "Dr. Chen: I met Mr. Smith, e.g. at lunch. I said no. Fine.\nThe plan is simple: we ship."
+    found = [(text[s.start:s.end], s.boundary) for s in split_sentences(text, words)]
+    assert found == [
+        ("Dr. Chen: I met Mr. Smith, e.g. at lunch.", Boundary.TURN), ("I said no.", Boundary.SENTENCE),
+        ("Fine.", Boundary.SENTENCE), ("The plan is simple: we ship.", Boundary.PARAGRAPH),
+    ]
+
+
 def test_without_speakers_blank_lines_are_turns_and_sentence_ending_lines_paragraphs() -> None:
     text = "First thing. Second\nline wraps here.\nNew line.\n\nNext block."
     found = [(text[s.start:s.end], s.boundary) for s in split_sentences(text, words)]
@@ -173,6 +182,12 @@ def test_the_chunks_own_count_decides_when_the_tokenizer_does_not_add_up() -> No
     chunks = plan_chunks(text, CARD, with_newlines)
     assert all(chunk.tokens == with_newlines(chunk.text) <= CARD.create_new_turn_after for chunk in chunks)
     assert [m for chunk in chunks for m in re.findall(r"s\d{5}", chunk.text)] == markers
+
+
+def test_a_template_that_leaves_no_room_is_refused() -> None:
+    crowded = ChunkLimits(total_context=2048, max_generation=1000, create_new_turn_after=500, template_tokens=1048)
+    with pytest.raises(ChunkingError, match=r"the template \(1048 tokens\) and maxGenerationLength \(1000\) leave no room"):
+        plan_chunks("Some text.", crowded, words)
 
 
 def test_empty_input_has_no_chunks() -> None:

@@ -46,11 +46,17 @@ class Boundary(IntEnum):
     TURN = 3
 
 
-# A speaker line: an optional [timestamp], a name of up to five words, a colon.
+# A speaker line: an optional [timestamp], a name of up to four capitalised words (or numbers:
+# "Speaker 2"), a colon. Lower-case words keep prose such as "The plan is simple:" out.
 _SPEAKER_LINE = re.compile(
-    r"^[ \t]*(?:\[[\d:.,]+\][ \t]*)?[A-Z][\w'.\-]*(?:[ \t][\w'.\-]+){0,4}[ \t]*:(?=\s|$)", re.MULTILINE)
+    r"^[ \t]*(?:\[[\d:.,]+\][ \t]*)?[A-Z][\w'.\-]*(?:[ \t](?:[A-Z][\w'.\-]*|\d+)){0,3}[ \t]*:(?=\s|$)",
+    re.MULTILINE)
+# A period after these ends no sentence.
+_ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "prof", "st", "sr", "jr", "vs", "etc", "e.g", "i.e",
+                            "approx", "fig"})
 _BLANK_LINE = re.compile(r"\n[ \t]*\n\s*")
 # The end of a sentence: its punctuation (and closing quotes/brackets), then the space after it.
+_LAST_WORD = re.compile(r"[(\[\"']*([\w.]+)$")
 _SENTENCE_END = re.compile(r"[.!?…]+[\"'”’)\]]*(\s+)")
 
 
@@ -126,12 +132,20 @@ def split_sentences(text: str, count_tokens: CountTokens) -> list[Sentence]:
     has_speakers = _SPEAKER_LINE.search(text) is not None
     # Where a new segment begins, and how strongly: speaker lines and blank lines always cut.
     breaks: dict[int, Boundary] = {}
+    label_ends: dict[int, int] = {}  # speaker labels (start → end): "Dr. Chen:" holds no sentence end
     for match in _BLANK_LINE.finditer(text):
         breaks[match.end()] = Boundary.PARAGRAPH if has_speakers else Boundary.TURN
     if has_speakers:
         for match in _SPEAKER_LINE.finditer(text):
             breaks[match.start() + len(match.group()) - len(match.group().lstrip())] = Boundary.TURN
+            label_ends[match.start()] = match.end()
     for match in _SENTENCE_END.finditer(text):
+        before = _LAST_WORD.search(text, max(0, match.start() - 12), match.start())
+        if match.group().startswith(".") and before and before.group(1).lower() in _ABBREVIATIONS:
+            continue
+        line_start = text.rfind("\n", 0, match.start()) + 1  # a label begins its line
+        if match.start() < label_ends.get(line_start, -1):
+            continue
         boundary = Boundary.PARAGRAPH if "\n" in match.group(1) else Boundary.SENTENCE
         breaks[match.end()] = max(breaks.get(match.end(), boundary), boundary)
     sentences: list[Sentence] = []
@@ -155,6 +169,10 @@ def plan_chunks(text: str, limits: ChunkLimits, count_tokens: CountTokens) -> li
     if not sentences:
         return []
     largest_room = limits.room(0)
+    if largest_room <= 0:
+        raise ChunkingError(
+            f"the template ({limits.template_tokens} tokens) and maxGenerationLength "
+            f"({limits.max_generation}) leave no room for input in {limits.total_context} tokens")
     for index, sentence in enumerate(sentences):
         if sentence.tokens > largest_room:
             raise SentenceTooLong(index, sentence.start, sentence.tokens, max(largest_room, 0),
