@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from llm_service.services.manifest import (
-    ManifestError, ManifestFile, check_inputs, check_template, load_catalog, parse_manifest,
-    render_template, strip_json_comments,
+    ManifestError, ManifestFile, check_inputs, check_template, chunk_limits, load_catalog,
+    parse_manifest, render_template, strip_json_comments,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -178,3 +178,14 @@ def test_the_worked_examples_parse_and_render(name: str) -> None:
     if parsed.type == "map-reduce":
         combined = render_template(template, name, {**inputs, "transcript": ""}, ["one", "two"], combine=True)
         assert "one" in combined and "two" in combined and "Transcript:" not in combined
+
+
+def test_chunk_limits_of_a_flavor() -> None:
+    summary = parse_manifest(json.dumps(manifest()), "x")
+    limits = chunk_limits(summary, "small", template_tokens=90)
+    assert (limits.total_context, limits.max_generation, limits.create_new_turn_after,
+            limits.summary_turns, limits.max_new_turns, limits.template_tokens) == (2048, 256, 1000, 2, 32, 90)
+    assert limits.room(2) == 2048 - 256 - 90 - 2 * 256
+    # A clean-up carries no summaries, whatever its flavor says.
+    cleanup = parse_manifest(json.dumps(manifest(type="map")), "x")
+    assert chunk_limits(cleanup, "small", template_tokens=90).summary_turns == 0

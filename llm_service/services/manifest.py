@@ -29,6 +29,8 @@ from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .chunker import ChunkLimits
+
 SERVICE_TYPES = ("single", "map", "map-reduce")
 CHUNKED_TYPES = frozenset({"map", "map-reduce"})
 # Names the template sees besides the input fields; an input field may not take them.
@@ -219,6 +221,18 @@ def render_template(
                                chunk_number=chunk_number, chunk_count=chunk_count)
     except TemplateError as exc:
         raise ManifestError(f"{source}: template error: {exc}") from None
+
+
+def chunk_limits(manifest: Manifest, flavor: str, template_tokens: int,
+                 summary_tokens: int | None = None) -> ChunkLimits:
+    """What the chunker needs of a flavor; a plain map carries no summaries whatever the flavor says.
+    `template_tokens`: the template rendered with an empty chunk and no summaries."""
+    chosen = manifest.flavors[flavor]
+    return ChunkLimits(
+        total_context=chosen.total_context_length, max_generation=chosen.max_generation_length,
+        create_new_turn_after=chosen.create_new_turn_after,
+        summary_turns=chosen.summary_turns if manifest.type == "map-reduce" else 0,
+        max_new_turns=chosen.max_new_turns, template_tokens=template_tokens, summary_tokens=summary_tokens)
 
 
 def check_inputs(manifest: Manifest, inputs: Mapping[str, Any]) -> dict[str, str]:
