@@ -70,6 +70,8 @@ class Sentence:
 
 @dataclass(frozen=True)
 class Chunk:
+    """One virtual turn: a slice of the input, whole sentences only."""
+
     text: str
     start: int  # offsets into the input
     end: int
@@ -175,7 +177,7 @@ def plan_chunks(text: str, limits: ChunkLimits, count_tokens: CountTokens) -> li
             f"({limits.max_generation}) leave no room for input in {limits.total_context} tokens")
     for index, sentence in enumerate(sentences):
         if sentence.tokens > largest_room:
-            raise SentenceTooLong(index, sentence.start, sentence.tokens, max(largest_room, 0),
+            raise SentenceTooLong(index, sentence.start, sentence.tokens, largest_room,
                                   text[sentence.start:sentence.start + 40])
     # The summaries give way before the chunk shrinks below the size it aims at.
     carried = next((k for k in range(limits.summary_turns, -1, -1)
@@ -225,15 +227,12 @@ def _cut(sentences: Sequence[Sentence], start: int, target: int, before: int | N
         fills.append((end, fill))
     if end == len(sentences):
         return end  # the rest fits: no boundary to choose
-
-    def strength(position: int) -> Boundary:
-        return sentences[position].boundary
-
-    full_enough = [(position, tokens) for position, tokens in fills if tokens >= MIN_FILL * target]
+    # A cut at `position` falls on the boundary before sentence `position`.
+    full_enough = [position for position, tokens in fills if tokens >= MIN_FILL * target]
     if not full_enough:
         return end
-    best = max(strength(position) for position, _ in full_enough)
-    return max(position for position, _ in full_enough if strength(position) == best)
+    best = max(sentences[position].boundary for position in full_enough)
+    return max(position for position in full_enough if sentences[position].boundary == best)
 
 
 def summaries_to_carry(summaries: Sequence[str], room: int, limit: int, count_tokens: CountTokens) -> list[str]:
