@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from llm_service.services.chunker import ChunkingError, combine_batches, plan_chunks
 from llm_service.services.manifest import (
-    ManifestError, ManifestFile, check_inputs, check_template, chunk_limits, load_catalog,
+    Manifest, ManifestError, ManifestFile, check_inputs, check_template, chunk_limits, load_catalog,
     parse_manifest, render_template, strip_json_comments,
 )
+from llm_service.services.prompts import chunk_prompt, combine_costs, combine_prompt, service_limits
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -189,3 +191,59 @@ def test_chunk_limits_of_a_flavor() -> None:
     # A clean-up carries no summaries, whatever its flavor says.
     cleanup = parse_manifest(json.dumps(manifest(type="map")), "x")
     assert chunk_limits(cleanup, "small", template_tokens=90).summary_turns == 0
+
+
+def example(name: str) -> tuple[Manifest, str]:
+    folder = REPO / "services"
+    parsed = parse_manifest((folder / f"{name}.json").read_text(encoding="utf-8"), name)
+    return parsed, (folder / f"{name}.txt").read_text(encoding="utf-8")
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+def long_transcript(turns: int) -> str:
+    return "\n".join(f"{'Alice' if n % 2 else 'Bob'}: " + " ".join(
+        f"Point {n}.{k} is about the budget and the plan." for k in range(8)) for n in range(turns))
+
+
+def test_a_long_meeting_through_the_summary_example_every_prompt_fits() -> None:
+    parsed, template = example("meeting-summary")
+    inputs = check_inputs(parsed, {"transcript": long_transcript(260)})  # ~19,000 words
+    limits = service_limits(template, "meeting-summary.txt", parsed, "card", inputs, words)
+    chunks = plan_chunks(inputs["transcript"], limits, words)
+    assert len(chunks) > 10
+    summaries: list[str] = []
+    for number, chunk in enumerate(chunks, start=1):
+        prompt = chunk_prompt(template, "t", parsed, "card", inputs, chunk, number, len(chunks), summaries, words)
+        assert chunk.text in prompt.text and prompt.tokens + 256 <= 2048
+        assert prompt.carried_summaries == min(2, number - 1)
+        summaries.append(f"summary {number} " + "word " * 200)
+    # Longer summaries than reserved: the oldest gives way, the prompt still fits.
+    long_ones = ["old " * 500, "new " * 500]
+    prompt = chunk_prompt(template, "t", parsed, "card", inputs, chunks[2], 3, len(chunks), long_ones, words)
+    assert prompt.carried_summaries == 1 and "new new" in prompt.text and "old old" not in prompt.text
+    assert prompt.tokens + 256 <= 2048
+    # The combine step: batches that fit, each batch's prompt within the context.
+    fixed, per_summary = combine_costs(template, "t", parsed, inputs, words)
+    assert fixed > 10 and per_summary == 2  # "Part N:"
+    room = 2048 - 256 - fixed
+    batches = combine_batches([words(s) + per_summary for s in summaries], room)
+    assert len(batches) > 1 and [i for batch in batches for i in batch] == list(range(len(summaries)))
+    for batch in batches:
+        combined = combine_prompt(template, "t", parsed, "card", inputs, summaries[batch.start:batch.stop], words)
+        assert combined.tokens + 256 <= 2048 and "Combine them" in combined.text
+    with pytest.raises(ChunkingError, match="combine fewer at once"):
+        combine_prompt(template, "t", parsed, "card", inputs, summaries, words)
+
+
+def test_the_cleanup_example_carries_no_summaries() -> None:
+    parsed, template = example("transcript-cleanup")
+    inputs = check_inputs(parsed, {"transcript": long_transcript(40)})
+    limits = service_limits(template, "t", parsed, "card", inputs, words)
+    assert limits.summary_turns == 0
+    chunks = plan_chunks(inputs["transcript"], limits, words)
+    prompts = [chunk_prompt(template, "t", parsed, "card", inputs, chunk, n, len(chunks), ["ignored"], words)
+               for n, chunk in enumerate(chunks, start=1)]
+    assert all(p.carried_summaries == 0 and "ignored" not in p.text and p.tokens + 900 <= 2048 for p in prompts)
