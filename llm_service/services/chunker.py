@@ -23,7 +23,7 @@ chunk, in order; a chunk is a slice of the input as written. A sentence that can
 alone and without summaries raises `SentenceTooLong`, naming where it is and its size.
 
 `count_tokens` is the model's tokenizer (or an estimate); it is called once per sentence and once
-per chunk, the chunk's own count deciding whether it fits.
+per chunk tried, the chunk's own count deciding whether it fits (a tokenizer need not add up).
 """
 from __future__ import annotations
 
