@@ -1,0 +1,1 @@
+"""Prompt services: manifests with their templates, and the chunking of inputs longer than a context."""
