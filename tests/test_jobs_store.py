@@ -484,3 +484,89 @@ def test_a_read_only_database_is_a_clear_store_error(folder_writable):
         for dirpath, _, _ in os.walk(folder):
             os.chmod(dirpath, 0o755)
         subprocess.run(["rm", "-rf", str(folder)], check=False)
+
+
+# -- progress and concurrent claims ------------------------------------------------------------
+
+
+def test_model_progress_counts_pending_and_running_items(store, clock):
+    first = started_job(store, "a", "b")
+    clock.now += 10
+    started_job(store, "c")
+    started_job(store, "x", model="other")
+    running = store.claim_next_item("m")
+    assert store.model_progress() == {
+        "m": store_module.ModelProgress(pending=2, running=1, oldest_pending_since=first.created_at),
+        "other": store_module.ModelProgress(pending=1, running=0, oldest_pending_since=clock.now),
+    }
+    store.record_response(running.job_id, running.line, 200, "r", {})
+    drain(store)
+    drain(store, "other")
+    assert store.model_progress() == {}
+
+
+def test_concurrent_claims_from_threads_and_a_second_store_take_each_item_once(tmp_path, store):
+    import threading
+
+    ids = [f"c{n}" for n in range(120)]
+    started_job(store, *ids[:60])
+    started_job(store, *ids[60:])
+    other = SqliteJobStore(tmp_path)  # another connection to the same file
+    claimed: list[str] = []
+    recorded: list[bool] = []
+    lock = threading.Lock()
+
+    def work(on: SqliteJobStore) -> None:
+        while (item := on.claim_next_item("m")) is not None:
+            ok = on.record_response(item.job_id, item.line, 200, "r", {})
+            with lock:
+                claimed.append(item.custom_id)
+                recorded.append(ok)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in (store, store, other, other)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    other.close()
+    assert sorted(claimed) == sorted(ids) and all(recorded)
+
+
+_KILLED_WORKER = """
+import sys, time
+from pathlib import Path
+from llm_service.jobs.store import SqliteJobStore
+store = SqliteJobStore(Path(sys.argv[1]))
+store.recover_running()
+print("ready", flush=True)
+while (item := store.claim_next_item("m")) is not None:
+    time.sleep(0.005)  # the item "runs"
+    store.record_response(item.job_id, item.line, 200, "r", {"echo": item.body["prompt"]})
+"""
+
+
+def test_a_store_killed_again_and_again_ends_with_each_result_once(tmp_path):
+    import signal
+    import time
+
+    setup = SqliteJobStore(tmp_path)
+    job = started_job(setup, *[f"k{n}" for n in range(150)])
+    setup.close()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for delay in (0.05, 0.11, 0.07, 0.13):
+        worker = subprocess.Popen([sys.executable, "-c", _KILLED_WORKER, str(tmp_path)], env=env,
+                                  stdout=subprocess.PIPE, text=True)
+        assert worker.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=30)
+        worker.stdout.close()
+    final = SqliteJobStore(tmp_path)
+    final.recover_running()
+    assert 0 < final.get_job(job.id).counts.completed < 150, "the kills must land mid-batch"
+    drain(final)
+    items = final.job_items(job.id)
+    assert [i.custom_id for i in items] == [f"k{n}" for n in range(150)]
+    assert all(i.state == "done" and i.result["body"] == {"echo": i.custom_id} for i in items)
+    assert final.get_job(job.id).status == "finalizing"
+    final.close()

@@ -160,6 +160,15 @@ class Item:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelProgress:
+    """A model's job items for status and metrics."""
+
+    pending: int = 0
+    running: int = 0
+    oldest_pending_since: float | None = None  # when the oldest job with pending items came
+
+
+@dataclass(frozen=True, slots=True)
 class PurgeCounts:
     jobs: int
     files: int
@@ -196,6 +205,7 @@ class JobStore(Protocol):
                         body: Any) -> bool: ...
     def record_error(self, job_id: str, line: int, code: str, message: str) -> bool: ...
     def requeue_item(self, job_id: str, line: int) -> bool: ...
+    def model_progress(self) -> dict[str, ModelProgress]: ...
 
     # Upkeep.
     def recover_running(self) -> int: ...
@@ -606,6 +616,22 @@ class SqliteJobStore:
             return db.execute(
                 "UPDATE items SET state = ?, started_at = NULL WHERE job_id = ? AND line = ? "
                 "AND state = ?", (PENDING, job_id, line, RUNNING)).rowcount > 0
+
+    def model_progress(self) -> dict[str, ModelProgress]:
+        """Pending and running items per model, over the jobs that run."""
+        with self._reading("reading progress") as db:
+            rows = db.execute(
+                "SELECT j.model, i.state, COUNT(*), MIN(j.created_at) FROM items i "
+                "JOIN jobs j ON j.id = i.job_id WHERE i.state IN (?, ?) GROUP BY j.model, i.state",
+                (PENDING, RUNNING)).fetchall()
+        progress: dict[str, dict[str, Any]] = {}
+        for model, state, count, since in rows:
+            entry = progress.setdefault(model, {})
+            entry[state] = count
+            if state == PENDING:
+                entry["oldest_pending_since"] = since
+        return {model: ModelProgress(e.get(PENDING, 0), e.get(RUNNING, 0), e.get("oldest_pending_since"))
+                for model, e in progress.items()}
 
     # -- upkeep -------------------------------------------------------------------------------
 
