@@ -170,3 +170,41 @@ def test_item_request_ids_are_stable_and_distinct():
     assert item_request_id("batch_x", 1).startswith("batch_req_")
     ids = {item_request_id(job, n) for job in ("batch_x", "batch_y") for n in range(1, 50)}
     assert len(ids) == 98
+
+
+def test_output_files_put_every_item_once_in_line_order():
+    from llm_service.jobs.output_files import render_output_files
+    from llm_service.jobs.store import Item
+
+    def item(line, custom_id, state, result=None, error=None):
+        return Item("batch_1", line, custom_id, state, result, error, 1)
+
+    items = [
+        item(5, "e", "expired"),
+        item(1, "a", "done", {"status_code": 200, "request_id": "r1", "body": {"ok": 1}}),
+        item(2, "b", "failed", {"status_code": 400, "request_id": "r2", "body": {"error": {"message": "bad"}}}),
+        item(3, None, "failed", error={"code": "invalid_json_line", "message": "not JSON", "line": 3}),
+        item(4, "d", "cancelled"),
+        item(6, "f", "done", {"status_code": 200, "request_id": "r6", "body": {"ok": 6}}),
+    ]
+    files = render_output_files("batch_1", items)
+    output = [json.loads(text) for text in files.output.splitlines()]
+    errors = [json.loads(text) for text in files.errors.splitlines()]
+    assert [o["custom_id"] for o in output] == ["a", "f"]
+    assert output[0] == {"id": item_request_id("batch_1", 1), "custom_id": "a",
+                         "response": {"status_code": 200, "request_id": "r1", "body": {"ok": 1}},
+                         "error": None}
+    assert [(e["custom_id"], (e["error"] or {}).get("code")) for e in errors] == [
+        ("b", None), (None, "invalid_json_line"), ("d", "batch_cancelled"), ("e", "batch_expired")]
+    assert errors[0]["response"]["status_code"] == 400
+    assert errors[1]["error"]["line"] == 3
+    assert files == render_output_files("batch_1", list(reversed(items)))  # the same at each rendering
+
+
+def test_output_files_refuse_an_item_still_to_run():
+    from llm_service.jobs.output_files import render_output_files
+    from llm_service.jobs.store import Item
+
+    with pytest.raises(ValueError):
+        render_output_files("batch_1", [Item("batch_1", 1, "a", "pending", None, None, 0)])
+

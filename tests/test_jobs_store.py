@@ -70,6 +70,18 @@ def drain(store: SqliteJobStore, model: str = "m") -> list[tuple[str, str]]:
     return order
 
 
+def test_sqlite_store_offers_every_call_of_the_interface():
+    import inspect
+
+    from llm_service.jobs.store import JobStore
+
+    calls = [name for name, value in vars(JobStore).items()
+             if callable(value) and not name.startswith("_")]
+    assert len(calls) >= 20
+    for name in calls:
+        assert inspect.signature(getattr(SqliteJobStore, name)) == inspect.signature(getattr(JobStore, name)), name
+
+
 # -- schema ----------------------------------------------------------------------------------
 
 
