@@ -314,6 +314,36 @@ def test_items_running_when_the_daemon_died_run_again_after_restart(tmp_path, cl
     after.close()
 
 
+def test_an_item_running_at_every_death_fails_after_max_attempts(tmp_path, clock):
+    first = SqliteJobStore(tmp_path, clock=clock)
+    job = started_job(first, "poison", "fine")
+    for expected_attempt in (1, 2, 3):
+        restarted = SqliteJobStore(tmp_path, clock=clock)
+        assert restarted.recover_running(max_attempts=3) == (1 if expected_attempt > 1 else 0)
+        item = restarted.claim_next_item("m")
+        assert (item.custom_id, item.attempt) == ("poison", expected_attempt)
+        restarted.close()  # killed with the item running
+    last = SqliteJobStore(tmp_path, clock=clock)
+    assert last.recover_running(max_attempts=3) == 0
+    poison = last.job_items(job.id)[0]
+    assert (poison.state, poison.error["code"]) == ("failed", "internal_error")
+    assert "3 times" in poison.error["message"]
+    assert last.claim_next_item("m").custom_id == "fine"
+    first.close()
+    last.close()
+
+
+def test_a_write_refused_for_space_leaves_no_transaction_open(store):
+    job = started_job(store, "a")
+    store._connection.execute("PRAGMA max_page_count = 1")  # SQLite keeps it at the current size
+    with pytest.raises(StoreFull):
+        started_job(store, *[f"x{n}" * 50 for n in range(200)])
+    assert not store._connection.in_transaction
+    store._connection.execute("PRAGMA max_page_count = 1000000")
+    assert store.claim_next_item("m").custom_id == "a"
+    assert store.get_job(job.id).counts.running == 1
+
+
 def test_a_job_accepted_before_a_kill_is_there_after_it(tmp_path, clock):
     before = SqliteJobStore(tmp_path, clock=clock)
     validating = before.create_job(CHAT, "file-x", "24h", DAY)

@@ -208,7 +208,7 @@ class JobStore(Protocol):
     def model_progress(self) -> dict[str, ModelProgress]: ...
 
     # Upkeep.
-    def recover_running(self) -> int: ...
+    def recover_running(self, max_attempts: int = 3) -> int: ...
     def expire_due(self) -> list[str]: ...
     def purge(self, retention_s: float) -> PurgeCounts: ...
     def close(self) -> None: ...
@@ -369,12 +369,13 @@ class SqliteJobStore:
             connection.execute("BEGIN IMMEDIATE")
             try:
                 yield connection
+                connection.execute("COMMIT")
             except BaseException:
-                # SQLite may have rolled back already (a full disk does).
+                # SQLite may have rolled back already (a full disk does); a COMMIT that failed
+                # (busy, full) leaves the transaction open, which would block every later one.
                 if connection.in_transaction:
                     connection.execute("ROLLBACK")
                 raise
-            connection.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
@@ -635,10 +636,23 @@ class SqliteJobStore:
 
     # -- upkeep -------------------------------------------------------------------------------
 
-    def recover_running(self) -> int:
-        """At start-up: items a killed daemon was running are pending again. Only one daemon
-        uses an embedded store, so every running item is an orphan."""
+    def recover_running(self, max_attempts: int = 3) -> int:
+        """At start-up: items a killed daemon was running are pending again; returns how many.
+        Only one daemon uses an embedded store, so every running item is an orphan. An item
+        that was running at `max_attempts` deaths fails instead: it may be what kills the
+        daemon, and would otherwise do it at every start."""
+        now = self._clock()
+        error = json.dumps({"code": "internal_error", "message":
+                            f"the daemon stopped {max_attempts} times while running this request"})
         with self._writing("recovering items") as db:
+            given_up = db.execute(
+                "SELECT DISTINCT job_id FROM items WHERE state = ? AND attempts >= ?",
+                (RUNNING, max_attempts)).fetchall()
+            db.execute("UPDATE items SET state = ?, error = ?, finished_at = ? "
+                       "WHERE state = ? AND attempts >= ?",
+                       (ITEM_FAILED, error, now, RUNNING, max_attempts))
+            for (job_id,) in given_up:
+                self._settle(db, job_id, now)
             return db.execute("UPDATE items SET state = ?, started_at = NULL WHERE state = ?",
                               (PENDING, RUNNING)).rowcount
 
