@@ -160,6 +160,18 @@ def test_files_keep_their_bytes_and_metadata(store, clock):
     assert list(store.files_dir.iterdir()) == []
 
 
+def test_no_space_for_a_file_is_store_full_and_leaves_nothing(store):
+    import errno
+
+    def chunks():
+        yield b"part"
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(StoreFull):
+        store.add_file("batch", "in.jsonl", chunks())
+    assert list(store.files_dir.iterdir()) == []
+
+
 def test_a_file_over_the_limit_is_refused_and_leaves_nothing(store):
     store.add_file("batch", "ok", b"x" * 1000)
     with pytest.raises(FileTooLarge):

@@ -109,11 +109,16 @@ def _parse_line(number: int, raw: bytes, endpoint: str) -> tuple[str, dict[str, 
     except UnicodeDecodeError as error:
         return LineError(number, "invalid_json_line", f"the line is not UTF-8 text (byte {error.start})")
     try:
-        line = json.loads(text)
+        line = json.loads(text, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as error:
         return LineError(number, "invalid_json_line", f"the line is not JSON: {error}")
     if not isinstance(line, dict):
         return LineError(number, "invalid_json_line", "the line is not a JSON object")
+    try:
+        # A lone surrogate (\ud800) is valid JSON but no text: it could not be written out.
+        json.dumps(line, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return LineError(number, "invalid_json_line", "the line holds a lone surrogate, which is no text")
     custom_id = line.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
         return LineError(number, "invalid_custom_id", "custom_id must be a non-empty string")
@@ -132,6 +137,11 @@ def _parse_line(number: int, raw: bytes, endpoint: str) -> tuple[str, dict[str, 
     if not isinstance(body.get("model"), str) or not body["model"]:
         return LineError(number, "missing_model", "body.model must name the model", custom_id)
     return custom_id, body
+
+
+def _refuse_constant(name: str) -> Any:
+    # NaN and Infinity are no JSON; echoed into an output line they would make it unreadable.
+    raise ValueError(f"{name} is not JSON")
 
 
 def item_request_id(job_id: str, line: int) -> str:
