@@ -113,10 +113,15 @@ SHARED_FIXTURE_MODULES = {
     "tests/test_managed_upstreams.py",  # the daemon and its managed fake upstreams
     "tests/test_managed_workers.py",  # the daemon and the workers it launches
     "tests/test_workers.py",  # the SmolLM2 and MiniLM workers
-    "tests/test_openai_api.py",  # `transformers serve`, the fake upstream and their daemon
+    "tests/test_openai_api.py",  # hf_upstream, the fake upstream and their daemon
     "tests/test_security.py",  # the secured app
     "tests/test_structured_output.py",  # the daemon with card models and the fake upstream
     "tests/test_tokenizer_server.py",  # the tokenizer servers
+}
+# Modules that share one session fixture go on the same worker as one unit, so that it starts once.
+SHARED_UNITS = {
+    "tests/test_http_engine.py": "hf_upstream",
+    "tests/test_openai_api.py": "hf_upstream",
 }
 # The longest work goes out first, so that it does not start last and hold up the end of the run.
 # Only the order of dispatch: what is missing here starts in collection order after these.
