@@ -24,7 +24,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from jsonschema.exceptions import best_match
 from referencing.exceptions import Unresolvable
 
 from ..json_text import StringScanner
@@ -112,6 +111,8 @@ def problem_with(value: Any, spec: StructuredOutput) -> str | None:
         raise SchemaUnusable(f"the schema cannot be applied: {exc!r}") from None
     if not errors:
         return None
+    from jsonschema.exceptions import best_match  # loaded by the schema's validator already
+
     error = best_match(errors)
     more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
     return f"the JSON does not match the schema: at {error.json_path}: {error.message}{more}"

@@ -6,8 +6,6 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
 
-from jsonschema import Draft202012Validator, validators
-from jsonschema.protocols import Validator
 
 # "json": Ollama's format "json" and OpenAI's json_object, both one JSON object.
 # "schema": a JSON schema the answer must be valid for.
@@ -34,6 +32,8 @@ class StructuredOutput:
     def validator(self) -> Validator:
         """A validator of the schema's own draft ($schema; 2020-12 without one), checking
         `format` where jsonschema can without extra packages. Never fetches remote $refs."""
+        from jsonschema import Draft202012Validator, validators  # not at start: see requests.py
+
         cls = validators.validator_for(self.schema, default=Draft202012Validator)
         return cls(self.schema, format_checker=cls.FORMAT_CHECKER)
 

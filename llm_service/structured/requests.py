@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from jsonschema import Draft202012Validator, validators
-from jsonschema.exceptions import SchemaError
 from referencing import Registry
 from referencing.exceptions import Unresolvable
 from referencing.jsonschema import specification_with
@@ -77,6 +75,10 @@ def from_openai_response_format(value: Any) -> StructuredOutput | None:
 def checked_schema(schema: dict[str, Any], where: str) -> dict[str, Any]:
     """`schema` when it is a valid JSON schema of its draft whose local `$ref`s resolve; else
     InvalidSchema naming what is wrong."""
+    # jsonschema (~5 MB) is imported by the first request that brings a schema, not at start.
+    from jsonschema import Draft202012Validator, validators
+    from jsonschema.exceptions import SchemaError
+
     param = where.split(".", 1)[0]
     try:
         cls = validators.validator_for(schema, default=Draft202012Validator)
