@@ -62,6 +62,8 @@ S = RunnerState
 
 _PROBE_TIMEOUT_S = 5.0
 _MIN_PROBE_INTERVAL_S = 0.05  # back-off settings may be 0; never probe in a tight loop
+# How long a failed probe of a managed upstream waits for the process's exit to be seen.
+_EXIT_GRACE_S = 1.0
 _ERROR_BODY_LIMIT = 2000  # characters of an upstream's error body worth quoting
 _FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -619,6 +621,10 @@ class HttpEngine(Engine, Holder):
 
     async def _probe_task(self, generation: int, learn: bool) -> None:
         outcome = await self._probe()
+        if outcome.kind == "down" and self._managed is not None and self._machine.state not in (S.STARTING, S.INITIALIZING):
+            # Our own process may just have died: let its exit, the real reason, be told first
+            # (while it loads, refused connections are expected and the exit is not waited for).
+            await self._managed.exited_within(_EXIT_GRACE_S)
         learned = await self._learn() if learn and outcome.kind == "ready" else None
         self._post(("probed", (generation, outcome, learned)))
 

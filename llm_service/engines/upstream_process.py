@@ -133,6 +133,17 @@ class ManagedProcess:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    async def exited_within(self, seconds: float) -> bool:
+        """Whether the running launch has exited, waiting up to `seconds` for its exit to be seen.
+        (A connection refused by a killed server can reach the daemon before the process's exit
+        does; holders are told of an exit before this returns True.)"""
+        exited = self._exited
+        if exited is None:
+            return False
+        with anyio.move_on_after(seconds):
+            await exited.wait()
+        return exited.is_set()
+
     def hold(self, holder: Holder) -> None:
         self._holders[id(holder)] = holder
 
