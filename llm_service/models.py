@@ -22,6 +22,7 @@ from .memory import Holding, plan_room
 from .descriptor import DescriptorResult, ModelSpec, diff_specs, load_descriptor, parse_keep_alive
 from .children import owner_tag
 from .engines import create_engine
+from .events import EventBus, ModelEvents
 from .engines.upstream_process import ManagedProcesses
 from .engines.base import (
     BadRequest,
@@ -59,11 +60,23 @@ class ModelEntry:
     engine: Engine
     admission: AdmissionQueue
     metrics: ModelMetrics
+    events: ModelEvents
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     modified_at: str = field(default_factory=lambda: rfc3339(time.time()))
     last_used: float = 0.0
     expires_at: float | None = None  # monotonic; None = stays loaded
     size_bytes: int = 0  # the model's folders on disk, read once per descriptor load
+    published_queue: tuple[int, int] = (0, 0)  # (waiting, running) as last published
+
+    def publish_queue(self, arriving: bool = False) -> None:
+        """Publish the queue's figures when they changed; `arriving`: a request is about to join
+        the queue if it has to wait (the queue has no hook of its own)."""
+        admission = self.admission
+        waits = arriving and (admission.running >= admission.concurrency or admission.queue_length > 0)
+        now = (admission.queue_length + waits, admission.running)
+        if now != self.published_queue:
+            self.published_queue = now
+            self.events.publish("queue", waiting=now[0], running=now[1])
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +102,7 @@ class ModelManager:
         self.settings = settings
         self.metrics = metrics
         self.tokenizers = tokenizers
+        self.events = EventBus(settings.events_kept)
         self._entries: dict[str, ModelEntry] = {}
         self._aliases: dict[str, str] = {}
         self.disabled: dict[str, str] = {}  # model (or entry #i) -> why it is not served
@@ -160,12 +174,14 @@ class ModelManager:
 
     async def _add(self, spec: ModelSpec) -> None:
         metrics = self.metrics.model(spec.name)
-        engine = create_engine(spec, EngineContext(self.settings, metrics, self.tokenizers, self.processes))
+        events = self.events.for_model(spec.name)
+        engine = create_engine(spec, EngineContext(self.settings, metrics, self.tokenizers, self.processes, events))
         entry = ModelEntry(
             spec=spec,
             engine=engine,
             admission=AdmissionQueue(self.settings.queue_size, engine.capabilities.max_concurrency),
             metrics=metrics,
+            events=events,
         )
         entry.expires_at = None if spec.run_on_startup else 0.0
         entry.size_bytes = await anyio.to_thread.run_sync(folder_size, spec.config.folders())
@@ -355,6 +371,9 @@ class ModelManager:
         deadline = self._deadline(request)
         want_thinking = request.think if request.think is not None else entry.spec.include_thinking
         metrics.request_queued()
+        events = entry.events
+        events.publish("request", request_id=request.id, phase="queued")
+        entry.publish_queue(arriving=True)
         queued = True
         finished_reason = "abort"
         result: GenerationResult | None = None
@@ -363,6 +382,8 @@ class ModelManager:
                 queued = False
                 metrics.request_dequeued(waited)
                 metrics.request_started()
+                events.publish("request", request_id=request.id, phase="started", queued_s=round(waited, 3))
+                entry.publish_queue()
                 relayed_tokens = 0
                 try:
                     await self._make_room(entry)
@@ -398,23 +419,30 @@ class ModelManager:
                     raise
                 finally:
                     # An answer cut short (error, client gone) still used the card: count what it read and wrote.
-                    metrics.request_finished(
-                        finished_reason,
-                        result.prompt_tokens if result else request.prompt_tokens,
-                        result.completion_tokens if result else relayed_tokens,
-                        time.monotonic() - request.arrived_at,
-                    )
+                    prompt_tokens = result.prompt_tokens if result else request.prompt_tokens
+                    completion_tokens = result.completion_tokens if result else relayed_tokens
+                    seconds = time.monotonic() - request.arrived_at
+                    metrics.request_finished(finished_reason, prompt_tokens, completion_tokens, seconds)
+                    speed = (completion_tokens / result.eval_duration
+                             if result is not None and result.eval_duration > 0 else None)
+                    events.publish("request", request_id=request.id, phase="finished", reason=finished_reason,
+                                   prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                   seconds=round(seconds, 3),
+                                   tokens_per_second=None if speed is None else round(speed, 2))
                     self._touch(entry, keep_alive_s)
                     if keep_alive_s == 0 and self._tg is not None:
                         self._tg.start_soon(self._unload_when_idle, entry)
-        except EngineError:
+        except EngineError as exc:
             if queued:  # refused by the queue (full, or its deadline passed while waiting)
                 metrics.request_dequeued(None)
+                events.publish("request", request_id=request.id, phase="refused", reason=str(exc))
                 queued = False
             raise
         finally:
             if queued:  # the client left while waiting in the queue
                 metrics.request_dequeued(None)
+                events.publish("request", request_id=request.id, phase="left_queue")
+            entry.publish_queue()
 
     async def complete(self, name: str, request: GenerationRequest, keep_alive: Any = None) -> Completion:
         """The whole answer, within the request's deadline."""

@@ -167,6 +167,12 @@ class DaemonSettings(FileConfiguredSettings):
     runner_log_lines: int = Field(
         500, ge=1, description="runner output lines kept per model for status and errors"
     )
+    events_kept: int = Field(
+        2048, ge=1, description="events /api/events keeps for clients that resume with Last-Event-ID"
+    )
+    events_heartbeat_s: float = Field(
+        15, gt=0, description="seconds between keep-alive comments on an idle /api/events stream"
+    )
     data_dir: Path = Field(
         Path("data"),
         description="folder of the daemon's own state; its children carry it as their owner tag",

@@ -109,6 +109,7 @@ SHARED_FIXTURE_MODULES = {
     "tests/test_cli.py",  # the status server
     "tests/test_daemon_api.py",  # the daemon with every dialect's model
     "tests/test_emulator.py",  # emulator_tokenizer
+    "tests/test_events.py",  # the daemon whose events the tests read, in order
     "tests/test_http_engine.py",  # `transformers serve` (hf_upstream), with test_openai_api
     "tests/test_managed_upstreams.py",  # the daemon and its managed fake upstreams
     "tests/test_managed_workers.py",  # the daemon and the workers it launches

@@ -4,8 +4,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from ..engines.base import BadRequest
+from ..events import EVENT_TYPES, parse_last_event_id, sse_comment, sse_frame, sse_gap
 
 router = APIRouter()
 
@@ -50,6 +53,47 @@ async def logs(request: Request, model: str, follow: bool = False, after: int = 
             yield (json.dumps({"seq": seq, "time": at, "line": text}) + "\n").encode()
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+@router.get("/api/events")
+async def events(
+    request: Request,
+    model: str | None = None,
+    types: str | None = None,
+    last_event_id: str | None = Header(None, description="resume after this event (EventSource sends it)"),
+) -> StreamingResponse:
+    """Live events as Server-Sent Events: `state` (every transition with its reason), `progress`
+    (a load's percent, step, message), `queue` (waiting and running per model), `request`
+    (queued, started, finished with token counts and speed, refused, left_queue). `model` and
+    `types` (comma-separated) filter; a client that reconnects with `Last-Event-ID` gets what it
+    missed while it is still kept, else a `gap` event first (read /api/status again)."""
+    manager = request.app.state.manager
+    bus = manager.events
+    wanted = None
+    if types:
+        wanted = {t.strip() for t in types.split(",") if t.strip()}
+        unknown = sorted(wanted - set(EVENT_TYPES))
+        if unknown:
+            raise BadRequest(f"unknown event types {', '.join(unknown)}; known: {', '.join(EVENT_TYPES)}")
+    name = manager.resolve(model) if model else None
+    after = parse_last_event_id(last_event_id)
+    heartbeat_s = request.app.state.settings.events_heartbeat_s
+
+    async def stream():
+        position = bus.last_id if after is None else after
+        yield sse_comment("axm1-llm events")  # the headers go out now, not with the first event
+        while True:
+            found, missed = bus.read(position, name, wanted)
+            if missed:
+                yield sse_gap(position, bus.oldest_id)
+            for event in found:
+                yield sse_frame(event)
+            position = bus.last_id
+            if not await bus.wait_after(position, heartbeat_s):
+                yield sse_comment("keep-alive")
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
 
 
 @router.get("/metrics")

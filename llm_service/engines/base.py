@@ -24,6 +24,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from ..descriptor import EngineConfig, ModelSpec
+from ..events import NO_EVENTS, ModelEvents
 from ..states import SERVING_STATES, RunnerState, StateMachine
 from .log_ring import LogRing
 
@@ -206,6 +207,8 @@ class EngineContext:
     tokenizers: TokenizerClient
     # The managed upstreams (servers the daemon launches); None where nothing may be launched.
     processes: ManagedProcesses | None = None
+    # Where the engine's state changes and load progress are published (/api/events).
+    events: ModelEvents = NO_EVENTS
 
 
 # ---- errors a client sees -------------------------------------------------------------------
@@ -296,6 +299,7 @@ class Engine(abc.ABC):
         self.context = context
         self.settings = context.settings
         self.metrics = context.metrics
+        self.events = context.events
         self.capabilities = EngineCapabilities()
         self.logs = LogRing(context.settings.runner_log_lines)
         self.last_error: dict[str, Any] | None = None
@@ -461,9 +465,10 @@ class Engine(abc.ABC):
     def _set_state(self, to: RunnerState, reason: str, **details: Any) -> None:
         if self._machine.state is to:
             return
-        self._machine.transition(to, reason, **details)
+        move = self._machine.transition(to, reason, **details)
         log.info("model %s: %s (%s)", self.spec.name, to.value, reason)
         self.metrics.set_state(to.value)
+        self.events.publish("state", **{k: v for k, v in move.as_dict().items() if k not in ("at", "at_epoch")})
         self._notify()
 
     def _notify(self) -> None:

@@ -322,6 +322,7 @@ class HttpEngine(Engine, Holder):
             percent = progress_in_line(line)
             if percent is not None:
                 self._progress = percent
+                self.events.publish("progress", percent=percent, message=line)
 
     def on_exit(self, generation: int, description: str) -> None:
         self._post(("exited", (generation, description)))

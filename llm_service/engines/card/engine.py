@@ -690,6 +690,7 @@ class CardEngine(Engine):
             self.logs.append(f"{event.percent}% {event.step}/{event.total} {event.message}")
             if state is S.INITIALIZING:
                 self._progress = {"percent": event.percent, "step": event.step, "total": event.total, "message": event.message}
+                self.events.publish("progress", **self._progress)
                 if (remaining_mb := remain_cmm_mb(event.message)) is not None:
                     self._cmm_figures.append(remaining_mb)
         elif isinstance(event, Uid):
