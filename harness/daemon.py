@@ -51,12 +51,17 @@ class Daemon:
     fault_file: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
     tokenizer_service_url: str = ""
+    api_key: str | None = None  # sent by client() and get() when set (a daemon run with --api-keys)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def client(self, timeout: float = 60.0) -> httpx.Client:
-        return net.client(base_url=self.url, timeout=timeout)
+        return net.client(base_url=self.url, timeout=timeout, headers=self.headers)
 
     def get(self, path: str, timeout: float = 10.0) -> Any:
-        return net.get(self.url + path, timeout=timeout).json()
+        return net.get(self.url + path, timeout=timeout, headers=self.headers).json()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
@@ -96,6 +98,8 @@ def create_app(settings: Any) -> FastAPI:
     app.include_router(status.router)
     app.include_router(models.router)
     app.include_router(openai.router)
+    # The page (/ui): static files in the package, no build step, no CDN.
+    app.mount("/ui", StaticFiles(directory=Path(__file__).parent / "ui", html=True), name="ui")
     install_error_handlers(app)
     # Innermost of ours, so that keys, body limits and the HTTP metrics apply to it as to the rest.
     app.add_middleware(HotRoutesMiddleware, routers=[ollama.router, openai.router], exception_handlers=app.exception_handlers)

@@ -19,6 +19,13 @@ from .settings import DaemonSettings
 
 # Reachable without a key: liveness probes (Docker, systemd, load balancers) carry no secrets.
 OPEN_PATHS = frozenset({"/health"})
+# The page's static files hold no data; the page asks for the key and sends it on every call.
+OPEN_PREFIXES = ("/ui/",)
+
+
+def is_open(path: str) -> bool:
+    """Served without a key: liveness, and the page (its files; its API calls carry the key)."""
+    return path in OPEN_PATHS or path == "/ui" or path.startswith(OPEN_PREFIXES)
 
 
 class _BodyTooLarge(Exception):
@@ -63,7 +70,7 @@ class SecurityMiddleware:
             return
         path: str = scope["path"]
         headers = dict(scope["headers"])  # ASGI header names are lower-case bytes
-        if self.key_digests and path not in OPEN_PATHS and not self._authorized(headers):
+        if self.key_digests and not is_open(path) and not self._authorized(headers):
             await send_error(
                 send, path, 401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
                 "invalid_api_key", [(b"www-authenticate", b"Bearer")],

@@ -118,6 +118,7 @@ SHARED_FIXTURE_MODULES = {
     "tests/test_security.py",  # the secured app
     "tests/test_structured_output.py",  # the daemon with card models and the fake upstream
     "tests/test_tokenizer_server.py",  # the tokenizer servers
+    "tests/test_ui.py",  # the daemon and the browser
 }
 # Modules that share one session fixture go on the same worker as one unit, so that it starts once.
 SHARED_UNITS = {
