@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import resource
 import signal
 import subprocess
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -128,6 +130,20 @@ def kill_leftovers(marker: str, grace_s: float) -> list[tuple[int, str]]:
     return leftovers
 
 
+def _copy_terminal(fd: int, log_path: Path) -> None:
+    """Everything the daemon writes to its pseudo-terminal, appended to its log, until it closes."""
+    with open(log_path, "ab", buffering=0) as log:
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:  # EIO: the daemon's side is closed
+                break
+            if not data:
+                break
+            log.write(data)
+    os.close(fd)
+
+
 @contextmanager
 def running_daemon(
     root: Path,
@@ -141,6 +157,7 @@ def running_daemon(
     leftover_grace_s: float = 10.0,
     start_timeout: float = 60.0,
     open_files_limit: int | None = None,
+    terminal: bool = False,
 ) -> Iterator[Daemon]:
     """The real daemon on free loopback ports, serving `entries` (written to a descriptor in
     `root`, with its metrics folder and log); `flags` go on its command line after ours.
@@ -152,6 +169,7 @@ def running_daemon(
     - `log_level`, `extra_env`: the daemon's --log-level, and variables for it and its children
       (e.g. a PYTHONPATH that runs another checkout's daemon).
     - `open_files_limit`: the daemon's RLIMIT_NOFILE (systemd gives 1024 by default).
+    - `terminal`: its stdout and stderr a pseudo-terminal (what it shows a person), not a file.
     - After SIGTERM, processes still carrying the run's marker `leftover_grace_s` later are
       killed; with `leftovers_fail` that fails (an AssertionError naming them and the log's end).
     """
@@ -191,12 +209,20 @@ def running_daemon(
         *flags,
     ]
     log_path = root / "daemon.log"
+    copier = None
     with open(log_path, "wb") as log_file:
+        output: Any = log_file
+        if terminal:  # a pseudo-terminal, as a person's shell gives it; copied into the log as is
+            reading_side, output = pty.openpty()
+            copier = threading.Thread(target=_copy_terminal, args=(reading_side, log_path), daemon=True)
         process = subprocess.Popen(
-            command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+            command, env=env, stdout=output, stderr=subprocess.STDOUT,
             preexec_fn=None if open_files_limit is None else lambda: resource.setrlimit(
                 resource.RLIMIT_NOFILE, (open_files_limit, open_files_limit)),
         )
+        if copier is not None:
+            os.close(output)
+            copier.start()
     daemon = Daemon(
         f"http://127.0.0.1:{port}", port, process, root, descriptor, metrics_dir, log_path, marker, fault_file, env,
         tokenizer_service_url=f"http://127.0.0.1:{tokenizer_service_port}",

@@ -17,6 +17,7 @@ from .api.hot_routes import HotRoutesMiddleware
 from .metrics import MetricsHub
 from .models import ModelManager
 from .security import install_security
+from .terminal import follow_loads, progress_handler
 from .tokenizer_client import TokenizerClient
 
 
@@ -76,6 +77,8 @@ def create_app(settings: Any) -> FastAPI:
     async def lifespan(app: FastAPI):
         async with anyio.create_task_group() as tg:
             await tg.start(manager.run)
+            if (lines := progress_handler()) is not None:
+                tg.start_soon(follow_loads, manager.events, lines)
             try:
                 yield
             finally:

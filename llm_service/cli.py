@@ -237,9 +237,14 @@ def _age(since_epoch: Any) -> str:
 
 
 def _progress(progress: Any) -> str:
-    """The load progress `{percent, step, total, message}` as "step/total"."""
-    if isinstance(progress, dict) and progress.get("total"):
+    """The load progress `{percent, step, total, message}` as "step/total", or "43%" where the
+    backend prints only a percentage (a managed upstream)."""
+    if not isinstance(progress, dict):
+        return "-"
+    if progress.get("total"):
         return f"{progress.get('step', '-')}/{progress['total']}"
+    if isinstance(progress.get("percent"), (int, float)):
+        return f"{progress['percent']:.0f}%"
     return "-"
 
 
@@ -295,16 +300,35 @@ def cmd_status(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     api_key = args.api_key or (keys[0] if keys else None)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     url = args.url.rstrip("/") + "/api/status"
+    if not args.watch:
+        table, problem = _fetch_status_table(url, headers, args.timeout)
+        if problem:
+            print(problem, file=sys.stderr)
+            return 1
+        print(table)
+        return 0
+    # --watch: the table again every interval, in place on a terminal; a daemon that goes away
+    # is shown as such and watched for until it comes back (Ctrl-C ends it).
+    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
     try:
-        reply = httpx.get(url, headers=headers, timeout=args.timeout)
+        while True:
+            table, problem = _fetch_status_table(url, headers, args.timeout)
+            stamp = time.strftime("%H:%M:%S")
+            print(f"{clear}{url} at {stamp} (every {args.interval:g}s, Ctrl-C to stop)\n{problem or table}", flush=True)
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _fetch_status_table(url: str, headers: dict[str, str], timeout: float) -> tuple[str, str | None]:
+    """The status table, or the problem that kept it from being read."""
+    try:
+        reply = httpx.get(url, headers=headers, timeout=timeout)
     except httpx.HTTPError as exc:
-        print(f"axm1-llm status: cannot reach {url}: {exc}", file=sys.stderr)
-        return 1
+        return "", f"axm1-llm status: cannot reach {url}: {exc}"
     if reply.status_code != 200:
-        print(f"axm1-llm status: {url} answered {reply.status_code}: {reply.text.strip()}", file=sys.stderr)
-        return 1
-    print(status_table(reply.json()))
-    return 0
+        return "", f"axm1-llm status: {url} answered {reply.status_code}: {reply.text.strip()}"
+    return status_table(reply.json()), None
 
 
 def cmd_worker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -346,6 +370,10 @@ def make_parser() -> argparse.ArgumentParser:
     )
     status.add_argument(
         "--timeout", type=float, default=10.0, help="seconds to wait (default: %(default)s)"
+    )
+    status.add_argument("--watch", action="store_true", help="show the table again every --interval seconds")
+    status.add_argument(
+        "--interval", type=float, default=2.0, help="seconds between refreshes with --watch (default: %(default)s)"
     )
     status.set_defaults(handler=cmd_status, command_parser=status)
 

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import datetime, timezone
 
+from .terminal import ProgressLines, on_terminal
+
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 # Attributes every LogRecord has; anything else on a record came from `extra=` and is logged too.
@@ -79,11 +81,37 @@ class RepeatLimit(logging.Filter):
         return count <= self.burst
 
 
+# Requests that monitors, the page and probes repeat every few seconds: below debug, their
+# successful answers leave no access-log line (errors still do).
+# The daemon's own polling of the tokenizer service (/tokenizers/…) is among them.
+QUIET_PATHS = ("/api/status", "/health", "/ready", "/metrics", "/api/events", "/api/logs/", "/ui", "/tokenizers")
+
+
+class QuietPolling(logging.Filter):
+    def __init__(self, quiet: bool = True) -> None:
+        super().__init__()
+        self.quiet = quiet
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.quiet or record.name != "uvicorn.access":
+            return True
+        args = record.args
+        # uvicorn's access record: (client, method, path with query, HTTP version, status)
+        if not isinstance(args, tuple) or len(args) != 5:
+            return True
+        _, method, path, _, status = args
+        polled = method in ("GET", "HEAD") and str(path).startswith(QUIET_PATHS)
+        return not (polled and isinstance(status, int) and status < 400)
+
+
 def configure_logging(level: str = "info", fmt: str = "plain") -> None:
-    """Send every logger (uvicorn's included, run with log_config=None) to stderr in `fmt`."""
-    handler = logging.StreamHandler(sys.stderr)
+    """Send every logger (uvicorn's included, run with log_config=None) to stderr in `fmt`; on a
+    terminal (plain format), with a progress line per loading model at the bottom."""
+    handler = ProgressLines(sys.stderr) if fmt == "plain" and on_terminal(sys.stderr) else logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else PlainFormatter())
     handler.addFilter(RepeatLimit())
+    debug = level.lower() == "debug"
+    handler.addFilter(QuietPolling(quiet=not debug))
     root = logging.getLogger()
     for old in root.handlers[:]:
         root.removeHandler(old)
@@ -93,3 +121,7 @@ def configure_logging(level: str = "info", fmt: str = "plain") -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
+    # httpx logs every request it makes at info (the tokenizer service, upstream probes): noise
+    # unless one is debugging.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)
