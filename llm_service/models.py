@@ -37,6 +37,7 @@ from .engines.base import (
     ModelNotFound,
     ModelUnavailable,
     RequestTimedOut,
+    StatusNote,
     ToolCall,
 )
 from .metrics import MetricsHub, ModelMetrics
@@ -68,12 +69,16 @@ class ModelEntry:
     size_bytes: int = 0  # the model's folders on disk, read once per descriptor load
     published_queue: tuple[int, int] = (0, 0)  # (waiting, running) as last published
 
+    def would_wait(self) -> bool:
+        """A request arriving now would wait in the queue."""
+        admission = self.admission
+        return admission.running >= admission.concurrency or admission.queue_length > 0
+
     def publish_queue(self, arriving: bool = False) -> None:
         """Publish the queue's figures when they changed; `arriving`: a request is about to join
         the queue if it has to wait (the queue has no hook of its own)."""
         admission = self.admission
-        waits = arriving and (admission.running >= admission.concurrency or admission.queue_length > 0)
-        now = (admission.queue_length + waits, admission.running)
+        now = (admission.queue_length + (arriving and self.would_wait()), admission.running)
         if now != self.published_queue:
             self.published_queue = now
             self.events.publish("queue", waiting=now[0], running=now[1])
@@ -374,6 +379,9 @@ class ModelManager:
         events = entry.events
         events.publish("request", request_id=request.id, phase="queued")
         entry.publish_queue(arriving=True)
+        if request.status_events and entry.would_wait():
+            ahead = entry.admission.queue_length + entry.admission.running
+            yield StatusNote("queued", f"Waiting: {ahead} request(s) ahead", {"ahead": ahead})
         queued = True
         finished_reason = "abort"
         result: GenerationResult | None = None
@@ -387,7 +395,16 @@ class ModelManager:
                 relayed_tokens = 0
                 try:
                     await self._make_room(entry)
-                    load_seconds = await entry.engine.wait_ready(deadline)
+                    if request.status_events:
+                        load_seconds = 0.0
+                        async for note in self._wait_ready_with_notes(entry, deadline):
+                            if isinstance(note, float):
+                                load_seconds = note
+                            else:
+                                yield note
+                        yield StatusNote("generating", "Generating…")
+                    else:
+                        load_seconds = await entry.engine.wait_ready(deadline)
                     first_at = last_at = None
                     async with closing_stream(answer_stream(request, entry.engine.generate)) as stream:
                         async for item in stream:
@@ -400,6 +417,8 @@ class ModelManager:
                                 finished_reason = item.finish_reason
                                 if item.eval_duration > 0 and item.completion_tokens:
                                     metrics.runner_speed(item.runner_tokens_per_second, item.completion_tokens / item.eval_duration)
+                                if request.status_events:
+                                    yield StatusNote("done", "Done", {"finish_reason": item.finish_reason})
                                 yield item
                                 break
                             relayed_tokens += item.tokens
@@ -443,6 +462,49 @@ class ModelManager:
                 metrics.request_dequeued(None)
                 events.publish("request", request_id=request.id, phase="left_queue")
             entry.publish_queue()
+
+    async def _wait_ready_with_notes(self, entry: ModelEntry, deadline: float) -> AsyncIterator[StatusNote | float]:
+        """`engine.wait_ready`, telling the load as it goes: `loading` notes with the progress the
+        engine publishes, then `loaded`; last, the seconds loaded for this request (a float).
+        The wait runs as a task of its own so that the notes flow while it waits."""
+        engine = entry.engine
+        if engine.state in SERVING_STATES:
+            yield await engine.wait_ready(deadline)
+            return
+        assert self._tg is not None
+        outcome: dict[str, Any] = {}
+        finished = anyio.Event()
+        scope = anyio.CancelScope()
+
+        async def wait() -> None:
+            with scope:
+                try:
+                    outcome["seconds"] = await engine.wait_ready(deadline)
+                except Exception as exc:  # raised in the request's own task below
+                    outcome["error"] = exc
+            finished.set()
+
+        position = self.events.last_id
+        self._tg.start_soon(wait)
+        try:
+            yield StatusNote("loading", "Loading…", {"state": engine.state})
+            while not finished.is_set():
+                with anyio.move_on_after(0.1):  # a load takes seconds: ten looks a second are plenty
+                    await finished.wait()
+                found, _ = self.events.read(position, entry.spec.name, ("progress",))
+                position = self.events.last_id
+                for event in found:
+                    yield StatusNote("loading", str(event.data.get("message") or "Loading…"), {"progress": event.data})
+        finally:
+            scope.cancel()  # the client went away: stop waiting (the load itself goes on)
+        if "error" in outcome:
+            raise outcome["error"]
+        info = engine.info()
+        device = info.get("device") or ("npu" if entry.spec.engine == "ax-runner" else None)
+        seconds = outcome.get("seconds", 0.0)
+        yield StatusNote("loaded", f"Model loaded on {device}" if device else "Model loaded",
+                         {"load_duration": round(seconds, 3), "device": device})
+        yield seconds
 
     async def complete(self, name: str, request: GenerationRequest, keep_alive: Any = None) -> Completion:
         """The whole answer, within the request's deadline."""

@@ -199,3 +199,60 @@ def test_heartbeats_and_bad_filters(daemon) -> None:
         r = client.get("/api/events", params={"types": "state,nonsense"})
         assert r.status_code == 400 and "nonsense" in r.text
         assert client.get("/api/events", params={"model": "no-such-model"}).status_code == 404
+
+
+# ---- status lines in a generation stream (opt-in) -----------------------------------------------
+
+def stream_lines(daemon, path: str, body: dict) -> list[dict]:
+    with daemon.client() as client, client.stream("POST", path, json=body) as r:
+        assert r.status_code == 200, r.read()
+        return [json.loads(line) for line in r.iter_lines() if line.strip()]
+
+
+def test_a_stream_can_carry_status_lines_through_a_load(daemon) -> None:
+    with daemon.client() as client:
+        assert client.post(f"/api/models/{MODEL}/unload").status_code == 200
+    lines = stream_lines(daemon, "/api/chat", {"model": MODEL, "status_events": True,
+                                              "messages": [{"role": "user", "content": "status please"}]})
+    statuses = [line["status"] for line in lines if "status" in line]
+    assert statuses[0] == "loading" and statuses[-3:] == ["loaded", "generating", "done"], statuses
+    progress = [line["progress"]["percent"] for line in lines if line.get("status") == "loading" and "progress" in line]
+    assert progress and progress == sorted(progress) and progress[-1] == 100
+    loaded = next(line for line in lines if line.get("status") == "loaded")
+    assert loaded["status_message"] == "Model loaded on npu" and loaded["load_duration"] > 0
+    # The answer's own lines are exactly the usual ones, between "generating" and "done".
+    first_answer = next(i for i, line in enumerate(lines) if "message" in line)
+    assert lines[first_answer - 1]["status"] == "generating"
+    assert all("status" not in line for line in lines[first_answer:-2])
+    assert lines[-2]["status"] == "done" and lines[-1]["done"] is True and "status" not in lines[-1]
+    text = "".join(line["message"]["content"] for line in lines if "message" in line)
+    assert text.startswith("You said: status please.")
+    assert all(line["done"] is False for line in lines if "status" in line)
+
+
+def test_status_lines_on_a_loaded_model_and_while_queued(daemon) -> None:
+    results: dict[int, list[dict]] = {}
+
+    def ask(i: int) -> None:
+        results[i] = stream_lines(daemon, "/api/generate", {"model": MODEL, "prompt": f"queued {i}",
+                                                             "status_events": True})
+    first = threading.Thread(target=ask, args=(0,))
+    first.start()
+    time.sleep(0.15)  # the first is answering (6 words at 20 tokens/s)
+    ask(1)
+    first.join(30)
+    assert [line["status"] for line in results[0] if "status" in line] == ["generating", "done"]
+    second = [line for line in results[1] if "status" in line]
+    assert [line["status"] for line in second] == ["queued", "generating", "done"], second
+    assert second[0]["ahead"] == 1
+    # Without the opt-in, not one status line.
+    plain = stream_lines(daemon, "/api/generate", {"model": MODEL, "prompt": "plain"})
+    assert all("status" not in line for line in plain)
+
+
+def test_status_lines_need_a_stream_and_no_format(daemon) -> None:
+    with daemon.client() as client:
+        r = client.post("/api/generate", json={"model": MODEL, "prompt": "x", "stream": False, "status_events": True})
+        assert r.status_code == 400 and "stream" in r.json()["error"]
+        r = client.post("/api/generate", json={"model": MODEL, "prompt": "x", "format": "json", "status_events": True})
+        assert r.status_code == 400 and "format" in r.json()["error"]

@@ -112,11 +112,23 @@ class GenerationRequest:
     # card's planner puts the instruction in front of the model, the HTTP engine passes
     # response_format on; structured/attempts.py validates and retries.
     structured: StructuredOutput | None = None
+    # The client asked for StatusNotes in its stream (queued, loading, loaded, generating, done).
+    status_events: bool = False
 
     @property
     def system(self) -> str | None:
         systems = [m.content for m in self.messages if m.role == "system"]
         return "\n".join(systems) if systems else None
+
+
+@dataclass(frozen=True, slots=True)
+class StatusNote:
+    """What the request is waiting for, for clients that asked (`status_events`): `queued`,
+    `loading` (with the load's progress), `loaded`, `generating`, `done`. Never sent otherwise."""
+
+    status: str
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

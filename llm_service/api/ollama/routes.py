@@ -14,7 +14,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from ... import __version__
-from ...engines.base import BadRequest, ChatMessage, Chunk, EmbedOptions, EngineError, GenerationRequest, ModelNotFound
+from ...engines.base import (
+    BadRequest, ChatMessage, Chunk, EmbedOptions, EngineError, GenerationRequest, ModelNotFound, StatusNote,
+)
 from ...models import ModelEntry, requested_keep_alive
 from ...names import ollama_name
 from ...tools import parse_tools
@@ -42,6 +44,11 @@ async def _answer(
     """Run a generation and answer it as NDJSON or one JSON object."""
     manager = request.app.state.manager
     headers = {"X-Request-Id": gen_request.id}
+    if gen_request.status_events and not stream:
+        raise BadRequest("status_events come in a stream: send stream true (or leave it out)")
+    if gen_request.status_events and gen_request.structured is not None:
+        raise BadRequest("status_events cannot be combined with format yet: a structured answer is checked "
+                         "whole before it is sent")
     # A structured answer (format) is validated, and asked again when invalid: structured/attempts.py.
     structured = gen_request.structured is not None
     if not stream:
@@ -64,8 +71,12 @@ async def _answer(
 async def _ndjson(answer: PrefetchedStream, shapes: GenerateShapes | ChatShapes) -> AsyncIterator[bytes]:
     try:
         async for item in answer.items():
-            body = shapes.chunk(item) if isinstance(item, Chunk) else shapes.final(item)
-            yield (json.dumps(body) + "\n").encode()
+            if isinstance(item, Chunk):
+                yield (json.dumps(shapes.chunk(item)) + "\n").encode()
+            elif isinstance(item, StatusNote):
+                yield wire.status_line(shapes.model, item)
+            else:
+                yield (json.dumps(shapes.final(item)) + "\n").encode()
     except EngineError as exc:
         yield wire.error_line(exc.message)
 
@@ -77,6 +88,7 @@ def _new_request(messages: list[ChatMessage], body: GenerateBody | ChatBody, kin
         options=wire.sampling_options(body.options),
         kind=kind,  # type: ignore[arg-type]
         think=wire.think_flag(body.think),
+        status_events=body.status_events,
     )
     request.deadline = request.arrived_at + deadline_s
     return request

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ...engines.base import ChatMessage, Chunk, Embeddings, GenerationResult, SamplingOptions, ToolCall
+from ...engines.base import ChatMessage, Chunk, Embeddings, GenerationResult, SamplingOptions, StatusNote, ToolCall
 from ...timestamps import now_rfc3339
 from ..tool_wire import ollama_tool_calls, wire_tool_calls
 
@@ -64,6 +64,9 @@ class _Common(BaseModel):
     options: Options | None = None
     keep_alive: str | float | int | None = None
     think: bool | str | None = None
+    # Ours, opt-in: status lines (queued, loading with progress, loaded, generating, done) in the
+    # stream before and after the answer's own lines.
+    status_events: bool = False
 
 
 class GenerateBody(_Common):
@@ -202,6 +205,14 @@ def final_fields(result: GenerationResult) -> dict[str, Any]:
     if result.warnings:
         fields["warnings"] = result.warnings
     return fields
+
+
+def status_line(model: str, note: StatusNote) -> bytes:
+    """A status line of a stream that asked for them: never mistaken for an answer line (no
+    `response` or `message` key: its text is `status_message`; `done` false)."""
+    body = {"model": model, "created_at": now_rfc3339(), "status": note.status, "status_message": note.message,
+            **note.details, "done": False}
+    return (json.dumps(body) + "\n").encode()
 
 
 def error_line(message: str) -> bytes:
