@@ -233,3 +233,198 @@ def test_streaming_gives_a_plan_then_start_and_done_per_chunk_then_the_answer(da
     assert final["response"] == "\n\n".join(e["response"] for e in steps if e["event"] == "chunk_done")
     whole = post(daemon, "mini", {"fields": {"text": text}}).json()
     assert whole["response"] == final["response"]
+
+
+# ---- 20,000 tokens through the examples ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def long_transcript() -> str:
+    text = transcript(20_000)
+    assert 20_000 <= tokens(text) <= 20_400
+    return text
+
+
+def check_partition(text: str, chunks: list[dict[str, Any]]) -> None:
+    """Every sentence of the input in exactly one chunk, in order, each chunk a slice of whole
+    sentences (the chunker's own sentence split: token counts do not move its boundaries)."""
+    sentences = split_sentences(text, lambda _: 1)
+    covered = [index for chunk in chunks for index in range(*chunk["sentences"])]
+    assert covered == list(range(len(sentences)))
+    for chunk in chunks:
+        first, end = chunk["sentences"]
+        assert chunk["start"] == sentences[first].start and chunk["end"] == sentences[end - 1].end
+    assert all(not text[a["end"]:b["start"]].strip() for a, b in zip(chunks, chunks[1:]))
+
+
+def example(name: str) -> tuple[Any, str]:
+    manifest = parse_manifest((REPO_ROOT / "services" / f"{name}.json").read_text(), name)
+    return manifest, (REPO_ROOT / "services" / f"{name}.txt").read_text()
+
+
+def test_20000_tokens_through_the_cleanup_service(daemon, long_transcript):
+    manifest, template = example("transcript-cleanup")
+    flavor = manifest.flavors["scripted"]
+    text = long_transcript
+    body = post(daemon, "transcript-cleanup", {"fields": {"transcript": text, "language": "English"},
+                                               "flavor": "scripted"}).json()
+    assert body["done"] is True and body["tokenizer"] == "tokenizer" and body["model"] == ECHO, body
+    chunks = body["chunks"]
+    assert 20_000 // flavor.create_new_turn_after <= len(chunks) <= flavor.max_new_turns
+    check_partition(text, chunks)
+    expected = []
+    for chunk in chunks:
+        # Within the context, by our count and by the model's own.
+        assert chunk["prompt_tokens"] + flavor.max_generation_length <= flavor.total_context_length
+        assert chunk["model_prompt_tokens"] + flavor.max_generation_length <= flavor.total_context_length
+        assert chunk["input_tokens"] <= flavor.create_new_turn_after
+        assert chunk["carried_summaries"] == 0 and chunk["finish_reason"] == "stop"
+        prompt = render_template(template, "t", {"transcript": text[chunk["start"]:chunk["end"]], "language": "English"},
+                                 chunk_number=chunk["chunk"], chunk_count=len(chunks))
+        expected.append(echo_of(prompt))
+    # Each chunk's prompt reached the model whole (the echo), and the outputs are joined in order.
+    assert body["response"] == "\n\n".join(expected)
+    assert body["warnings"] == CARD_SAMPLING
+
+
+def test_20000_tokens_through_the_summary_service(daemon, long_transcript):
+    manifest, template = example("meeting-summary")
+    flavor = manifest.flavors["scripted"]
+    text = long_transcript
+    events = stream_events(daemon, "meeting-summary", {"fields": {"transcript": text}, "flavor": "scripted"})
+    plan, final = events[0], events[-1]
+    assert plan["event"] == "plan" and final["done"] is True
+    chunks = final["chunks"]
+    assert plan["chunks"] == len(chunks) >= 20_000 // flavor.create_new_turn_after
+    check_partition(text, chunks)
+    done = [e for e in events if e.get("event") == "chunk_done"]
+    maps = [e for e in done if e["step"] == "map"]
+    combines = [e for e in done if e["step"] == "combine"]
+    assert len(maps) == len(chunks) and combines
+    summaries: list[str] = []
+    for event, chunk in zip(maps, chunks):
+        assert chunk["prompt_tokens"] + flavor.max_generation_length <= flavor.total_context_length
+        assert chunk["model_prompt_tokens"] + flavor.max_generation_length <= flavor.total_context_length
+        assert chunk["completion_tokens"] <= flavor.max_generation_length + 3  # the card's flush granularity
+        carried = chunk["carried_summaries"]
+        assert carried <= min(flavor.summary_turns, len(summaries))
+        prompt = render_template(template, "t", {"transcript": text[chunk["start"]:chunk["end"]], "focus": ""},
+                                 summaries[len(summaries) - carried:] if carried else [],
+                                 chunk_number=chunk["chunk"], chunk_count=len(chunks))
+        # The summary is the echo of this prompt, cut at maxGenerationLength: its start proves
+        # the carried summaries and the part's header reached the model.
+        assert len(event["response"]) > 100 and echo_of(prompt).startswith(event["response"])
+        summaries.append(event["response"])
+    # At least one chunk carried the last summaryTurns summaries.
+    assert any(c["carried_summaries"] == flavor.summary_turns for c in chunks)
+    for step in final["combine"]:
+        assert step["prompt_tokens"] + flavor.max_generation_length <= flavor.total_context_length
+    last = combines[-1]
+    assert last["batches"] == 1 and final["response"] == last["response"]
+    first_round = [e for e in combines if e["round"] == 1]
+    assert [e["summaries"] for e in first_round][0][0] == 1 and first_round[-1]["summaries"][1] == len(chunks)
+    assert any(w.endswith("the answer reached maxGenerationLength (256 tokens) and was cut there")
+               for w in final["warnings"])
+
+
+# ---- hot reload ----------------------------------------------------------------------------
+
+
+def listed(daemon, name: str) -> dict[str, Any] | None:
+    return next((s for s in daemon.get("/api/services")["services"] if s["name"] == name), None)
+
+
+def test_a_manifest_added_changed_broken_and_removed_while_running(daemon, services_dir):
+    assert listed(daemon, "hot") is None
+    write(services_dir / "hot.txt", "First: {{ text }}")
+    write(services_dir / "hot.json", mini_manifest())
+    wait_until(lambda: listed(daemon, "hot"), 10, "hot to be listed")
+    assert post(daemon, "hot", {"fields": {"text": "Hi there."}}).json()["response"] == echo_of("First: Hi there.")
+    # A template is read at each use: no reload needed.
+    write(services_dir / "hot.txt", "Second: {{ text }}")
+    assert post(daemon, "hot", {"fields": {"text": "Hi there."}}).json()["response"] == echo_of("Second: Hi there.")
+    # A changed manifest: its new description and its new field.
+    changed = json.loads(mini_manifest())
+    changed["description"] = "changed"
+    changed["fields"].append({"name": "tone", "required": False})
+    write(services_dir / "hot.json", json.dumps(changed))
+    wait_until(lambda: (listed(daemon, "hot") or {}).get("description") == "changed", 10, "the change")
+    assert post(daemon, "hot", {"fields": {"text": "Hi.", "tone": "calm"}}).status_code == 200
+    # Broken: that service alone is disabled, its error in the list.
+    write(services_dir / "hot.json", '{"type": "map", "fields": [}')
+    wait_until(lambda: (listed(daemon, "hot") or {}).get("enabled") is False, 10, "hot to be disabled")
+    entry = listed(daemon, "hot")
+    assert entry["error"].startswith(f"{services_dir}/hot.json: invalid JSON at line 1 column 28"), entry
+    assert all(s["enabled"] for s in daemon.get("/api/services")["services"] if s["name"] != "hot")
+    refused = post(daemon, "hot", {"fields": {"text": "Hi."}})
+    assert refused.status_code == 503 and refused.json()["error"].startswith('service "hot" is disabled: ')
+    assert post(daemon, "mini", {"fields": {"text": "Still fine."}}).status_code == 200
+    # Repaired, then removed.
+    write(services_dir / "hot.json", mini_manifest())
+    wait_until(lambda: (listed(daemon, "hot") or {}).get("enabled") is True, 10, "hot to be repaired")
+    (services_dir / "hot.json").unlink()
+    wait_until(lambda: listed(daemon, "hot") is None, 10, "hot to be removed")
+    assert post(daemon, "hot", {"fields": {"text": "Hi."}}).status_code == 404
+    # Its template alone is a warning of the listing, not a service.
+    assert f"{services_dir}/hot.txt: a template without a manifest (hot.json)" in daemon.get("/api/services")["warnings"]
+    (services_dir / "hot.txt").unlink()
+
+
+def test_a_manifest_without_its_template_is_disabled_with_that_error(daemon, services_dir):
+    write(services_dir / "lonely.json", mini_manifest())
+    try:
+        wait_until(lambda: listed(daemon, "lonely"), 10, "lonely to be listed")
+        entry = listed(daemon, "lonely")
+        assert entry["enabled"] is False
+        assert entry["error"] == f"{services_dir}/lonely.json: its template {services_dir}/lonely.txt is missing"
+    finally:
+        (services_dir / "lonely.json").unlink()
+
+
+# ---- cancellation --------------------------------------------------------------------------
+
+
+def metric(daemon, name: str, **labels: str) -> float:
+    with daemon.client() as http:
+        text = http.get("/metrics").text
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            found = ",".join(sorted(line[len(name) + 1:line.index("}")].split(",")))
+            if found == wanted:
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def finished(daemon) -> dict[str, float]:
+    return {reason: metric(daemon, "axm1_llm_requests_finished_total", model=SLOW, finished_reason=reason)
+            for reason in ("stop", "length", "abort", "error")}
+
+
+MANY_PARTS = " ".join(f"Item {i} concerns the {WORDS[i % 16]} of the {WORDS[(i * 5) % 16]} team." for i in range(40))
+
+
+def assert_one_abort_and_nothing_after(daemon, before: dict[str, float]) -> None:
+    wait_until(lambda: finished(daemon)["abort"] == before["abort"] + 1, 20, "the generation to be aborted")
+    time.sleep(3)  # a next chunk would have started by now (the slow model answers in seconds)
+    assert finished(daemon) == {**before, "abort": before["abort"] + 1}
+    assert metric(daemon, "axm1_llm_requests_running", model=SLOW) == 0
+
+
+def test_a_streaming_client_that_leaves_cancels_the_generation_and_the_rest(daemon):
+    before = finished(daemon)
+    with daemon.client(timeout=60) as http:
+        with http.stream("POST", "/api/services/mini", json={"fields": {"text": MANY_PARTS}, "flavor": "slow",
+                                                             "stream": True}) as reply:
+            lines = reply.iter_lines()
+            assert json.loads(next(lines))["event"] == "plan"
+            start = json.loads(next(lines))
+            assert start["event"] == "chunk_start" and start["chunk"] == 1 and start["chunks"] >= 3
+    assert_one_abort_and_nothing_after(daemon, before)
+
+
+def test_a_waiting_client_that_leaves_cancels_the_generation_and_the_rest(daemon):
+    before = finished(daemon)
+    with pytest.raises(httpx.ReadTimeout):
+        post(daemon, "mini", {"fields": {"text": MANY_PARTS}, "flavor": "slow"}, timeout=3)
+    assert_one_abort_and_nothing_after(daemon, before)
