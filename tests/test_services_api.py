@@ -20,9 +20,12 @@ from harness.net import wait_until
 from harness.paths import REPO_ROOT, TOKENIZER_DIR
 from llm_service.services.chunker import split_sentences
 from llm_service.services.manifest import parse_manifest, render_template
+from llm_service.services.run import ESTIMATE_BYTES_PER_TOKEN
+from upstream_support import FakeUpstream
 
 ECHO = "scripted-echo"  # the model the examples' "scripted" flavor names
 SLOW = "slow-echo"
+REMOTE = "fake-remote"
 TOKENIZER = Tokenizer.from_file(str(TOKENIZER_DIR / "tokenizer.json"))
 
 
@@ -92,17 +95,36 @@ def services_dir(tmp_path_factory) -> Path:
             shutil.copy(REPO_ROOT / "services" / f"{name}{suffix}", folder)
     write(folder / "mini.json", mini_manifest())
     write(folder / "mini.txt", MINI_TEMPLATE)
+    remote = json.loads(mini_manifest())
+    remote["flavors"] = {"remote": {**remote["flavors"]["scripted"], "model": REMOTE}}
+    write(folder / "remote-mini.json", json.dumps(remote))
+    write(folder / "remote-mini.txt", MINI_TEMPLATE)
+    write(folder / "greeting.json", json.dumps({
+        "type": "single", "description": "one prompt", "fields": [{"name": "who"}],
+        "flavors": {"scripted": {"model": ECHO, "totalContextLength": 256, "maxGenerationLength": 64,
+                                 "createNewTurnAfter": 64, "temperature": 0, "top_p": 1}}}))
+    write(folder / "greeting.txt", "Say hello to {{ who }}.")
     return folder
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory, services_dir):
+def fake(tmp_path_factory):
+    upstream = FakeUpstream(tmp_path_factory.mktemp("services-upstream")).start()
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory, services_dir, fake):
     root = tmp_path_factory.mktemp("services-daemon")
     echo_flags = ("--emu_echo unescaped",)
     entries = [
         scripted_model(root, ECHO, reply_words=0, tokens_per_second=0, extra_flags=echo_flags),
         # A second copy, slow enough that a client can leave in the middle of a generation.
         scripted_model(root, SLOW, reply_words=0, tokens_per_second=20, extra_flags=echo_flags),
+        # An HTTP upstream: no tokenizer server, so the byte estimate.
+        {"model_name": REMOTE, "engine": "openai-http", "base_url": fake.base_url + "/v1",
+         "upstream_model": "fake-upstream-model", "retries": "0"},
     ]
     with running_daemon(root, entries, "--services-dir", str(services_dir)) as d:
         yield d
@@ -235,6 +257,30 @@ def test_streaming_gives_a_plan_then_start_and_done_per_chunk_then_the_answer(da
     assert whole["response"] == final["response"]
 
 
+def test_a_single_service_renders_its_template_once(daemon):
+    body = post(daemon, "greeting", {"fields": {"who": "the team"}}).json()
+    assert body["type"] == "single" and body["response"] == echo_of("Say hello to the team.")
+    assert len(body["chunks"]) == 1 and body["combine"] == []
+
+
+def test_a_model_without_a_tokenizer_server_is_counted_by_bytes_and_says_so(daemon, fake):
+    text = " ".join(f"Remote point {i} is about {WORDS[i % 16]} and {WORDS[(i * 7) % 16]}." for i in range(30))
+    seen = len(fake.records()["chat_requests"])
+    body = post(daemon, "remote-mini", {"fields": {"text": text}}).json()
+    assert body["tokenizer"] == "estimate" and body["model"] == REMOTE
+    assert body["warnings"][0] == (f"token counts are estimated ({ESTIMATE_BYTES_PER_TOKEN} bytes a token): "
+                                   f'model "{REMOTE}" has no tokenizer server the daemon can ask')
+    chunks = body["chunks"]
+    assert len(chunks) >= 3
+    # Each chunk's prompt reached the upstream as rendered, in order.
+    requests = fake.records()["chat_requests"][seen:]
+    assert [r["body"]["messages"][-1]["content"] for r in requests] == [
+        render_template(MINI_TEMPLATE, "t", {"text": text[c["start"]:c["end"]]}, chunk_number=c["chunk"],
+                        chunk_count=len(chunks)) for c in chunks]
+    for chunk in chunks:
+        assert chunk["input_tokens"] == -(-len(text[chunk["start"]:chunk["end"]].encode()) // ESTIMATE_BYTES_PER_TOKEN)
+
+
 # ---- 20,000 tokens through the examples ----------------------------------------------------
 
 
@@ -277,6 +323,7 @@ def test_20000_tokens_through_the_cleanup_service(daemon, long_transcript):
         # Within the context, by our count and by the model's own.
         assert chunk["prompt_tokens"] + flavor.max_generation_length <= flavor.total_context_length
         assert chunk["model_prompt_tokens"] + flavor.max_generation_length <= flavor.total_context_length
+        assert chunk["model_prompt_tokens"] <= chunk["prompt_tokens"]  # the framing reserve is enough
         assert chunk["input_tokens"] <= flavor.create_new_turn_after
         assert chunk["carried_summaries"] == 0 and chunk["finish_reason"] == "stop"
         prompt = render_template(template, "t", {"transcript": text[chunk["start"]:chunk["end"]], "language": "English"},
@@ -305,6 +352,7 @@ def test_20000_tokens_through_the_summary_service(daemon, long_transcript):
     for event, chunk in zip(maps, chunks):
         assert chunk["prompt_tokens"] + flavor.max_generation_length <= flavor.total_context_length
         assert chunk["model_prompt_tokens"] + flavor.max_generation_length <= flavor.total_context_length
+        assert chunk["model_prompt_tokens"] <= chunk["prompt_tokens"]
         assert chunk["completion_tokens"] <= flavor.max_generation_length + 3  # the card's flush granularity
         carried = chunk["carried_summaries"]
         assert carried <= min(flavor.summary_turns, len(summaries))
