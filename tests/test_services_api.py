@@ -476,3 +476,26 @@ def test_a_waiting_client_that_leaves_cancels_the_generation_and_the_rest(daemon
     with pytest.raises(httpx.ReadTimeout):
         post(daemon, "mini", {"fields": {"text": MANY_PARTS}, "flavor": "slow"}, timeout=3)
     assert_one_abort_and_nothing_after(daemon, before)
+
+
+# ---- failure after the answer began ------------------------------------------------------------
+
+
+def test_a_runner_crash_mid_run_ends_the_stream_with_an_error_line_and_runs_nothing_more(daemon):
+    text = " ".join(f"Crash point {i} is about {WORDS[i % 16]} and {WORDS[(i * 3) % 16]}." for i in range(30))
+    daemon.set_faults(crash_after_tokens=5)
+    try:
+        with daemon.client(timeout=120) as http:
+            with http.stream("POST", "/api/services/mini", json={"fields": {"text": text}, "stream": True}) as reply:
+                assert reply.status_code == 200
+                events = [json.loads(line) for line in reply.iter_lines() if line]
+    finally:
+        daemon.set_faults()
+    assert events[0]["event"] == "plan" and events[0]["chunks"] >= 3
+    assert events[1]["event"] == "chunk_start" and events[1]["chunk"] == 1
+    assert len(events) == 3 and set(events[2]) == {"error"}, events
+    assert "crash" in events[2]["error"].lower() or "signal" in events[2]["error"].lower(), events[2]
+    daemon.wait_state(ECHO, "ready", timeout=30)
+    # The model recovers, and the service with it.
+    assert post(daemon, "mini", {"fields": {"text": "After the crash."}}).json()["response"] == \
+        echo_of("Part 1 of 1:\nAfter the crash.")
