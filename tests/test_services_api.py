@@ -353,7 +353,9 @@ def test_20000_tokens_through_the_summary_service(daemon, long_transcript):
         assert chunk["prompt_tokens"] + flavor.max_generation_length <= flavor.total_context_length
         assert chunk["model_prompt_tokens"] + flavor.max_generation_length <= flavor.total_context_length
         assert chunk["model_prompt_tokens"] <= chunk["prompt_tokens"]
-        assert chunk["completion_tokens"] <= flavor.max_generation_length + 3  # the card's flush granularity
+        # The echo is longer than maxGenerationLength: cut there (the card engine stops at the
+        # first text flush past num_predict; at the emulator's unpaced speed that can be later).
+        assert chunk["finish_reason"] == "length" and chunk["completion_tokens"] >= flavor.max_generation_length
         carried = chunk["carried_summaries"]
         assert carried <= min(flavor.summary_turns, len(summaries))
         prompt = render_template(template, "t", {"transcript": text[chunk["start"]:chunk["end"]], "focus": ""},
