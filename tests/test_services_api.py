@@ -104,6 +104,10 @@ def services_dir(tmp_path_factory) -> Path:
         "flavors": {"scripted": {"model": ECHO, "totalContextLength": 256, "maxGenerationLength": 64,
                                  "createNewTurnAfter": 64, "temperature": 0, "top_p": 1}}}))
     write(folder / "greeting.txt", "Say hello to {{ who }}.")
+    ghost = json.loads(mini_manifest())
+    ghost["flavors"] = {"gone": {**ghost["flavors"]["scripted"], "model": "no-such-model"}}
+    write(folder / "ghost.json", json.dumps(ghost))
+    write(folder / "ghost.txt", MINI_TEMPLATE)
     return folder
 
 
@@ -191,6 +195,8 @@ def test_swagger_documents_the_routes_with_their_bodies(daemon):
     ("mini", {"fields": {"text": 3}}, 400, 'field "text": must be a string, not int'),
     ("mini", {"fields": {"text": "  \n"}}, 400, 'field "text": empty'),
     ("mini", {"fields": {"text": "x."}, "temperature": 1}, 400, "invalid request: temperature:"),
+    ("mini", {"fields": "text"}, 400, "invalid request: fields:"),
+    ("ghost", {"fields": {"text": "Hello."}}, 404, 'service "ghost", flavor "gone": model "no-such-model" not found'),
 ])
 def test_client_errors_have_their_status_and_say_what_is_wrong(daemon, name, body, status, error):
     for stream in (False, True):

@@ -83,7 +83,6 @@ class TokenCounter:
         self.warnings = warnings
         self.framing = 2 * TOKENS_PER_MESSAGE
         self._counts: dict[str, int] = {}
-        self.calls = 0
 
     async def count_async(self, text: str) -> int:
         known = self._counts.get(text)
@@ -92,7 +91,6 @@ class TokenCounter:
         if self._tokenize is None:
             tokens = estimate_tokens(text)
         else:
-            self.calls += 1
             ids = await self._tokenize(text)
             if ids is None:
                 raise ModelUnavailable("the model's tokenizer server stopped answering /tokenize while the "
@@ -122,6 +120,7 @@ async def token_counter(manager: Any, model: str) -> TokenCounter:
     spec = entry.spec
     config = spec.config
     port = getattr(config, "tokenizer_port", None)
+    # A card runner whose dialect tokenizes by itself (axllm) has no server to ask.
     dialect = getattr(entry.engine, "_dialect", None)
     if not port or (dialect is not None and getattr(dialect, "builtin_tokenizer", False)):
         counter = TokenCounter(None, "estimate", [
