@@ -112,3 +112,17 @@ async def test_the_watcher_picks_up_a_new_manifest(tmp_path):
 def test_the_byte_estimate_rounds_up(text, expected):
     assert ESTIMATE_BYTES_PER_TOKEN == 3
     assert estimate_tokens(text) == expected
+
+
+def test_the_daemon_and_its_catalog_do_without_jinja2_until_a_template_is_used():
+    import subprocess
+    import sys
+
+    probe = ("import sys, llm_service.app; from llm_service.services.folder import ServiceFolder; "
+             "catalog = ServiceFolder('services', 1).refresh(); assert catalog.usable(), catalog; "
+             "print('jinja2' in sys.modules)")
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
