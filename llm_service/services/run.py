@@ -249,7 +249,7 @@ async def run_service(manager: Any, folder: ServiceFolder, name: str, fields: Ma
     if manifest.type == "map-reduce":
         async for event in _combine(run, outputs, combines):
             yield event
-        response = outputs[0] if len(outputs) == 1 else combines[-1]["response"] if combines else ""
+        response = outputs[0]  # _combine left the one summary there
     elif manifest.type == "map":
         response = join_cleaned(outputs)
     else:
