@@ -11,13 +11,14 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
-from .api import models, ollama, openai, status
+from .api import models, ollama, openai, services, status
 from .api.errors import install_error_handlers
 from .api.hot_routes import HotRoutesMiddleware
 from .metrics import MetricsHub
 from .models import ModelManager
 from .security import install_security
 from .terminal import follow_loads, progress_handler
+from .services.folder import ServiceFolder
 from .tokenizer_client import TokenizerClient
 
 
@@ -72,6 +73,7 @@ def create_app(settings: Any) -> FastAPI:
         settings.tokenizer_service_port, settings.tokenizer_service_url, settings.tokenizer_service_secret
     )
     manager = ModelManager(settings, hub, tokenizers)
+    service_folder = ServiceFolder(settings.services_dir, settings.descriptor_poll_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -79,6 +81,7 @@ def create_app(settings: Any) -> FastAPI:
             await tg.start(manager.run)
             if (lines := progress_handler()) is not None:
                 tg.start_soon(follow_loads, manager.events, lines)
+            await tg.start(service_folder.run)
             try:
                 yield
             finally:
@@ -97,12 +100,14 @@ def create_app(settings: Any) -> FastAPI:
     app.state.manager = manager
     app.state.metrics = hub
     app.state.settings = settings
+    app.state.services = service_folder
     app.include_router(ollama.router)
     app.include_router(status.router)
     app.include_router(models.router)
     app.include_router(openai.router)
     # The page (/ui): static files in the package, no build step, no CDN.
     app.mount("/ui", StaticFiles(directory=Path(__file__).parent / "ui", html=True), name="ui")
+    app.include_router(services.router)
     install_error_handlers(app)
     # Innermost of ours, so that keys, body limits and the HTTP metrics apply to it as to the rest.
     app.add_middleware(HotRoutesMiddleware, routers=[ollama.router, openai.router], exception_handlers=app.exception_handlers)

@@ -150,6 +150,11 @@ class DaemonSettings(FileConfiguredSettings):
     descriptor_poll_s: float = Field(
         2, gt=0, description="how often the descriptor file is checked for changes"
     )
+    services_dir: Path = Field(
+        Path("services"),
+        description="folder of prompt services (NAME.json manifests, NAME.txt templates); "
+        "checked every descriptor_poll_s, a template read at each use; missing = no services",
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="accepted Bearer keys, comma-separated; empty = no authentication",
