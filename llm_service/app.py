@@ -70,10 +70,18 @@ def create_app(settings: Any) -> FastAPI:
     )
     manager = ModelManager(settings, hub, tokenizers)
 
+    async def metrics_heartbeat() -> None:
+        # Files are written on events; an idle daemon's would stop changing, and their age could
+        # not tell an idle daemon from a dead one (the Axm1LlmMetricsStale alert).
+        while True:
+            await anyio.sleep(settings.metrics_heartbeat_s)
+            hub.write_all_soon()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         async with anyio.create_task_group() as tg:
             await tg.start(manager.run)
+            tg.start_soon(metrics_heartbeat)
             try:
                 yield
             finally:

@@ -384,6 +384,12 @@ class MetricsHub:
         """Counts one HTTP request; `route` is the template (`/api/chat`), never the raw path."""
         self._http_requests.labels(route, method, str(status)).inc()
 
+    def write_all_soon(self) -> None:
+        """Every model's file rewritten shortly, unchanged or not: the heartbeat that keeps the
+        files' age (node_textfile_mtime_seconds) low while the daemon is alive. Call from the loop."""
+        for metrics in list(self._models.values()):
+            metrics.write_soon()
+
     def write_all(self) -> None:
         for metrics in list(self._models.values()):
             metrics.write()

@@ -24,6 +24,7 @@ from harness.daemon import Daemon, running_daemon
 from harness.models import scripted_model
 from harness.net import wait_until
 from harness.paths import REPO_ROOT
+from llm_service.metrics import metrics_file_name
 from metrics_support import NodeExporter, Prometheus, running_node_exporter, running_prometheus
 
 PROMETHEUS_DIR = REPO_ROOT / "deploy" / "prometheus"
@@ -35,6 +36,7 @@ DAEMON_JOB = "axm1-llm"  # the job name the rules and the dashboard expect for /
 MODELS = ("alpha", "beta")
 RATE_INTERVAL = "1m"  # for $__rate_interval: the requests of the test are all in the last minute
 WAIT_S = 60.0
+HEARTBEAT_S = 1.0  # the daemon's metrics_heartbeat_s here (60 s by default)
 
 # The job metrics are being added to the daemon (issue 17, batch jobs) under names not fixed yet:
 # the dashboard's job row uses these, and their expressions are left out of the "returns data"
@@ -205,7 +207,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("monitoring")
     entries = [scripted_model(root, name, reply_words=12, tokens_per_second=80, fields={"npu_memory_mb": 512})
                for name in MODELS]
-    with running_daemon(root, entries) as daemon, running_node_exporter(daemon.metrics_dir) as exporter:
+    flags = ("--metrics-heartbeat-s", str(HEARTBEAT_S))
+    with running_daemon(root, entries, *flags) as daemon, running_node_exporter(daemon.metrics_dir) as exporter:
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(RULES)],
@@ -304,3 +307,18 @@ def test_rules_are_loaded_healthy_and_quiet(stack: Stack) -> None:
     assert set(p95) == set(MODELS) and all(0 < v < 20 for v in p95.values()), p95
     # A serving daemon with one crash pages nothing.
     assert stack.prometheus.query('ALERTS{alertstate="firing"}') == []
+
+
+def test_idle_files_are_rewritten_and_their_age_stays_low(stack: Stack) -> None:
+    """No request, no state change: the heartbeat still rewrites every model's file, so the file
+    age that Axm1LlmMetricsStale watches tells an idle daemon from a dead one."""
+    files = {model: stack.daemon.metrics_dir / metrics_file_name(model) for model in MODELS}
+    before = {model: path.stat().st_mtime_ns for model, path in files.items()}
+    finished = scraped_value(stack.prometheus, 'sum by (job) (axm1_llm_requests_finished_total)')
+    wait_until(lambda: all(path.stat().st_mtime_ns > before[model] for model, path in files.items()),
+               HEARTBEAT_S * 5, "every file rewritten while idle")
+    assert scraped_value(stack.prometheus, 'sum by (job) (axm1_llm_requests_finished_total)') == finished  # idle indeed
+    ages = {s["metric"]["file"]: float(s["value"][1]) for s in stack.prometheus.query(
+        'time() - node_textfile_mtime_seconds{file=~"(.*/)?axm1-llm-.+-metrics\\\\.prom"}')}
+    assert set(ages) == {str(path) for path in files.values()}
+    assert all(age < HEARTBEAT_S * 5 for age in ages.values()), ages
