@@ -24,7 +24,7 @@ from harness.daemon import Daemon, running_daemon
 from harness.models import scripted_model
 from harness.net import wait_until
 from harness.paths import REPO_ROOT
-from llm_service.metrics import metrics_file_name
+from llm_service.metrics import RESTART_REASONS, metrics_file_name
 from metrics_support import NodeExporter, Prometheus, running_node_exporter, running_prometheus
 
 PROMETHEUS_DIR = REPO_ROOT / "deploy" / "prometheus"
@@ -322,3 +322,19 @@ def test_idle_files_are_rewritten_and_their_age_stays_low(stack: Stack) -> None:
         'time() - node_textfile_mtime_seconds{file=~"(.*/)?axm1-llm-.+-metrics\\\\.prom"}')}
     assert set(ages) == {str(path) for path in files.values()}
     assert all(age < HEARTBEAT_S * 5 for age in ages.values()), ages
+
+
+def test_readme_and_rules_name_the_restart_reasons_and_the_files() -> None:
+    """The planned/fault split the rules make is the daemon's: every other restart reason is
+    named a fault in the alert and the README, and the README points to the deploy files."""
+    faults = [reason for reason in RESTART_REASONS if reason != "fresh_context"]
+    [restarting] = [a for a in alert_rules() if a["alert"] == "Axm1LlmRunnerRestarting"]
+    assert '{reason!="fresh_context"}' in restarting["expr"]
+    readme = (REPO_ROOT / "README.md").read_text()
+    monitoring = readme.split("## Monitoring\n", 1)[1].split("\n## ", 1)[0]
+    for reason in faults:
+        assert reason in restarting["annotations"]["description"], reason
+        assert f"`{reason}`" in monitoring, reason
+    for path in (RULES, RULES_TEST, PROMETHEUS_EXAMPLE, DASHBOARD):
+        assert path.name in monitoring, path
+    assert "groups:" not in monitoring  # the rules live in deploy/prometheus, not inline
