@@ -21,7 +21,7 @@ import yaml
 
 from harness import net
 from harness.daemon import Daemon, running_daemon
-from harness.models import scripted_model
+from harness.models import scripted_model, shell_runner_model
 from harness.net import wait_until
 from harness.paths import REPO_ROOT
 from llm_service.metrics import RESTART_REASONS, metrics_file_name
@@ -202,6 +202,18 @@ def scraped_value(prometheus: Prometheus, expr: str) -> dict[str, float]:
     return {sample["metric"].get("job", ""): float(sample["value"][1]) for sample in prometheus.query(expr)}
 
 
+def prometheus_config(daemon: Daemon, exporter: NodeExporter) -> dict[str, Any]:
+    """Scrapes of both sources every second, as prometheus.yml here names them, and the rules."""
+    return {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(RULES)],
+        "scrape_configs": [
+            {"job_name": "node", "static_configs": [{"targets": [exporter.url.split("/")[2]]}]},
+            {"job_name": DAEMON_JOB, "static_configs": [{"targets": [daemon.url.split("/")[2]]}]},
+        ],
+    }
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("monitoring")
@@ -209,15 +221,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                for name in MODELS]
     flags = ("--metrics-heartbeat-s", str(HEARTBEAT_S))
     with running_daemon(root, entries, *flags) as daemon, running_node_exporter(daemon.metrics_dir) as exporter:
-        config = {
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(RULES)],
-            "scrape_configs": [
-                {"job_name": "node", "static_configs": [{"targets": [exporter.url.split("/")[2]]}]},
-                {"job_name": DAEMON_JOB, "static_configs": [{"targets": [daemon.url.split("/")[2]]}]},
-            ],
-        }
-        with running_prometheus(config, root / "prometheus") as prometheus:
+        with running_prometheus(prometheus_config(daemon, exporter), root / "prometheus") as prometheus:
             stack = Stack(daemon, exporter, prometheus)
             wait_until(lambda: targets_up(prometheus) == {"node": "up", DAEMON_JOB: "up"}, WAIT_S,
                        "both targets up")
@@ -338,3 +342,45 @@ def test_readme_and_rules_name_the_restart_reasons_and_the_files() -> None:
     for path in (RULES, RULES_TEST, PROMETHEUS_EXAMPLE, DASHBOARD):
         assert path.name in monitoring, path
     assert "groups:" not in monitoring  # the rules live in deploy/prometheus, not inline
+
+
+def test_real_crashes_page_and_planned_restarts_do_not(tmp_path: Path) -> None:
+    """End to end on the daemon's real counters: a runner crashing 5 times fires
+    Axm1LlmRunnerRestarting at once (no `for`); a runner without reset, restarted more often
+    for fresh contexts, does not."""
+    entries = [scripted_model(tmp_path, "crashy", reply_words=6), shell_runner_model(tmp_path, "no-reset")]
+    with running_daemon(tmp_path, entries) as daemon, running_node_exporter(daemon.metrics_dir) as exporter, \
+            running_prometheus(prometheus_config(daemon, exporter), tmp_path / "prometheus") as prometheus:
+        wait_until(lambda: targets_up(prometheus) == {"node": "up", DAEMON_JOB: "up"}, WAIT_S, "both targets up")
+        time.sleep(2)  # samples at 0 first
+        with daemon.client() as http:
+            for i in range(7):  # each independent request after the first: a fresh_context restart
+                reply = http.post("/api/generate", json={"model": "no-reset", "prompt": f"one-shot {i}", "stream": False})
+                assert reply.json()["response"] == f"You said: one-shot {i}"
+            daemon.set_faults(crash_after_tokens=1)
+            try:
+                for i in range(5):
+                    daemon.wait_state("crashy", ("ready", "stopped"), timeout=WAIT_S)
+                    reply = http.post("/api/generate", json={"model": "crashy", "prompt": f"crash {i}", "stream": False})
+                    assert reply.status_code >= 500, reply.text
+            finally:
+                daemon.set_faults()
+
+        def restarts(reason: str) -> dict[str, float]:
+            return {s["metric"]["model"]: float(s["value"][1]) for s in prometheus.query(
+                f'max by (model) (axm1_llm_runner_restarts_total{{reason="{reason}"}})')}
+
+        wait_until(lambda: restarts("crash").get("crashy") == 5 and restarts("fresh_context").get("no-reset") == 6,
+                   WAIT_S, "the restarts scraped")
+
+        def firing() -> dict[str, set[str]]:
+            found: dict[str, set[str]] = {}
+            for sample in prometheus.query('ALERTS{alertstate="firing"}'):
+                found.setdefault(sample["metric"]["alertname"], set()).add(sample["metric"].get("model", ""))
+            return found
+
+        wait_until(lambda: "Axm1LlmRunnerRestarting" in firing(), WAIT_S, "the restart alert firing")
+        time.sleep(3)  # a few more evaluations: the planned restarts still do not page
+        assert firing() == {"Axm1LlmRunnerRestarting": {"crashy"}}
+        planned = prometheus.query('sum without (reason) (model_reason:axm1_llm_runner_restarts:increase15m{model="no-reset"})')
+        assert planned and float(planned[0]["value"][1]) > 3  # above the threshold, yet quiet
