@@ -33,8 +33,8 @@ RULES_TEST = PROMETHEUS_DIR / "axm1-llm.rules.test.yml"
 PROMETHEUS_EXAMPLE = PROMETHEUS_DIR / "prometheus.yml"
 DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "axm1-llm.json"
 DAEMON_JOB = "axm1-llm"  # the job name the rules and the dashboard expect for /metrics
-MODELS = ("alpha", "beta")
-RATE_INTERVAL = "1m"  # for $__rate_interval: the requests of the test are all in the last minute
+MODELS = ("alpha", "beta:1.5b")  # a tag with a dot: the $model regex must escape it
+RATE_INTERVAL = "5m"  # for $__rate_interval: every request of the test is in the last 5 minutes
 WAIT_S = 60.0
 HEARTBEAT_S = 1.0  # the daemon's metrics_heartbeat_s here (60 s by default)
 
@@ -287,7 +287,7 @@ def test_model_series_agree_between_the_two_sources(stack: Stack) -> None:
         assert by_job["node"] == by_job[DAEMON_JOB], expr
     crashes = {s["metric"]["model"]: float(s["value"][1])
                for s in stack.prometheus.query(f'axm1_llm_runner_restarts_total{{job="{DAEMON_JOB}",reason="crash"}}')}
-    assert crashes == {"alpha": 1.0, "beta": 0.0}
+    assert crashes == {"alpha": 1.0, MODELS[1]: 0.0}
 
 
 def test_rules_are_loaded_healthy_and_quiet(stack: Stack) -> None:
