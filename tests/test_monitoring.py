@@ -311,6 +311,7 @@ def test_rules_are_loaded_healthy_and_quiet(stack: Stack) -> None:
     assert set(p95) == set(MODELS) and all(0 < v < 20 for v in p95.values()), p95
     # A serving daemon with one crash pages nothing.
     assert stack.prometheus.query('ALERTS{alertstate="firing"}') == []
+    assert "level=error" not in stack.prometheus.log(), stack.prometheus.log()[-3000:]
 
 
 def test_idle_files_are_rewritten_and_their_age_stays_low(stack: Stack) -> None:
