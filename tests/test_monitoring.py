@@ -153,6 +153,15 @@ def test_dashboard_has_its_variables_and_queries() -> None:
         assert panel["targets"], panel["title"]
         for target in [panel, *panel["targets"]]:
             assert target["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+    # Panels tile the 24-column grid without overlapping.
+    cells: dict[tuple[int, int], str] = {}
+    for panel in model["panels"]:
+        pos = panel["gridPos"]
+        assert 0 <= pos["x"] and pos["x"] + pos["w"] <= 24, panel["title"]
+        for x in range(pos["x"], pos["x"] + pos["w"]):
+            for y in range(pos["y"], pos["y"] + pos["h"]):
+                assert (x, y) not in cells, f'{panel["title"]} overlaps {cells[(x, y)]}'
+                cells[(x, y)] = panel["title"]
     exprs = [expr for _, expr in dashboard_targets()]
     assert len(exprs) >= 25
     for metric in PENDING_JOB_METRICS:  # the list above is not stale
