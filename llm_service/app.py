@@ -75,6 +75,13 @@ def create_app(settings: Any) -> FastAPI:
     manager = ModelManager(settings, hub, tokenizers)
     service_folder = ServiceFolder(settings.services_dir, settings.descriptor_poll_s)
 
+    async def metrics_heartbeat() -> None:
+        # Files are written on events; an idle daemon's would stop changing, and their age could
+        # not tell an idle daemon from a dead one (the Axm1LlmMetricsStale alert).
+        while True:
+            await anyio.sleep(settings.metrics_heartbeat_s)
+            hub.write_all_soon()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         async with anyio.create_task_group() as tg:
@@ -82,6 +89,7 @@ def create_app(settings: Any) -> FastAPI:
             if (lines := progress_handler()) is not None:
                 tg.start_soon(follow_loads, manager.events, lines)
             await tg.start(service_folder.run)
+            tg.start_soon(metrics_heartbeat)
             try:
                 yield
             finally:

@@ -30,6 +30,11 @@ from llm_service.states import RunnerState
 log = logging.getLogger(__name__)
 
 FINISHED_REASONS: tuple[FinishReason, ...] = ("stop", "length", "abort", "error")
+# The reasons the engines restart a runner for (engines/card/engine.py, engines/http.py).
+# fresh_context is planned (a runner without `reset`, one per new conversation); the others are
+# faults. Their series exist from 0 so that increase() counts a model's first crash too (a series
+# that appears at 1 has no rise for Prometheus) and alert rules see every reason.
+RESTART_REASONS = ("fresh_context", "crash", "crash_at_load", "hang", "load_timeout", "tokenizer", "internal_error")
 
 # vLLM's bucket sets (vllm/v1/metrics/loggers.py), so dashboards built for vLLM read ours alike.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -120,6 +125,8 @@ class ModelMetrics:
         self._states[RunnerState.STOPPED.value].set(1)
         self._restarts = counter("axm1_llm_runner_restarts_total",
                                  "Runner restarts by reason.", ("reason",))
+        for reason in RESTART_REASONS:
+            self._restarts.labels(name, reason)
         # Speeds are unknown (NaN) until measured: 0 would read as a stalled card.
         self._reported_speed = gauge(
             "axm1_llm_runner_reported_decode_tokens_per_second",
@@ -376,6 +383,12 @@ class MetricsHub:
     def observe_http(self, route: str, method: str, status: int) -> None:
         """Counts one HTTP request; `route` is the template (`/api/chat`), never the raw path."""
         self._http_requests.labels(route, method, str(status)).inc()
+
+    def write_all_soon(self) -> None:
+        """Every model's file rewritten shortly, unchanged or not: the heartbeat that keeps the
+        files' age (node_textfile_mtime_seconds) low while the daemon is alive. Call from the loop."""
+        for metrics in list(self._models.values()):
+            metrics.write_soon()
 
     def write_all(self) -> None:
         for metrics in list(self._models.values()):

@@ -105,6 +105,10 @@ class DaemonSettings(FileConfiguredSettings):
         Path("metrics"),
         description="folder for the .prom files of node_exporter's textfile collector; empty disables",
     )
+    metrics_heartbeat_s: float = Field(
+        60, gt=0,
+        description="each .prom file is rewritten at least this often, idle or not, so that its age shows a daemon alive",
+    )
     tokenizer_service_url: str | None = Field(
         None,
         description="URL of a separate tokenizer service; unset = serve runs it in-process",

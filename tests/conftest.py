@@ -113,6 +113,7 @@ SHARED_FIXTURE_MODULES = {
     "tests/test_http_engine.py",  # `transformers serve` (hf_upstream), with test_openai_api
     "tests/test_managed_upstreams.py",  # the daemon and its managed fake upstreams
     "tests/test_managed_workers.py",  # the daemon and the workers it launches
+    "tests/test_monitoring.py",  # the daemon, node_exporter and Prometheus the live checks query
     "tests/test_workers.py",  # the SmolLM2 and MiniLM workers
     "tests/test_openai_api.py",  # hf_upstream, the fake upstream and their daemon
     "tests/test_security.py",  # the secured app

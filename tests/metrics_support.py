@@ -1,4 +1,5 @@
-"""Real Prometheus tools for tests: `promtool check metrics` and a node_exporter on loopback.
+"""Real Prometheus tools for tests: `promtool check metrics`, a node_exporter and a Prometheus
+server on loopback.
 
 Import from any test module (the tests folder is on `sys.path` under pytest):
 
@@ -8,6 +9,9 @@ Import from any test module (the tests folder is on `sys.path` under pytest):
 - `node_exporter` is a fixture: a node_exporter with only the textfile collector, reading
   `node_exporter.textfile_dir` (a fresh folder); point the daemon's metrics folder there.
 - `running_node_exporter(folder)` is the same as a context manager, for a folder of your own.
+- `running_prometheus(config, folder)` is a Prometheus server on a free loopback port with the
+  configuration `config` (a dict, written as YAML), its storage in `folder`; `Prometheus.query`
+  runs PromQL through its HTTP API.
 - `samples(text)` parses an exposition into `{(name, frozenset(labels.items())): value}`.
 """
 from __future__ import annotations
@@ -19,8 +23,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from harness import net
@@ -28,6 +34,7 @@ from harness.net import free_port, wait_http
 
 PROMTOOL = "promtool"
 NODE_EXPORTER = "prometheus-node-exporter"  # Debian's name for node_exporter
+PROMETHEUS = "prometheus"
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
 
@@ -114,3 +121,61 @@ def node_exporter(tmp_path: Path) -> Iterator[NodeExporter]:
     textfile_dir.mkdir()
     with running_node_exporter(textfile_dir) as exporter:
         yield exporter
+
+
+class PrometheusQueryError(AssertionError):
+    pass
+
+
+@dataclass
+class Prometheus:
+    url: str  # the server's base URL
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def api(self, path: str, **params: Any) -> Any:
+        """`data` of a GET on /api/v1/<path>; fails unless the answer's status is success."""
+        response = net.get(f"{self.url}/api/v1/{path}", params=params, timeout=10.0)
+        body = response.json()
+        if body.get("status") != "success":
+            raise PrometheusQueryError(f"/api/v1/{path} {params}: {body.get('errorType')}: {body.get('error')}")
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """An instant query; the samples of its vector (a scalar comes as one sample)."""
+        data = self.api("query", query=expr)
+        if data["resultType"] == "scalar":
+            return [{"metric": {}, "value": data["result"]}]
+        if data["resultType"] != "vector":
+            raise PrometheusQueryError(f"{expr}: a {data['resultType']}, not a vector")
+        return data["result"]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextmanager
+def running_prometheus(config: dict[str, Any], folder: Path) -> Iterator[Prometheus]:
+    """A Prometheus server on a free loopback port with `config`, its storage and log in `folder`;
+    stopped (SIGTERM, then SIGKILL) on exit."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config_path = folder / "prometheus.yml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    port = free_port()
+    log_path = folder / "prometheus.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [_require(PROMETHEUS), f"--config.file={config_path}", f"--storage.tsdb.path={folder / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+            stdout=log_file, stderr=subprocess.STDOUT, cwd=folder)
+    server = Prometheus(f"http://127.0.0.1:{port}", process, log_path)
+    try:
+        wait_http(f"{server.url}/-/ready", START_TIMEOUT * 2, process=process, output=server.log, ok_only=True)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=STOP_TIMEOUT)

@@ -21,6 +21,7 @@ from harness import net
 from harness.daemon import Daemon, running_daemon, write_descriptor
 from harness.models import scripted_model
 from harness.net import wait_until
+from llm_service.metrics import RESTART_REASONS
 from metrics_support import assert_promtool_clean, running_node_exporter, samples
 
 FILE_NAME = re.compile(r"^axm1-llm-(?P<model>.+)-metrics\.prom$")
@@ -333,7 +334,10 @@ def test_node_exporter_serves_the_daemons_files_while_requests_run(tmp_path: Pat
         assert value(parsed, "axm1_llm_runner_reported_decode_tokens_per_second", model=model) > 0
         assert value(parsed, "axm1_llm_context_used_tokens", model=model) > 0
     assert value(parsed, "axm1_llm_runner_restarts_total", model="alpha", reason="crash") == 1
-    assert not [k for k in parsed if k[0] == "axm1_llm_runner_restarts_total" and ("model", "beta") in k[1]]
+    # Every restart reason is there from 0 (so that increase() counts a first crash), and beta had none.
+    beta_restarts = {dict(k[1])["reason"]: v for k, v in parsed.items()
+                     if k[0] == "axm1_llm_runner_restarts_total" and ("model", "beta") in k[1]}
+    assert beta_restarts == dict.fromkeys(RESTART_REASONS, 0.0)
 
 
 # ---- 3. GET /metrics: process metrics and HTTP requests by route template --------------------

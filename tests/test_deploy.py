@@ -147,33 +147,3 @@ def test_readme_contents_list_matches_its_sections() -> None:
         for title in re.findall(r"^## (.+)$", readme.split("## Contents", 1)[1], re.MULTILINE)
     ]
     assert listed == sections
-
-
-def _readme_alert_rules() -> str:
-    readme = (REPO_ROOT / "README.md").read_text()
-    [rules] = [block for block in re.findall(r"```yaml\n(.*?)```", readme, re.DOTALL) if block.startswith("groups:")]
-    return rules
-
-
-def test_readme_alert_rules_fire_on_faults_and_not_on_a_healthy_runner(tmp_path: Path) -> None:
-    """The README's rules, run by promtool: crash restarts alert; the planned restarts of a
-    runner without `reset`, serving one-shot requests, do not."""
-    (tmp_path / "rules.yml").write_text(_readme_alert_rules())
-    (tmp_path / "test.yml").write_text(yaml.safe_dump({
-        "rule_files": ["rules.yml"],
-        "evaluation_interval": "1m",
-        "tests": [{
-            "interval": "1m",
-            "input_series": [
-                {"series": 'axm1_llm_runner_restarts_total{model="no-reset",reason="fresh_context"}', "values": "0+2x30"},
-                {"series": 'axm1_llm_runner_restarts_total{model="crashy",reason="crash"}', "values": "0+1x30"},
-            ],
-            "alert_rule_test": [{
-                "eval_time": "20m",
-                "alertname": "Axm1LlmRunnerRestarting",
-                "exp_alerts": [{"exp_labels": {"model": "crashy", "reason": "crash"}}],
-            }],
-        }],
-    }))
-    result = subprocess.run(["promtool", "test", "rules", "test.yml"], cwd=tmp_path, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr

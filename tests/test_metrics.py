@@ -290,3 +290,27 @@ def test_scheduled_file_writes_run_off_the_event_loop(tmp_path: Path, monkeypatc
     assert writers, "nothing was written"
     assert threading.main_thread() not in writers
     assert 'axm1_llm_runner_state{model="m",state="initializing"} 1.0' in (tmp_path / metrics_file_name("m")).read_text()
+
+
+def test_every_restart_reason_exists_from_zero(tmp_path: Path) -> None:
+    """The reasons the engines restart for are RESTART_REASONS, and each has its series at 0 in a
+    new model's file: increase() sees a first crash, and the alert rules see every reason."""
+    import re
+
+    from llm_service.metrics import RESTART_REASONS
+
+    engines = Path(__file__).resolve().parent.parent / "llm_service" / "engines"
+    used: set[str] = set()
+    for source in engines.rglob("*.py"):
+        text = source.read_text()
+        for call in re.findall(r"\.restarted\(([^()]*)\)", text):
+            used.update(re.findall(r'"(\w+)"', call))
+        # _runner_failed(reason, error type, metric reason): the last argument.
+        used.update(re.findall(r'_runner_failed\([^;]*?,\s*"(\w+)"\s*,?\s*\)', text))
+    assert used == set(RESTART_REASONS)
+
+    hub = MetricsHub(tmp_path, VERSION)
+    hub.model("m")
+    found = samples((tmp_path / metrics_file_name("m")).read_text())
+    restarts = {dict(labels)["reason"]: v for (name, labels), v in found.items() if name == "axm1_llm_runner_restarts_total"}
+    assert restarts == dict.fromkeys(RESTART_REASONS, 0.0)
