@@ -158,6 +158,7 @@ def running_daemon(
     start_timeout: float = 60.0,
     open_files_limit: int | None = None,
     terminal: bool = False,
+    port: int | None = None,
 ) -> Iterator[Daemon]:
     """The real daemon on free loopback ports, serving `entries` (written to a descriptor in
     `root`, with its metrics folder and log); `flags` go on its command line after ours.
@@ -170,10 +171,11 @@ def running_daemon(
       (e.g. a PYTHONPATH that runs another checkout's daemon).
     - `open_files_limit`: the daemon's RLIMIT_NOFILE (systemd gives 1024 by default).
     - `terminal`: its stdout and stderr a pseudo-terminal (what it shows a person), not a file.
+    - `port`: the API's port (a daemon started again where a router expects it); default: a free one.
     - After SIGTERM, processes still carrying the run's marker `leftover_grace_s` later are
       killed; with `leftovers_fail` that fails (an AssertionError naming them and the log's end).
     """
-    port, tokenizer_service_port = free_port(), free_port()
+    port, tokenizer_service_port = port or free_port(), free_port()
     descriptor = root / "model-descriptor.json"
     write_descriptor(descriptor, entries)
     metrics_dir = root / "metrics"

@@ -617,6 +617,15 @@ class ModelManager:
                         "problems": self.metrics.problems()},
         }
 
+    def model_readiness(self, name: str) -> dict[str, Any]:
+        """One model's health and readiness (GET /health/{model}, /ready/{model})."""
+        entry = self.entry(name)
+        queue = entry.admission
+        healthy, ready, why = model_verdict(entry.engine.state, queue.queue_length, queue.max_queue)
+        return {"model": entry.spec.name, "healthy": healthy, "ready": ready, "state": entry.engine.state,
+                "reason": why, "queue": {"waiting": queue.queue_length, "running": queue.running,
+                                         "max": queue.max_queue}}
+
     def readiness(self) -> tuple[bool, list[str], list[str]]:
         """Ready when every run_on_startup model serves and none is failed; and what is wrong
         without stopping the service (metric files that cannot be written)."""
@@ -628,6 +637,21 @@ class ModelManager:
             elif entry.spec.run_on_startup and state not in SERVING_STATES:
                 problems.append(f"{name}: {state}")
         return not problems, problems, self.metrics.problems()
+
+
+def model_verdict(state: str, waiting: int, max_queue: int) -> tuple[bool, bool, str]:
+    """(healthy, ready, why) of one model, for routers in front of several daemons: healthy = it
+    serves or can load (not failed); ready = it answers now without a load and its queue has room.
+    Pure."""
+    if state == "failed":
+        return False, False, "failed: a restart is scheduled"
+    if waiting >= max_queue:
+        return True, False, f"queue full ({waiting} waiting)"
+    if state in SERVING_STATES:
+        return True, True, f"{state}, {waiting} waiting"
+    if state in ("stopped", "stopping"):
+        return True, False, f"{state}: loads on the next request"
+    return True, False, f"loading ({state})"
 
 
 class closing_stream:

@@ -131,6 +131,7 @@ SHARED_UNITS = {
 # Only the order of dispatch: what is missing here starts in collection order after these.
 START_FIRST = (
     "tests/test_chaos.py::test_chaos_200_requests_under_faults",
+    "tests/test_fleet_router.py::test_requests_spread_fail_over_and_come_back",
     "tests/test_http_engine.py",
     "tests/test_openai_api.py",
     "tests/test_managed_workers.py",

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..engines.base import BadRequest
+from ..engines.base import BadRequest, ModelUnavailable
 from ..events import EVENT_TYPES, parse_last_event_id, sse_comment, sse_frame, sse_gap
 
 router = APIRouter()
@@ -39,6 +39,30 @@ async def health() -> dict[str, str]:
 async def ready(request: Request) -> JSONResponse:
     ok, problems, warnings = request.app.state.manager.readiness()
     return JSONResponse({"ready": ok, "problems": problems, "warnings": warnings}, status_code=200 if ok else 503)
+
+
+def _verdict(request: Request, model: str, key: str) -> JSONResponse:
+    try:
+        verdict = request.app.state.manager.model_readiness(model)
+    except ModelUnavailable as exc:  # disabled in the descriptor
+        return JSONResponse({"model": model, "healthy": False, "ready": False, "reason": exc.message},
+                            status_code=503, headers={"Retry-After": "30"})
+    ok = verdict[key]
+    return JSONResponse(verdict, status_code=200 if ok else 503, headers=None if ok else {"Retry-After": "1"})
+
+
+@router.get("/health/{model:path}")
+async def model_health(request: Request, model: str) -> JSONResponse:
+    """The model serves or can load (200), or it has failed or is disabled (503): for a router's
+    health checks, per model."""
+    return _verdict(request, model, "healthy")
+
+
+@router.get("/ready/{model:path}")
+async def model_ready(request: Request, model: str) -> JSONResponse:
+    """The model answers now, without a load, and its queue has room (200); else 503 with
+    Retry-After and the reason."""
+    return _verdict(request, model, "ready")
 
 
 @router.get("/api/logs/{model:path}")
