@@ -159,6 +159,7 @@ def running_daemon(
     open_files_limit: int | None = None,
     terminal: bool = False,
     port: int | None = None,
+    discover: bool = False,
 ) -> Iterator[Daemon]:
     """The real daemon on free loopback ports, serving `entries` (written to a descriptor in
     `root`, with its metrics folder and log); `flags` go on its command line after ours.
@@ -171,6 +172,8 @@ def running_daemon(
       (e.g. a PYTHONPATH that runs another checkout's daemon).
     - `open_files_limit`: the daemon's RLIMIT_NOFILE (systemd gives 1024 by default).
     - `terminal`: its stdout and stderr a pseudo-terminal (what it shows a person), not a file.
+    - `discover`: serve model folders in `root` that `entries` do not name, as the daemon does by
+      default; off here, since tests build folders they add to the descriptor later.
     - `port`: the API's port (a daemon started again where a router expects it); default: a free one.
     - After SIGTERM, processes still carrying the run's marker `leftover_grace_s` later are
       killed; with `leftovers_fail` that fails (an AssertionError naming them and the log's end).
@@ -207,6 +210,7 @@ def running_daemon(
         "--descriptor", str(descriptor),
         "--metrics-dir", str(metrics_dir),
         *(FAST_FLAGS if fast_restarts else ()),
+        *(() if discover else ("--discover-models", "false")),
         *(("--log-level", log_level) if log_level else ()),
         *flags,
     ]

@@ -185,6 +185,8 @@ def cmd_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             data_dir=settings.data_dir,
             child_env=settings.child_env,
             descriptor=settings.descriptor,
+            discover_models=settings.discover_models,
+            host_kind=settings.host_kind,
             secret=secret,
         )
         servers.append(

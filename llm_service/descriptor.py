@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .discovery import discover
 from .names import name_forms
 
 DEFAULT_ENGINE = "ax-runner"
@@ -153,6 +154,7 @@ class DescriptorResult:
     errors: dict[str, str] = field(default_factory=dict)  # model name (or "entry #i") -> message
     warnings: list[str] = field(default_factory=list)
     file_error: str | None = None
+    found: list[str] = field(default_factory=list)  # models served from a folder found, not an entry
 
 
 @dataclass
@@ -164,11 +166,14 @@ class SpecDiff:
 
 
 def parse_descriptor(
-    text: str, source: str, base_dir: Path, engines: Mapping[str, type[EngineConfig]] | None = None
+    text: str, source: str, base_dir: Path, engines: Mapping[str, type[EngineConfig]] | None = None,
+    discover_host: str | None = None,
 ) -> DescriptorResult:
     """Parse descriptor JSON; relative paths resolve against `base_dir` (the file's folder).
 
-    `engines` maps engine kinds to their config classes (default: the engine registry's).
+    `engines` maps engine kinds to their config classes (default: the engine registry's). With
+    `discover_host`, the model folders under `base_dir` that no entry uses are served too, as
+    found (discovery.py); the entries win.
     """
     if engines is None:
         from .engines import ENGINE_CONFIGS  # the registry imports the engines, which import this module
@@ -184,11 +189,19 @@ def parse_descriptor(
         result.file_error = f"{source}: expected a JSON list of model objects, found {type(entries).__name__}"
         return result
     base_dir = base_dir.resolve()
+    found_from = len(entries)
+    if discover_host is not None:
+        found, problems = discover(base_dir, entries, discover_host)
+        entries = entries + found
+        result.errors.update(problems)
     owners: dict[str, str] = {}  # every name and alias seen so far -> the entry that claimed it
     for number, entry in enumerate(entries, start=1):
         label = f"entry #{number}"
+        where = source
+        if number > found_from:  # a folder found: its messages name the folder, not the file
+            where = f"{base_dir}/{entry['model_path']} (found, no descriptor entry)"
         if not isinstance(entry, dict):
-            result.errors[label] = f"{source}: {label}: expected an object, found {type(entry).__name__}"
+            result.errors[label] = f"{where}: {label}: expected an object, found {type(entry).__name__}"
             continue
         name = entry.get("model_name")
         has_name = isinstance(name, str) and bool(name.strip())
@@ -197,27 +210,30 @@ def parse_descriptor(
         key = name if has_name and name not in result.models and name not in result.errors else f"entry #{number}"
         try:
             spec, unknown = _typed_spec(entry, engines)
-            result.warnings.extend(f'{source}: {label}: unknown field "{field}" ignored' for field in unknown)
+            result.warnings.extend(f'{where}: {label}: unknown field "{field}" ignored' for field in unknown)
             _claim_names(spec, label, owners)  # before the path checks: a duplicate is the first thing to fix
             spec = spec.model_copy(update={"config": spec.config.resolved(base_dir, spec.name)})
         except FieldError as exc:
-            result.errors[key] = f'{source}: {label}: field "{exc.key}": {exc.problem}'
+            result.errors[key] = f'{where}: {label}: field "{exc.key}": {exc.problem}'
             if has_name:
                 for form in name_forms(name):
                     owners.setdefault(form, label)
             continue
+        if number > found_from:
+            result.found.append(spec.name)
         result.models[spec.name] = spec
     return result
 
 
-def load_descriptor(path: Path) -> DescriptorResult:
-    """Read and parse a descriptor file; an unreadable file or invalid JSON sets file_error."""
+def load_descriptor(path: Path, discover_host: str | None = None) -> DescriptorResult:
+    """Read and parse a descriptor file; an unreadable file or invalid JSON sets file_error.
+    With `discover_host`, model folders beside it without an entry are served too."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         return DescriptorResult(file_error=f"{path}: cannot read: {reason}")
-    return parse_descriptor(text, str(path), path.parent)
+    return parse_descriptor(text, str(path), path.parent, discover_host=discover_host)
 
 
 def diff_specs(old: Mapping[str, ModelSpec], new: Mapping[str, ModelSpec]) -> SpecDiff:

@@ -22,6 +22,7 @@ from .memory import Holding, plan_room
 from .descriptor import DescriptorResult, ModelSpec, diff_specs, load_descriptor, parse_keep_alive
 from .children import owner_tag
 from .engines import create_engine
+from .discovery import signature as discovery_signature, this_host
 from .events import EventBus, ModelEvents
 from .engines.upstream_process import ManagedProcesses
 from .engines.base import (
@@ -113,6 +114,7 @@ class ModelManager:
         self.disabled: dict[str, str] = {}  # model (or entry #i) -> why it is not served
         self.descriptor_error: str | None = None
         self.descriptor_warnings: list[str] = []
+        self.found: list[str] = []  # models served from folders found without an entry
         self._descriptor_fingerprint: bytes | None = None
         self._tg: TaskGroup | None = None
         self._room_lock = anyio.Lock()
@@ -146,14 +148,18 @@ class ModelManager:
 
     async def reload_descriptor(self) -> None:
         path = Path(self.settings.descriptor)
+        host = this_host(self.settings.host_kind) if self.settings.discover_models else None
         try:
-            fingerprint = hashlib.sha256(path.read_bytes()).digest()
+            digest = hashlib.sha256(path.read_bytes())
         except OSError:
-            fingerprint = b""
+            digest = hashlib.sha256(b"")
+        if host is not None:  # a model folder added, removed or changed is a change too
+            digest.update(await anyio.to_thread.run_sync(discovery_signature, path.parent))
+        fingerprint = digest.digest()
         if fingerprint == self._descriptor_fingerprint:
             return
         self._descriptor_fingerprint = fingerprint
-        await self.apply(load_descriptor(path))
+        await self.apply(await anyio.to_thread.run_sync(load_descriptor, path, host))
 
     async def apply(self, result: DescriptorResult) -> None:
         self.descriptor_warnings = list(result.warnings)
@@ -163,6 +169,9 @@ class ModelManager:
             log.error("descriptor: %s", result.file_error)
             return
         self.descriptor_error = None
+        for name in set(result.found) - set(self.found):
+            log.info("model %s: served from its folder, found without a descriptor entry", name)
+        self.found = list(result.found)
         self.disabled = dict(result.errors)
         for error in result.errors.values():
             log.error("descriptor: %s", error)
@@ -612,6 +621,7 @@ class ModelManager:
                 "path": str(self.settings.descriptor),
                 "error": self.descriptor_error,
                 "warnings": self.descriptor_warnings,
+                "found": self.found,
             },
             "metrics": {"dir": None if self.metrics.metrics_dir is None else str(self.metrics.metrics_dir),
                         "problems": self.metrics.problems()},

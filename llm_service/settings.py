@@ -151,6 +151,13 @@ class DaemonSettings(FileConfiguredSettings):
         None, ge=1, description="memory of each GPU the models' gpu_memory_mb may use together, "
         "in MiB; unset = no budget"
     )
+    discover_models: bool = Field(
+        True, description="serve model folders beside the descriptor that no entry names, under the folder's name"
+    )
+    host_kind: Literal["auto", "axcl_aarch64", "axcl_x86", "ax650"] = Field(
+        "auto", description="which run_*.sh scripts a found folder runs: auto = axcl_x86 on x86, "
+        "ax650 on an AX650 board, axcl_aarch64 on other Arm hosts"
+    )
     descriptor_poll_s: float = Field(
         2, gt=0, description="how often the descriptor file is checked for changes"
     )

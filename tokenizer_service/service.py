@@ -45,6 +45,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llm_service.children import child_environment, die_with_parent, owner_tag
 from llm_service.descriptor import load_descriptor
+from llm_service.discovery import this_host
 from tokenizer_service.server import SESSION_IDLE_ENV
 from tokenizer_service.settings import TokenizerServiceSettings
 
@@ -90,10 +91,11 @@ class RefusedStart(Exception):
         self.status = status
 
 
-def spec_from_descriptor(descriptor: Path, name: str) -> ServerSpec:
-    """The tokenizer server the descriptor names for model `name`, its paths checked by the
-    descriptor's own parser (the script lies inside its folder); refuse anything else."""
-    result = load_descriptor(descriptor)
+def spec_from_descriptor(descriptor: Path, name: str, discover_host: str | None = None) -> ServerSpec:
+    """The tokenizer server the descriptor names for model `name` (or, with `discover_host`, a
+    model folder found beside it, as the daemon finds it), its paths checked by the descriptor's
+    own parser (the script lies inside its folder); refuse anything else."""
+    result = load_descriptor(descriptor, discover_host)
     if result.file_error:
         raise RefusedStart(400, f"cannot start a tokenizer: {result.file_error}")
     spec = result.models.get(name)
@@ -279,8 +281,10 @@ class TokenizerSupervisor:
         stop_grace_seconds: float = STOP_GRACE_SECONDS,
         owner: str = "",
         child_env: list[str] | tuple[str, ...] = (),
+        discover_host: str | None = None,
     ) -> None:
         self.descriptor = descriptor
+        self.discover_host = discover_host
         self.python = python
         self.session_idle_seconds = session_idle_seconds
         self.backoff_min_seconds = backoff_min_seconds
@@ -299,7 +303,7 @@ class TokenizerSupervisor:
         return server.snapshot() if server is not None else None
 
     async def start(self, name: str) -> dict[str, Any]:
-        spec = spec_from_descriptor(self.descriptor, name)
+        spec = spec_from_descriptor(self.descriptor, name, self.discover_host)
         async with self._lock:
             current = self._servers.get(name)
             if current is not None and current.spec == spec and current.state != ServerState.STOPPED:
@@ -501,6 +505,7 @@ def create_app(settings: TokenizerServiceSettings) -> FastAPI:
         backoff_max_seconds=settings.restart_backoff_max_s,
         owner=owner_tag(settings.data_dir),
         child_env=settings.child_env,
+        discover_host=this_host(settings.host_kind) if settings.discover_models else None,
     )
 
     @contextlib.asynccontextmanager

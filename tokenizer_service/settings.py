@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
@@ -50,6 +50,12 @@ class TokenizerServiceSettings(FileConfiguredSettings):
         None,
         description="the daemon's model descriptor: only the tokenizer servers of its models are "
         "started, as their entries say (re-read at each start); required",
+    )
+    discover_models: bool = Field(
+        True, description="start tokenizer servers of model folders found beside the descriptor, as the daemon finds them"
+    )
+    host_kind: Literal["auto", "axcl_aarch64", "axcl_x86", "ax650"] = Field(
+        "auto", description="the host whose run_*.sh scripts found folders run (the daemon's host_kind)"
     )
     secret: str | None = Field(
         None,
