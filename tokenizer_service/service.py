@@ -47,6 +47,7 @@ from llm_service.children import child_environment, die_with_parent, owner_tag
 from llm_service.descriptor import load_descriptor
 from tokenizer_service.server import SESSION_IDLE_ENV
 from tokenizer_service.settings import TokenizerServiceSettings
+from tokenizer_service.stock_script import CannotChoose, ServerChoice, choose_server, folder_facts, server_arguments
 
 log = logging.getLogger("tokenizer_service")
 
@@ -82,6 +83,12 @@ class ServerSpec:
     script: Path
     host: str
     port: int
+    # What runs after the interpreter: the script, or our server standing in for it; and why.
+    arguments: tuple[str, ...] = ()
+    choice: str = ""
+
+    def command(self, python: str) -> list[str]:
+        return [python, *(self.arguments or (str(self.script),)), "--host", self.host, "--port", str(self.port)]
 
 
 class RefusedStart(Exception):
@@ -110,7 +117,22 @@ def spec_from_descriptor(descriptor: Path, name: str) -> ServerSpec:
     if config.tokenizer_port is None:
         raise RefusedStart(400, f"model {name!r} has no tokenizer_port in {descriptor}")
     folder = config.tokenizer_path or config.model_path
-    return ServerSpec(folder, (folder / config.tokenizer_py).resolve(), config.tokenizer_ip, config.tokenizer_port)
+    script = (folder / config.tokenizer_py).resolve()
+    try:
+        text = script.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise RefusedStart(400, f"cannot read the tokenizer script of {name!r}: {exc}") from None
+    facts = folder_facts(folder, text)
+    try:
+        choice = choose_server(config.tokenizer_server, facts)
+    except CannotChoose as exc:
+        raise RefusedStart(400, f"model {name!r}: {exc}") from None
+    arguments: tuple[str, ...] = ()
+    if choice.server is ServerChoice.BUILTIN:
+        assert facts.tokenizer_dir is not None
+        arguments = ("-m", "tokenizer_service.server", "--tokenizer", str(facts.tokenizer_dir),
+                     *server_arguments(facts.script))
+    return ServerSpec(folder, script, config.tokenizer_ip, config.tokenizer_port, arguments, choice.describe())
 
 
 # ---- who listens on a port (Linux /proc) ---------------------------------------------------------
@@ -254,6 +276,7 @@ class ManagedServer:
             "name": self.name,
             "host": self.spec.host,
             "port": self.spec.port,
+            "server": self.spec.choice,
             "pid": self.process.pid if self.process and self.process.returncode is None else None,
             "state": self.state.value,
             "detail": self.detail,
@@ -377,7 +400,7 @@ class TokenizerSupervisor:
         if self.session_idle_seconds is not None:
             env[SESSION_IDLE_ENV] = str(self.session_idle_seconds)
         server.process = await asyncio.create_subprocess_exec(
-            self.python, str(spec.script), "--host", spec.host, "--port", str(spec.port),
+            *spec.command(self.python),
             cwd=spec.folder,
             env=env,
             stdin=asyncio.subprocess.DEVNULL,
@@ -388,7 +411,8 @@ class TokenizerSupervisor:
             start_new_session=True,
             preexec_fn=die_with_parent,
         )
-        log.info("tokenizer %s started: pid %s on %s:%s", server.name, server.process.pid, spec.host, spec.port)
+        log.info("tokenizer %s started: pid %s on %s:%s (%s)", server.name, server.process.pid, spec.host, spec.port,
+                 spec.choice)
 
     async def _watch_readiness(self, server: ManagedServer) -> None:
         """STARTING → RUNNING once the port listens on a socket of the server's own session and

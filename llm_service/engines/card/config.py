@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
@@ -26,6 +26,9 @@ class CardConfig(EngineConfig):
     tokenizer_py: str | None = None
     tokenizer_ip: str = "127.0.0.1"
     tokenizer_port: int | None = Field(default=None, ge=1, le=65535)
+    # Which server answers the runner: the folder's script as it is, ours on the tokenizer files
+    # the script loads, or ours where those files load and render (tokenizer_service.stock_script).
+    tokenizer_server: Literal["auto", "builtin", "stock"] = "auto"
     load_timeout_s: float = Field(default=300.0, gt=0)
     hang_timeout_s: float = Field(default=120.0, gt=0)
     # Computed from run_cmd: the resolved run script (None when the dialect starts a program such

@@ -1,0 +1,83 @@
+"""Model folders shaped like the published ones (a stock tokenizer script that loads its
+`*_tokenizer/` folder by a relative name, and a run script that hard-codes the tokenizer's port),
+served by a real daemon: with `tokenizer_server` at its default (`auto`) our server stands in for
+the script and a request's system prompt reaches the model; with `stock` the script runs and the
+answer's warnings say what it could not take."""
+from __future__ import annotations
+
+import pytest
+
+from ax_emulator.scripted import reply_text
+from harness.daemon import running_daemon
+from harness.models import published_model
+from harness.paths import TOKENIZER_DIR
+
+WORDS = 6
+LINE = "marker-41 tell me"
+SHORT_SYSTEM = "Be brief."
+LONG_SYSTEM = "You are a careful assistant who answers in complete sentences and never guesses at facts."
+STOCK_SYSTEM_WARNING = ("system prompt not applied: the stock tokenizer script takes no system prompt from the daemon; "
+                        "the runner's own system prompt stays")
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    root = tmp_path_factory.mktemp("published")
+    entries = [published_model(root, "auto", reply_words=WORDS),
+               published_model(root, "stock", reply_words=WORDS, tokenizer_server="stock")]
+    with running_daemon(root, entries) as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+def rendered_length():
+    """Ids of a fresh conversation [system, user] as the SmolLM2 template renders it (the
+    stock-shaped script appends " /no_think" to user messages, and so does our server for it)."""
+    from transformers import AutoTokenizer  # here, not at collection: it may pull in torch
+
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR), local_files_only=True)
+
+    def length(system: str) -> int:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": LINE + " /no_think"}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return len(tokenizer.encode(text, add_special_tokens=False))
+    return length
+
+
+def chat(daemon, model: str, system: str) -> tuple[dict, int]:
+    """A one-turn chat with `system`; the answer and the runner's context used after it."""
+    with daemon.client(timeout=60) as http:
+        reply = http.post("/api/chat", json={"model": model, "stream": False, "messages": [
+            {"role": "system", "content": system}, {"role": "user", "content": LINE}]})
+        assert reply.status_code == 200, reply.text
+        status = http.get(f"/api/status/{model}").json()
+    return reply.json(), status["context"]["used"]
+
+
+def test_auto_runs_our_server_and_a_request_system_prompt_reaches_the_model(daemon, rendered_length):
+    short, short_used = chat(daemon, "auto", SHORT_SYSTEM)
+    long, long_used = chat(daemon, "auto", LONG_SYSTEM)
+    for answer in (short, long):
+        assert answer["message"]["content"] == reply_text(LINE, WORDS, think=False)
+        assert not answer.get("warnings"), answer.get("warnings")
+    # The runner's own count: the longer system prompt took exactly its extra tokens in the context.
+    assert long_used - short_used == rendered_length(LONG_SYSTEM) - rendered_length(SHORT_SYSTEM) > 10
+    with daemon.client() as http:
+        status = http.get("/api/status/auto").json()
+    assert status["tokenizer_server"] == ("builtin: on smollm2_tokenizer/, which the script loads: tokenizer files "
+                                          "and a chat template are there")
+    assert status["newlines"] == "restored by the tokenizer server"
+
+
+def test_stock_runs_the_script_and_says_the_system_prompt_was_not_applied(daemon):
+    short, short_used = chat(daemon, "stock", SHORT_SYSTEM)
+    long, long_used = chat(daemon, "stock", LONG_SYSTEM)
+    for answer in (short, long):
+        assert answer["message"]["content"] == reply_text(LINE, WORDS, think=False)
+        assert STOCK_SYSTEM_WARNING in answer["warnings"]
+    assert long_used == short_used  # neither reached the model: the script's own prompt stayed
+    with daemon.client() as http:
+        status = http.get("/api/status/stock").json()
+    assert status["tokenizer_server"].startswith("stock: the descriptor asks for the folder's own script; it has none "
+                                                 "of our extensions: a request's system prompt, history, newlines")
+    assert status["newlines"].startswith("replaced with spaces")
