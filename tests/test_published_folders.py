@@ -11,6 +11,7 @@ from ax_emulator.scripted import reply_text
 from harness.daemon import running_daemon
 from harness.models import published_model
 from harness.paths import TOKENIZER_DIR
+from tokenizer_service.prompt_escape import escape_prompt_line
 
 WORDS = 6
 LINE = "marker-41 tell me"
@@ -81,3 +82,28 @@ def test_stock_runs_the_script_and_says_the_system_prompt_was_not_applied(daemon
     assert status["tokenizer_server"].startswith("stock: the descriptor asks for the folder's own script; it has none "
                                                  "of our extensions: a request's system prompt, history, newlines")
     assert status["newlines"].startswith("replaced with spaces")
+
+
+def generate(daemon, model: str, prompt: str) -> dict:
+    with daemon.client(timeout=60) as http:
+        reply = http.post("/api/generate", json={"model": model, "prompt": prompt, "stream": False})
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def test_auto_takes_newlines_and_history_where_the_script_cannot(daemon):
+    ours = generate(daemon, "auto", "two\nlines")
+    # The runner reads one line: our server restores the newline the daemon escaped.
+    assert ours["response"] == reply_text(escape_prompt_line("two\nlines"), WORDS, think=False)
+    assert not ours.get("warnings")
+    stock = generate(daemon, "stock", "two\nlines")
+    assert stock["response"] == reply_text("two lines", WORDS, think=False)
+    assert stock["warnings"] == ["newlines replaced with spaces: the stock tokenizer script cannot restore them"]
+
+    history = [{"role": "user", "content": "earlier"}, {"role": "assistant", "content": "an answer"},
+               {"role": "user", "content": "now"}]
+    with daemon.client(timeout=60) as http:
+        ours = http.post("/api/chat", json={"model": "auto", "stream": False, "messages": history}).json()
+        stock = http.post("/api/chat", json={"model": "stock", "stream": False, "messages": history}).json()
+    assert ours["message"]["content"] == reply_text("now", WORDS, think=False) and not ours.get("warnings")
+    assert any(w.startswith("history flattened into the prompt") for w in stock["warnings"])
