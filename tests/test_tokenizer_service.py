@@ -4,6 +4,7 @@ it starts only what the descriptor names, for callers holding its secret, and a 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -406,3 +407,28 @@ def test_auto_runs_our_server_on_the_files_the_stock_script_loads_and_stock_runs
 
 def cmdline_of(pid: int) -> str:
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+
+
+def test_auto_runs_the_script_when_our_server_cannot_render_the_files_and_builtin_keeps_failing(service, tmp_path):
+    """Files that look usable but do not render: under `auto` our server exits at its start-up
+    check and the folder's script runs instead, the entry saying why; under `builtin` ours is
+    restarted with its error in the log tail (nothing else runs behind the descriptor's back)."""
+    auto, builtin = published_model(tmp_path, "auto"), published_model(tmp_path, "forced", tokenizer_server="builtin")
+    for entry in (auto, builtin):
+        config_file = Path(entry["model_path"]) / "smollm2_tokenizer" / "tokenizer_config.json"
+        config = json.loads(config_file.read_text())
+        config["chat_template"] = "{{ raise_exception('this template renders nothing') }}"
+        config_file.write_text(json.dumps(config))
+    service.models(auto, builtin)
+    assert service.start("auto").json()["server"].startswith("builtin: on smollm2_tokenizer/")
+    running = service.wait_state("auto", "running")
+    assert running["server"].startswith("stock: the folder's own script runs: our server cannot use smollm2_tokenizer/ "
+                                        "(cannot use the tokenizer files in ")
+    assert "this template renders nothing" in running["server"]
+    assert cmdline_of(running["pid"]).endswith(f"auto_tokenizer_uid.py --host 127.0.0.1 --port {auto['tokenizer_port']}")
+    assert service.start("auto").json()["pid"] == running["pid"]  # the same start again keeps the fallback
+
+    assert service.start("forced").status_code == 200
+    failing = wait_until(lambda: (e := service.entry("forced"))["restarts"] >= 1 and e, 60, "forced to be restarted")
+    assert failing["last_exit"] == 3 and failing["server"].startswith("builtin: ")
+    assert any("this template renders nothing" in line for line in failing["log_tail"])

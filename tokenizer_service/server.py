@@ -72,6 +72,9 @@ TURN_ROLES = ("user", "tool")
 DEFAULT_SESSION_IDLE_SECONDS = 24 * 3600.0
 # The tokenizer service passes its session lifetime here, since stock script command lines are fixed.
 SESSION_IDLE_ENV = "AXM1_TOKENIZER_SESSION_IDLE_SECONDS"
+# The exit status of a server whose tokenizer files do not load or render (`--check-template`): the
+# tokenizer service then runs the folder's own script where the descriptor lets it choose (`auto`).
+EXIT_UNUSABLE = 3
 # Keep-alive connections idle longer than this are closed, so a vanished client frees its thread.
 CONNECTION_IDLE_SECONDS = 600
 
@@ -651,13 +654,23 @@ def main(argv: list[str] | None = None) -> int:
                         "(the /no_think of Qwen3's stock scripts)")
     parser.add_argument("--generation-prompt-cut", type=int, help="held ids are a render with the generation "
                         "prompt less this many ids, as the stock scripts' encode(text)[:-N] computes them")
+    parser.add_argument("--check-template", action="store_true", help="exit with status "
+                        f"{EXIT_UNUSABLE} unless the tokenizer loads and its chat template renders a conversation")
     args = parser.parse_args(argv)
     if not args.tokenizer.exists():
         print(f"tokenizer not found: {args.tokenizer}", file=sys.stderr)
         return 2
     defaults = StockDefaults(args.default_system_prompt, args.user_suffix, args.generation_prompt_cut)
-    app = TokenizerServer(ChatTokenizer(load_tokenizer(args.tokenizer)), args.session_idle_seconds,
-                          stock=args.stock, defaults=defaults)
+    try:
+        tokenizer = ChatTokenizer(load_tokenizer(args.tokenizer))
+        if args.check_template:
+            tokenizer.render([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}], True, None)
+    except Exception as exc:  # whatever fails here, these files cannot serve the runner
+        if not args.check_template:
+            raise
+        print(f"cannot use the tokenizer files in {args.tokenizer}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return EXIT_UNUSABLE
+    app = TokenizerServer(tokenizer, args.session_idle_seconds, stock=args.stock, defaults=defaults)
     try:
         httpd = HTTPTokenizerServer((args.host, args.port), app)
     except OSError as exc:

@@ -34,7 +34,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llm_service.children import child_environment, die_with_parent, owner_tag
 from llm_service.descriptor import load_descriptor
-from tokenizer_service.server import SESSION_IDLE_ENV
+from tokenizer_service.server import EXIT_UNUSABLE, SESSION_IDLE_ENV
 from tokenizer_service.settings import TokenizerServiceSettings
 from tokenizer_service.stock_script import CannotChoose, ServerChoice, choose_server, folder_facts, server_arguments
 
@@ -86,6 +86,8 @@ class ServerSpec:
     # What runs after the interpreter: the script, or our server standing in for it; and why.
     arguments: tuple[str, ...] = ()
     choice: str = ""
+    # What runs instead when ours finds the files unusable (exits with EXIT_UNUSABLE): `auto`'s script.
+    fallback: ServerSpec | None = None
 
     def command(self, python: str) -> list[str]:
         return [python, *(self.arguments or (str(self.script),)), "--host", self.host, "--port", str(self.port)]
@@ -127,12 +129,16 @@ def spec_from_descriptor(descriptor: Path, name: str) -> ServerSpec:
         choice = choose_server(config.tokenizer_server, facts)
     except CannotChoose as exc:
         raise RefusedStart(400, f"model {name!r}: {exc}") from None
-    arguments: tuple[str, ...] = ()
-    if choice.server is ServerChoice.BUILTIN:
-        assert facts.tokenizer_dir is not None
-        arguments = ("-m", "tokenizer_service.server", "--tokenizer", str(facts.tokenizer_dir),
-                     *server_arguments(facts.script))
-    return ServerSpec(folder, script, config.tokenizer_ip, config.tokenizer_port, arguments, choice.describe())
+    stock = ServerSpec(folder, script, config.tokenizer_ip, config.tokenizer_port, (), choice.describe())
+    if choice.server is not ServerChoice.BUILTIN:
+        return stock
+    assert facts.tokenizer_dir is not None
+    arguments = ("-m", "tokenizer_service.server", "--tokenizer", str(facts.tokenizer_dir), "--check-template",
+                 *server_arguments(facts.script))
+    fallback = None
+    if ServerChoice(config.tokenizer_server) is ServerChoice.AUTO:
+        fallback = replace(stock, choice=f"stock: the folder's own script runs: our server cannot use {facts.tokenizer_dir.name}/")
+    return replace(stock, arguments=arguments, fallback=fallback)
 
 
 # ---- who listens on a port (Linux /proc) ---------------------------------------------------------
@@ -260,7 +266,9 @@ class ManagedServer:
     """One model's tokenizer server. Its state changes only in its own supervision task."""
 
     name: str
-    spec: ServerSpec
+    spec: ServerSpec  # what runs: the spec asked for, or its fallback
+    requested: ServerSpec | None = None  # what the descriptor asked for (the spec, unless set)
+    ran: bool = False  # it reached RUNNING at least once
     state: ServerState = ServerState.STARTING
     detail: str | None = None  # why it is blocked
     process: asyncio.subprocess.Process | None = None
@@ -325,14 +333,14 @@ class TokenizerSupervisor:
         spec = spec_from_descriptor(self.descriptor, name)
         async with self._lock:
             current = self._servers.get(name)
-            if current is not None and current.spec == spec and current.state != ServerState.STOPPED:
+            if current is not None and current.requested == spec and current.state != ServerState.STOPPED:
                 return current.snapshot()
             for other in self._servers.values():
                 if other.name != name and other.spec.port == spec.port and other.state != ServerState.STOPPED:
                     raise RefusedStart(400, f"port {spec.port} is already used by tokenizer {other.name!r}")
             if current is not None:
                 await self._stop(current)
-            server = ManagedServer(name, spec)
+            server = ManagedServer(name, spec, requested=spec)
             self._servers[name] = server
             server.task = asyncio.create_task(self._supervise(server), name=f"tokenizer {name}")
         # Spawning takes milliseconds; wait for it so the reply carries the pid (or the block).
@@ -381,6 +389,8 @@ class TokenizerSupervisor:
                     if server.stop_requested.is_set():
                         break
                     server.last_exit = server.process.returncode
+                    if self._fall_back(server):
+                        continue
                     log.warning("tokenizer %s exited with %s; restarting in %.1fs", server.name, server.last_exit, backoff)
                 if time.monotonic() - started >= STABLE_RUN_SECONDS:
                     backoff = self.backoff_min_seconds
@@ -393,6 +403,18 @@ class TokenizerSupervisor:
             await self._terminate(server)
             server.state = ServerState.STOPPED
             server.first_attempt_done.set()
+
+    @staticmethod
+    def _fall_back(server: ManagedServer) -> bool:
+        """Our server found the tokenizer files unusable before it ever ran: under `auto`, the
+        folder's script runs instead (at once), and the entry says why."""
+        fallback = server.spec.fallback
+        if fallback is None or server.ran or server.last_exit != EXIT_UNUSABLE:
+            return False
+        said = next((line for line in reversed(server.log_tail) if line.strip()), "no output")
+        server.spec = replace(fallback, choice=f"{fallback.choice} ({said})")
+        log.warning("tokenizer %s: %s", server.name, server.spec.choice)
+        return True
 
     async def _spawn(self, server: ManagedServer) -> None:
         spec = server.spec
@@ -426,7 +448,7 @@ class TokenizerSupervisor:
             if taken is not None:
                 server.block(taken)
             elif ours and await answers_http(server.spec.host, server.spec.port):
-                server.state, server.detail = ServerState.RUNNING, None
+                server.state, server.detail, server.ran = ServerState.RUNNING, None, True
                 log.info("tokenizer %s is serving on port %s", server.name, server.spec.port)
                 return
             await asyncio.sleep(READY_POLL_SECONDS)
