@@ -24,12 +24,14 @@ QWEN = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
 def test_the_get_reset_script_names_its_folder_prompt_cut_and_reset_method():
     facts = read_script((STOCK_DIR / "get_reset_uid.py").read_text())
-    assert facts == ScriptFacts(("smollm2_tokenizer",), QWEN, None, 3, frozenset({"GET"}))
+    assert facts == ScriptFacts(("smollm2_tokenizer",), QWEN, None, 3, frozenset({"GET"}), "smollm2_tokenizer",
+                                "smollm2_tokenizer")
 
 
 def test_the_post_reset_script_adds_its_no_think_suffix():
     facts = read_script((STOCK_DIR / "post_reset_uid.py").read_text())
-    assert facts == ScriptFacts(("smollm2_tokenizer",), QWEN, " /no_think", 3, frozenset({"POST"}))
+    assert facts == ScriptFacts(("smollm2_tokenizer",), QWEN, " /no_think", 3, frozenset({"POST"}), "smollm2_tokenizer",
+                                "smollm2_tokenizer")
 
 
 def test_names_bound_to_literals_and_argument_defaults_are_followed():
@@ -56,15 +58,51 @@ class T:
     assert facts.system_prompt == "Be terse."
     assert facts.user_suffix == "/no_think"
     assert facts.generation_prompt_cut == 5  # the cut of encode(...), not of any slice
-    assert server_arguments(facts) == ["--default-system-prompt", "Be terse.", "--user-suffix", "/no_think",
-                                       "--generation-prompt-cut", "5"]
+    assert facts.encode_folder == "qwen3_tokenizer"  # self.a, loaded from args.model_id
+    assert facts.template_folder is None  # it renders with no tokenizer
+    found = FolderFacts(facts, Path("/m/qwen3_tokenizer"), "qwen3_tokenizer/, which the script loads")
+    assert server_arguments(found) == [
+        "-m", "tokenizer_service.server", "--tokenizer", "/m/qwen3_tokenizer", "--check-template",
+        "--default-system-prompt", "Be terse.", "--user-suffix", "/no_think", "--generation-prompt-cut", "5"]
+
+
+def test_a_script_rendering_with_one_tokenizer_and_encoding_with_another(tmp_path):
+    """Qwen3's published scripts encode with qwen3_tokenizer and render with Qwen2.5's template."""
+    text = '''
+from transformers import AutoTokenizer
+class T:
+    def __init__(self):
+        model_id = "qwen3_tokenizer"
+        self.tokenizer = AutoTokenizer.from_pretrained(model_id)
+        self.tokenizer_25 = AutoTokenizer.from_pretrained("qwen2.5_tokenizer")
+    def encode(self, messages):
+        text = self.tokenizer_25.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.encode(text)
+'''
+    facts = read_script(text)
+    assert (facts.encode_folder, facts.template_folder) == ("qwen3_tokenizer", "qwen2.5_tokenizer")
+    for name in ("qwen2.5_tokenizer", "qwen3_tokenizer"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tokenizer.json").write_text("{}")
+    (tmp_path / "qwen3_tokenizer" / "tokenizer_config.json").write_text('{"chat_template": "qwen3"}')
+    found = folder_facts(tmp_path, text)
+    assert (found.tokenizer_dir, found.template_dir) == (tmp_path / "qwen3_tokenizer", tmp_path / "qwen2.5_tokenizer")
+    # The template that renders is the other folder's, and it has none: the script runs.
+    assert choose_server("auto", found).describe() == "stock: the folder's own script runs: qwen2.5_tokenizer/ has no chat template"
+    (tmp_path / "qwen2.5_tokenizer" / "chat_template.jinja").write_text("{{ messages }}")
+    found = folder_facts(tmp_path, text)
+    assert choose_server("auto", found).describe() == (
+        "builtin: on qwen3_tokenizer/, which the script loads, with the chat template of qwen2.5_tokenizer/, which "
+        "the script renders with: tokenizer files and a chat template are there")
+    assert server_arguments(found)[4:7] == ["--check-template", "--chat-template-from", str(tmp_path / "qwen2.5_tokenizer")]
 
 
 @pytest.mark.parametrize("text", ["", "this is not python (", "import os\nos.system('x')\n",
                                   "# AutoTokenizer.from_pretrained('x')\n# prompt + '/no_think'\n"])
 def test_text_without_literals_or_code_tells_nothing(text):
     assert read_script(text) == ScriptFacts()
-    assert server_arguments(ScriptFacts()) == []
+    with pytest.raises(CannotChoose):
+        server_arguments(FolderFacts(ScriptFacts(), None, "the script names no tokenizer folder"))
 
 
 def test_our_launcher_scripts_name_no_folder():

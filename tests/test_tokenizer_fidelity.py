@@ -28,6 +28,8 @@ CONVERSATION = [
     ("What is 2+2? Explain it   with spaces.", " It is 4: two and two make four."),
     ("And in French?", "Quatre."),
 ]
+TWO_TOKENIZERS = "two_tokenizers_uid.py"  # generated from post_reset_uid.py
+POST_RESET = ("post_reset_uid.py", TWO_TOKENIZERS)
 THINKING_REPLIES = ["<think>\n\n</think>\n\nHi there.", "<think>\nLet me think: it is 4.\n</think>\n\nFour.", "Plain."]
 
 
@@ -55,6 +57,21 @@ def folder(tmp_path_factory) -> Path:
     shutil.copytree(SMOLLM2_TOKENIZER, root / "smollm2_tokenizer")
     for script in STOCK_DIR.glob("*.py"):
         shutil.copy(script, root / script.name)
+    # As Qwen3's published script: encode with one tokenizer, render with another's template
+    # (here one that writes the roles in capitals, so that the wrong template shows).
+    other = root / "qwen_template_tokenizer"
+    shutil.copytree(SMOLLM2_TOKENIZER, other)
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    config["chat_template"] = config["chat_template"].replace("message['role']", "(message['role'] | upper)")
+    assert "| upper" in config["chat_template"]
+    (other / "tokenizer_config.json").write_text(json.dumps(config))
+    text = (STOCK_DIR / "post_reset_uid.py").read_text()
+    text = text.replace("        self.held = []\n        self.pending = []",
+                        '        self.renderer = AutoTokenizer.from_pretrained("qwen_template_tokenizer")\n'
+                        "        self.held = []\n        self.pending = []")
+    text = text.replace("self.tokenizer.apply_chat_template", "self.renderer.apply_chat_template")
+    assert "self.renderer = " in text and "self.renderer.apply_chat_template" in text
+    (root / TWO_TOKENIZERS).write_text(text)
     return root
 
 
@@ -62,11 +79,11 @@ def ours_command(folder: Path, script: str) -> list[str]:
     """Our server as the tokenizer service starts it for `auto` on this folder."""
     facts = folder_facts(folder, (folder / script).read_text())
     assert choose_server("auto", facts).describe().startswith("builtin: on smollm2_tokenizer/, which the script loads")
-    return [sys.executable, "-m", "tokenizer_service.server", "--tokenizer", str(facts.tokenizer_dir),
-            *server_arguments(facts.script)]
+    assert (facts.template_dir is not None) == (script == TWO_TOKENIZERS)
+    return [sys.executable, *server_arguments(facts)]
 
 
-@pytest.fixture(scope="module", params=["get_reset_uid.py", "post_reset_uid.py"])
+@pytest.fixture(scope="module", params=["get_reset_uid.py", "post_reset_uid.py", TWO_TOKENIZERS])
 def pair(request, folder):
     script = request.param
     with serving([sys.executable, script], folder) as stock, serving(ours_command(folder, script), folder) as ours:
@@ -134,14 +151,14 @@ def test_a_runner_that_resets_gets_the_same_ids(pair, plain_ids):
         reset = both.both("POST", "/reset", uids, {"system_prompt": PIRATE})
         assert reset.startswith(b'{"token_ids": [1, ')
     converse(both, uids, CONVERSATION, plain_ids)
-    if script == "post_reset_uid.py":
+    if script in POST_RESET:
         both.both("POST", "/reset", uids)  # no system prompt: the script's own
         converse(both, uids, CONVERSATION[:2], plain_ids)
 
 
 def test_thinking_replies_and_split_characters_come_out_the_same(pair, plain_ids):
     script, both = pair
-    if script != "post_reset_uid.py":
+    if script not in POST_RESET:
         pytest.skip("the GET-reset script keeps think blocks and decodes each call alone (its U+FFFD is not kept)")
     uids = both.sessions()
     both.both("POST", "/reset", uids, {"system_prompt": PIRATE})
@@ -158,10 +175,26 @@ def test_the_no_think_suffix_reaches_the_template_unless_thinking_is_asked_for(p
     text = both.both("POST", "/encode", uids, {"text": "hi"})
     ids = json.loads(text)["token_ids"]
     rendered = both.ours.post("/decode", json={"token_ids": ids}).json()["text"]
-    assert ("hi /no_think" in rendered) == (script == "post_reset_uid.py")
-    if script == "post_reset_uid.py":
+    assert ("hi /no_think" in rendered) == (script in POST_RESET)
+    assert "You are Qwen, created by Alibaba Cloud." in rendered  # the script's own system prompt
+    assert ("<|im_start|>SYSTEM" in rendered) == (script == TWO_TOKENIZERS)  # the template it renders with
+    if script in POST_RESET:
         assert both.ours.post("/config", json={"thinking": True}).status_code == 200
         uid = both.ours.get("/get_uid").json()["uid"]
         ids = both.ours.post("/encode", json={"uid": uid, "text": "hi"}).json()["token_ids"]
         assert "/no_think" not in both.ours.post("/decode", json={"token_ids": ids}).json()["text"]
         both.ours.post("/config", json={"thinking": None})
+
+
+def test_without_the_scripts_defaults_our_server_answers_otherwise(folder):
+    """The comparison tells the servers apart: ours on the same files but without the defaults
+    read from the script (its system prompt, its /no_think, its cut) gives other ids."""
+    plain = [sys.executable, "-m", "tokenizer_service.server", "--tokenizer", str(folder / "smollm2_tokenizer")]
+    with serving([sys.executable, "post_reset_uid.py"], folder) as stock, serving(plain, folder) as ours:
+        with net.client(base_url=stock, timeout=30) as stock_http, net.client(base_url=ours, timeout=30) as ours_http:
+            both = Pair(stock_http, ours_http)
+            with pytest.raises(AssertionError):
+                both.both("POST", "/encode", both.sessions(), {"text": "hello"})
+            uids = both.sessions()
+            with pytest.raises(AssertionError):
+                both.both("POST", "/reset", uids, {"system_prompt": PIRATE})

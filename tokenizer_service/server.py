@@ -654,6 +654,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(the /no_think of Qwen3's stock scripts)")
     parser.add_argument("--generation-prompt-cut", type=int, help="held ids are a render with the generation "
                         "prompt less this many ids, as the stock scripts' encode(text)[:-N] computes them")
+    parser.add_argument("--chat-template-from", type=Path, help="render with the chat template of this tokenizer "
+                        "folder (a stock script that encodes with one tokenizer and renders with another's)")
     parser.add_argument("--check-template", action="store_true", help="exit with status "
                         f"{EXIT_UNUSABLE} unless the tokenizer loads and its chat template renders a conversation")
     args = parser.parse_args(argv)
@@ -662,7 +664,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     defaults = StockDefaults(args.default_system_prompt, args.user_suffix, args.generation_prompt_cut)
     try:
-        tokenizer = ChatTokenizer(load_tokenizer(args.tokenizer))
+        loaded = load_tokenizer(args.tokenizer)
+        if args.chat_template_from is not None:
+            loaded.chat_template = load_tokenizer(args.chat_template_from).chat_template
+        tokenizer = ChatTokenizer(loaded)
         if args.check_template:
             tokenizer.render([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}], True, None)
     except Exception as exc:  # whatever fails here, these files cannot serve the runner

@@ -133,8 +133,7 @@ def spec_from_descriptor(descriptor: Path, name: str) -> ServerSpec:
     if choice.server is not ServerChoice.BUILTIN:
         return stock
     assert facts.tokenizer_dir is not None
-    arguments = ("-m", "tokenizer_service.server", "--tokenizer", str(facts.tokenizer_dir), "--check-template",
-                 *server_arguments(facts.script))
+    arguments = tuple(server_arguments(facts))
     fallback = None
     if ServerChoice(config.tokenizer_server) is ServerChoice.AUTO:
         fallback = replace(stock, choice=f"stock: the folder's own script runs: our server cannot use {facts.tokenizer_dir.name}/")

@@ -43,6 +43,10 @@ class ScriptFacts:
     # (`encode(text)[:-3]`); None: the script keeps no such prefix.
     generation_prompt_cut: int | None = None
     reset_methods: frozenset[str] = frozenset()  # the HTTP methods whose handler serves /reset
+    # Where it loads two tokenizers (Qwen3's scripts render with Qwen2.5's template): the folder
+    # of the one it encodes with, and of the one whose apply_chat_template it calls.
+    encode_folder: str | None = None
+    template_folder: str | None = None
 
 
 def read_script(text: str) -> ScriptFacts:
@@ -69,7 +73,36 @@ def read_script(text: str) -> ScriptFacts:
                 user_suffix = added.value
         elif isinstance(node, ast.Subscript) and cut is None:
             cut = _tail_cut(node)
-    return ScriptFacts(tuple(folders), system_prompt, user_suffix, cut, _reset_methods(tree))
+    bound = _bound_folders(tree, strings, defaults)
+    return ScriptFacts(tuple(folders), system_prompt, user_suffix, cut, _reset_methods(tree),
+                       _used_folder(tree, bound, "encode"), _used_folder(tree, bound, "apply_chat_template"))
+
+
+def _target_name(node: ast.AST) -> str | None:
+    return node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+
+
+def _bound_folders(tree: ast.AST, strings: dict[str, str], defaults: dict[str, str]) -> dict[str, str]:
+    """`self.tokenizer = AutoTokenizer.from_pretrained("dir")`: {"tokenizer": "dir"}."""
+    bound: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
+                and _called_name(node.value) == "from_pretrained" and node.value.args):
+            folder = _literal(node.value.args[0], strings, defaults)
+            for target in node.targets:
+                if folder is not None and (name := _target_name(target)) is not None:
+                    bound.setdefault(name, folder)
+    return bound
+
+
+def _used_folder(tree: ast.AST, bound: dict[str, str], method: str) -> str | None:
+    """The folder of the tokenizer whose `method` the script calls first (`self.tokenizer.encode`)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == method:
+            name = _target_name(node.func.value)
+            if name in bound:
+                return bound[name]
+    return None
 
 
 def _string_assignments(tree: ast.AST) -> dict[str, str]:
@@ -157,6 +190,7 @@ class FolderFacts:
     script: ScriptFacts
     tokenizer_dir: Path | None  # the folder our server would load
     found_by: str  # how it was found (or why none was), for the status
+    template_dir: Path | None = None  # where the chat template comes from, when another folder
     has_vocabulary: bool = False
     has_chat_template: bool = False
     problem: str | None = None  # a file that exists but cannot be read
@@ -175,13 +209,19 @@ class Choice:
         return f"{self.server.value}: {self.reason}"
 
 
+def _inside(root: Path, name: str) -> Path | None:
+    candidate = (root / name).resolve()
+    return candidate if candidate.is_relative_to(root) and candidate.is_dir() else None
+
+
 def find_tokenizer_dir(folder: Path, script: ScriptFacts) -> tuple[Path | None, str]:
-    """The folder the script loads (relative to its working directory, inside `folder`), else
-    the one `*_tokenizer/` folder; with how it was found or why none was."""
+    """The folder the script loads (relative to its working directory, inside `folder`; the one
+    it encodes with first), else the one `*_tokenizer/` folder; with how it was found or why
+    none was."""
     root = folder.resolve()
-    for name in script.tokenizer_folders:
-        candidate = (root / name).resolve()
-        if candidate.is_relative_to(root) and candidate.is_dir():
+    names = dict.fromkeys([*([script.encode_folder] if script.encode_folder else []), *script.tokenizer_folders])
+    for name in names:
+        if (candidate := _inside(root, name)) is not None:
             return candidate, f"{candidate.name}/, which the script loads"
     named = ", ".join(f"{n!r}" for n in script.tokenizer_folders)
     candidates = sorted(p for p in root.glob(f"*{TOKENIZER_FOLDER_SUFFIX}") if p.is_dir())
@@ -204,15 +244,27 @@ def folder_facts(folder: Path, script_text: str) -> FolderFacts:
     if tokenizer_dir is None:
         return FolderFacts(script, None, found_by)
     vocabulary = any((tokenizer_dir / name).is_file() for name in VOCABULARY_FILES)
-    template, problem = any((tokenizer_dir / name).is_file() for name in TEMPLATE_FILES), None
-    config = tokenizer_dir / "tokenizer_config.json"
-    if not template and config.is_file():
-        try:
-            values = json.loads(config.read_text(encoding="utf-8"))
-            template = isinstance(values, dict) and bool(values.get("chat_template"))
-        except (OSError, ValueError) as exc:
-            problem = f"{tokenizer_dir.name}/tokenizer_config.json cannot be read: {exc}"
-    return FolderFacts(script, tokenizer_dir, found_by, vocabulary, template, problem)
+    template_dir = None
+    if script.template_folder is not None:
+        other = _inside(folder.resolve(), script.template_folder)
+        if other is not None and other != tokenizer_dir:
+            template_dir = other
+            found_by += f", with the chat template of {other.name}/, which the script renders with"
+    template, problem = _has_template(template_dir or tokenizer_dir)
+    return FolderFacts(script, tokenizer_dir, found_by, template_dir, vocabulary, template, problem)
+
+
+def _has_template(folder: Path) -> tuple[bool, str | None]:
+    if any((folder / name).is_file() for name in TEMPLATE_FILES):
+        return True, None
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        return False, None
+    try:
+        values = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return False, f"{folder.name}/tokenizer_config.json cannot be read: {exc}"
+    return isinstance(values, dict) and bool(values.get("chat_template")), None
 
 
 def choose_server(mode: ServerChoice | str, facts: FolderFacts) -> Choice:
@@ -242,17 +294,23 @@ def _usable(facts: FolderFacts) -> tuple[bool, str]:
     if not facts.has_vocabulary:
         return False, f"{facts.tokenizer_dir.name}/ has no tokenizer files ({', '.join(VOCABULARY_FILES)})"
     if not facts.has_chat_template:
-        return False, f"{facts.tokenizer_dir.name}/ has no chat template"
+        return False, f"{(facts.template_dir or facts.tokenizer_dir).name}/ has no chat template"
     return True, ""
 
 
-def server_arguments(facts: ScriptFacts) -> list[str]:
-    """Our server's flags that give it the script's defaults."""
-    arguments = []
-    if facts.system_prompt is not None:
-        arguments += ["--default-system-prompt", facts.system_prompt]
-    if facts.user_suffix is not None:
-        arguments += ["--user-suffix", facts.user_suffix]
-    if facts.generation_prompt_cut is not None:
-        arguments += ["--generation-prompt-cut", str(facts.generation_prompt_cut)]
+def server_arguments(facts: FolderFacts) -> list[str]:
+    """What runs after the interpreter to start our server in place of the script: on the
+    tokenizer folder found, checked at start-up, with the script's defaults."""
+    if facts.tokenizer_dir is None:
+        raise CannotChoose(f"no tokenizer folder for our server: {facts.found_by}")
+    arguments = ["-m", "tokenizer_service.server", "--tokenizer", str(facts.tokenizer_dir), "--check-template"]
+    if facts.template_dir is not None:
+        arguments += ["--chat-template-from", str(facts.template_dir)]
+    script = facts.script
+    if script.system_prompt is not None:
+        arguments += ["--default-system-prompt", script.system_prompt]
+    if script.user_suffix is not None:
+        arguments += ["--user-suffix", script.user_suffix]
+    if script.generation_prompt_cut is not None:
+        arguments += ["--generation-prompt-cut", str(script.generation_prompt_cut)]
     return arguments
