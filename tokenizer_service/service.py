@@ -8,7 +8,10 @@ folder, script, address and port come from that model's entry (`tokenizer_path`,
 Every route but `/health` needs `Authorization: Bearer <secret>`: anyone on the box can reach a
 loopback port, and a start runs a program as this service's user.
 
-Each server runs as `<python> <tokenizer_py> --host <host> --port <port>` in its folder, in a
+Which server runs is the entry's `tokenizer_server` (tokenizer_service.stock_script): the
+folder's script, or ours on the tokenizer files it loads, with its defaults. Each server runs as
+`<python> <tokenizer_py> --host <host> --port <port>` (or `<python> -m tokenizer_service.server
+--tokenizer DIR … --host <host> --port <port>`) in its folder, in a
 session and process group of its own, so stopping it (SIGTERM to the group, SIGKILL after a
 grace) takes anything it spawned too; on Linux the kernel also kills it if this service dies
 without cleaning up. A server that exits is restarted with a growing back-off.
