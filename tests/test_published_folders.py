@@ -9,7 +9,7 @@ import pytest
 
 from ax_emulator.scripted import reply_text
 from harness.daemon import running_daemon
-from harness.models import published_model
+from harness.models import published_model, scripted_model
 from harness.paths import TOKENIZER_DIR
 from tokenizer_service.prompt_escape import escape_prompt_line
 
@@ -25,7 +25,9 @@ STOCK_SYSTEM_WARNING = ("system prompt not applied: the stock tokenizer script t
 def daemon(tmp_path_factory):
     root = tmp_path_factory.mktemp("published")
     entries = [published_model(root, "auto", reply_words=WORDS),
-               published_model(root, "stock", reply_words=WORDS, tokenizer_server="stock")]
+               published_model(root, "stock", reply_words=WORDS, tokenizer_server="stock"),
+               # The demo folders' shape: the script is a launcher of our server.
+               scripted_model(root, "launcher", reply_words=WORDS)]
     with running_daemon(root, entries) as d:
         yield d
 
@@ -107,3 +109,18 @@ def test_auto_takes_newlines_and_history_where_the_script_cannot(daemon):
         stock = http.post("/api/chat", json={"model": "stock", "stream": False, "messages": history}).json()
     assert ours["message"]["content"] == reply_text("now", WORDS, think=False) and not ours.get("warnings")
     assert any(w.startswith("history flattened into the prompt") for w in stock["warnings"])
+
+    with daemon.client(timeout=60) as http:
+        ours = http.post("/api/generate", json={"model": "auto", "prompt": "raw line", "raw": True, "stream": False}).json()
+        stock = http.post("/api/generate", json={"model": "stock", "prompt": "raw line", "raw": True, "stream": False}).json()
+    assert ours["response"] == reply_text("raw line", WORDS, think=False) and not ours.get("warnings")
+    assert stock["warnings"][0].startswith("raw: the stock tokenizer script applies the chat template to every prompt")
+
+
+def test_a_script_that_launches_our_server_is_said_to_be_ours(daemon):
+    generate(daemon, "launcher", "hello")
+    with daemon.client() as http:
+        status = http.get("/api/status/launcher").json()
+    assert status["tokenizer_server"] == (
+        "stock: the folder's own script runs: the script names no tokenizer folder, and there is no *_tokenizer/ "
+        "folder; the script starts our tokenizer server (it answers /capabilities)")

@@ -430,6 +430,8 @@ class CardEngine(Engine):
         said = self._tokenizer_server or (
             f"external: the descriptor names no tokenizer_py; the server on port {self.config.tokenizer_port} is not ours to start"
             if not self.config.tokenizer_py else "started by the tokenizer service")
+        if self._tokenizer_caps is not None and said.startswith("stock:"):
+            said += "; the script starts our tokenizer server (it answers /capabilities)"
         if self._tokenizer_caps is None:
             said += ("; it has none of our extensions: a request's system prompt, history, newlines, tools, raw "
                      "prompt and real token counts cannot reach it (each answer's warnings say what was not applied)")
