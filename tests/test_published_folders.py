@@ -124,3 +124,23 @@ def test_a_script_that_launches_our_server_is_said_to_be_ours(daemon):
     assert status["tokenizer_server"] == (
         "stock: the folder's own script runs: the script names no tokenizer folder, and there is no *_tokenizer/ "
         "folder; the script starts our tokenizer server (it answers /capabilities)")
+
+
+def test_a_conversation_continues_turn_by_turn_on_our_server(daemon):
+    """Held ids cut as the script cuts them: the runner's context and our server's account of each
+    turn still agree, so every turn continues the conversation (no re-prefill of the history)."""
+    messages = [{"role": "system", "content": SHORT_SYSTEM}]
+    used = []
+    with daemon.client(timeout=60) as http:
+        for line in ("first question", "second question", "third question"):
+            messages.append({"role": "user", "content": line})
+            answer = http.post("/api/chat", json={"model": "auto", "stream": False, "messages": messages}).json()
+            assert answer["message"]["content"] == reply_text(line, WORDS, think=False)
+            assert not answer.get("warnings")
+            messages.append(answer["message"])
+            status = http.get("/api/status/auto").json()
+            used.append((answer["prompt_eval_count"], status["context"]["used"]))
+            assert status["context"]["conversation_messages"] == len(messages) - 1
+    # Each later turn prefilled only its own line (the runner's count), not the history again.
+    (_, first_used), (second, second_used), (third, _) = used
+    assert 0 < second < 20 and 0 < third < 20 and first_used + second < second_used, used
