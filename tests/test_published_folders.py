@@ -26,6 +26,8 @@ def daemon(tmp_path_factory):
     root = tmp_path_factory.mktemp("published")
     entries = [published_model(root, "auto", reply_words=WORDS),
                published_model(root, "stock", reply_words=WORDS, tokenizer_server="stock"),
+               # A Qwen2.5-era script: GET /reset only, where the runner POSTs /reset at its start.
+               published_model(root, "get-reset", script="get_reset_uid.py", reply_words=WORDS),
                # The demo folders' shape: the script is a launcher of our server.
                scripted_model(root, "launcher", reply_words=WORDS)]
     with running_daemon(root, entries) as d:
@@ -144,3 +146,13 @@ def test_a_conversation_continues_turn_by_turn_on_our_server(daemon):
     # Each later turn prefilled only its own line (the runner's count), not the history again.
     (_, first_used), (second, second_used), (third, _) = used
     assert 0 < second < 20 and 0 < third < 20 and first_used + second < second_used, used
+
+
+def test_a_folder_whose_script_serves_only_get_reset_runs_with_ours(daemon):
+    """The runner POSTs /reset with its system prompt at start; the Qwen2.5-era script answers
+    that with an error body. Ours, standing in for it, serves both forms."""
+    body = generate(daemon, "get-reset", "hello there")
+    assert body["response"] == reply_text("hello there", WORDS, think=False) and not body.get("warnings")
+    with daemon.client() as http:
+        status = http.get("/api/status/get-reset").json()
+    assert status["tokenizer_server"].startswith("builtin: on smollm2_tokenizer/, which the script loads")
