@@ -63,7 +63,8 @@ class T:
     found = FolderFacts(facts, Path("/m/qwen3_tokenizer"), "qwen3_tokenizer/, which the script loads")
     assert server_arguments(found) == [
         "-m", "tokenizer_service.server", "--tokenizer", "/m/qwen3_tokenizer", "--check-template",
-        "--default-system-prompt", "Be terse.", "--user-suffix", "/no_think", "--generation-prompt-cut", "5"]
+        "--default-system-prompt", "Be terse.", "--ignore-runner-system-prompt", "--user-suffix", "/no_think",
+        "--generation-prompt-cut", "5"]
 
 
 def test_a_script_rendering_with_one_tokenizer_and_encoding_with_another(tmp_path):

@@ -198,3 +198,25 @@ def test_without_the_scripts_defaults_our_server_answers_otherwise(folder):
             uids = both.sessions()
             with pytest.raises(AssertionError):
                 both.both("POST", "/reset", uids, {"system_prompt": PIRATE})
+
+
+def test_a_runners_post_reset_opens_with_the_scripts_prompt_where_the_script_has_no_post_reset(pair):
+    """The Qwen2.5-era script answers a runner's POST /reset with an error: the runner's system
+    prompt never reaches the model, the script's own does. Ours takes the POST (a runner gets its
+    ids) and opens with the script's prompt too; the daemon's /config still sets its own."""
+    script, both = pair
+    uid = both.ours.get("/get_uid").json()["uid"]
+    ids = both.ours.post("/reset", json={"uid": uid, "system_prompt": PIRATE}).json()["token_ids"]
+    opened = both.ours.post("/decode", json={"token_ids": ids}).json()["text"]
+    assert ("You are Qwen" in opened) == (script == "get_reset_uid.py")
+    assert (PIRATE in opened) == (script != "get_reset_uid.py")
+    if script == "get_reset_uid.py":
+        stock_uid = both.stock.get("/get_uid").json()["uid"]
+        refused = both.stock.post("/reset", json={"uid": stock_uid, "system_prompt": PIRATE})
+        assert refused.json() == {"error": "Invalid POST endpoint"}
+        try:
+            assert both.ours.post("/config", json={"system_prompt": "Daemon's."}).status_code == 200
+            ids = both.ours.post("/reset", json={"uid": uid, "system_prompt": PIRATE}).json()["token_ids"]
+            assert "Daemon's." in both.ours.post("/decode", json={"token_ids": ids}).json()["text"]
+        finally:
+            both.ours.post("/config", json={"system_prompt": None})

@@ -391,7 +391,8 @@ def test_auto_runs_our_server_on_the_files_the_stock_script_loads_and_stock_runs
                               "template are there")
     caps = net.get(f"http://127.0.0.1:{auto['tokenizer_port']}/capabilities", timeout=10).json()
     assert caps["server"] == "axm1-tokenizer"
-    assert caps["stock_defaults"] == {"system_prompt": QWEN_SYSTEM, "user_suffix": " /no_think", "generation_prompt_cut": 3}
+    assert caps["stock_defaults"] == {"system_prompt": QWEN_SYSTEM, "user_suffix": " /no_think", "generation_prompt_cut": 3,
+                                      "ignore_runner_system_prompt": False}  # its POST /reset takes the runner's
     assert "tokenizer_service.server" in cmdline_of(ours["pid"])
 
     for name, why in (("stock", "stock: the descriptor asks for the folder's own script"),

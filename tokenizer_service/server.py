@@ -232,6 +232,9 @@ class StockDefaults:
     # Held ids are a render with the generation prompt less this many ids (the scripts'
     # `encode(text)[:-3]`); None: a render without the generation prompt.
     generation_prompt_cut: int | None = None
+    # The script serves no POST /reset (the Qwen2.5-era ones): the system prompt a runner sends
+    # there never reached the model, the script's own did; so here too (the daemon's still does).
+    ignore_runner_system_prompt: bool = False
 
 
 @dataclass
@@ -305,6 +308,8 @@ class TokenizerServer:
     def _opening_system(self, asked: str | None) -> str | None:
         """The system prompt a conversation opens with: the daemon's, else the runner's, else the
         stock script's default (called with _controls_lock held)."""
+        if self.defaults.ignore_runner_system_prompt:
+            asked = None
         for prompt in (self.controls.system_prompt, asked, self.defaults.system_prompt):
             if prompt is not None:
                 return prompt
@@ -654,6 +659,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(the /no_think of Qwen3's stock scripts)")
     parser.add_argument("--generation-prompt-cut", type=int, help="held ids are a render with the generation "
                         "prompt less this many ids, as the stock scripts' encode(text)[:-N] computes them")
+    parser.add_argument("--ignore-runner-system-prompt", action="store_true", help="open conversations with "
+                        "the default system prompt, not the one a runner sends to POST /reset (a stock script "
+                        "that serves no POST /reset)")
     parser.add_argument("--chat-template-from", type=Path, help="render with the chat template of this tokenizer "
                         "folder (a stock script that encodes with one tokenizer and renders with another's)")
     parser.add_argument("--check-template", action="store_true", help="exit with status "
@@ -662,7 +670,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.tokenizer.exists():
         print(f"tokenizer not found: {args.tokenizer}", file=sys.stderr)
         return 2
-    defaults = StockDefaults(args.default_system_prompt, args.user_suffix, args.generation_prompt_cut)
+    defaults = StockDefaults(args.default_system_prompt, args.user_suffix, args.generation_prompt_cut,
+                             args.ignore_runner_system_prompt)
     try:
         loaded = load_tokenizer(args.tokenizer)
         if args.chat_template_from is not None:

@@ -309,6 +309,8 @@ def server_arguments(facts: FolderFacts) -> list[str]:
     script = facts.script
     if script.system_prompt is not None:
         arguments += ["--default-system-prompt", script.system_prompt]
+        if "POST" not in script.reset_methods:  # a runner's POST /reset never reached its model
+            arguments += ["--ignore-runner-system-prompt"]
     if script.user_suffix is not None:
         arguments += ["--user-suffix", script.user_suffix]
     if script.generation_prompt_cut is not None:
