@@ -682,7 +682,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # whatever fails here, these files cannot serve the runner
         if not args.check_template:
             raise
-        print(f"cannot use the tokenizer files in {args.tokenizer}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        print(f"cannot use the tokenizer files in {args.tokenizer}: {type(exc).__name__}: {exc}",
+              file=sys.stderr, flush=True)
         return EXIT_UNUSABLE
     app = TokenizerServer(tokenizer, args.session_idle_seconds, stock=args.stock, defaults=defaults)
     try:

@@ -139,7 +139,8 @@ def spec_from_descriptor(descriptor: Path, name: str) -> ServerSpec:
     arguments = tuple(server_arguments(facts))
     fallback = None
     if ServerChoice(config.tokenizer_server) is ServerChoice.AUTO:
-        fallback = replace(stock, choice=f"stock: the folder's own script runs: our server cannot use {facts.tokenizer_dir.name}/")
+        why = f"stock: the folder's own script runs: our server cannot use {facts.tokenizer_dir.name}/"
+        fallback = replace(stock, choice=why)
     return replace(stock, arguments=arguments, fallback=fallback)
 
 

@@ -111,8 +111,7 @@ def _string_assignments(tree: ast.AST) -> dict[str, str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
             for target in node.targets:
-                name = target.id if isinstance(target, ast.Name) else target.attr if isinstance(target, ast.Attribute) else None
-                if name is not None:
+                if (name := _target_name(target)) is not None:
                     found.setdefault(name, node.value.value)
     return found
 
@@ -131,8 +130,7 @@ def _argument_defaults(tree: ast.AST) -> dict[str, str]:
 
 
 def _called_name(call: ast.Call) -> str | None:
-    function = call.func
-    return function.attr if isinstance(function, ast.Attribute) else function.id if isinstance(function, ast.Name) else None
+    return _target_name(call.func)
 
 
 def _literal(node: ast.AST, strings: dict[str, str], defaults: dict[str, str]) -> str | None:
@@ -142,7 +140,8 @@ def _literal(node: ast.AST, strings: dict[str, str], defaults: dict[str, str]) -
     if isinstance(node, ast.Name):
         return strings.get(node.id)
     if isinstance(node, ast.Attribute):
-        return defaults.get(node.attr) if isinstance(node.value, ast.Name) and node.value.id == "args" else strings.get(node.attr)
+        of_args = isinstance(node.value, ast.Name) and node.value.id == "args"
+        return defaults.get(node.attr) if of_args else strings.get(node.attr)
     return None
 
 
@@ -175,7 +174,8 @@ def _reset_methods(tree: ast.AST) -> frozenset[str]:
     methods = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.FunctionDef) and node.name in ("do_GET", "do_POST"):
-            if any(isinstance(n, ast.Constant) and isinstance(n.value, str) and "/reset" in n.value for n in ast.walk(node)):
+            texts = (n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str))
+            if any("/reset" in text for text in texts):
                 methods.add(node.name[3:])
     return frozenset(methods)
 
@@ -278,7 +278,8 @@ def choose_server(mode: ServerChoice | str, facts: FolderFacts) -> Choice:
     usable, why_not = _usable(facts)
     if mode is ServerChoice.BUILTIN:
         if facts.tokenizer_dir is None:
-            raise CannotChoose(f"tokenizer_server is builtin, but {facts.found_by}: set tokenizer_server to stock or auto")
+            raise CannotChoose(
+                f"tokenizer_server is builtin, but {facts.found_by}: set tokenizer_server to stock or auto")
         return Choice(ServerChoice.BUILTIN, f"on {facts.found_by} (the descriptor asks for it)"
                       + ("" if usable else f"; warning: {why_not}"))
     if usable:

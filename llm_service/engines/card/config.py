@@ -53,8 +53,8 @@ class CardConfig(EngineConfig):
         if tokenizer_dir is not None and not tokenizer_dir.is_dir():
             raise FieldError("tokenizer_path", f"not a directory: {tokenizer_dir}")
         if self.tokenizer_py is None and self.tokenizer_server != "auto":
-            raise FieldError("tokenizer_server", "needs tokenizer_py: the tokenizer service starts the server it chooses "
-                             "in place of that script (without it, the tokenizer server is an external one)")
+            raise FieldError("tokenizer_server", "needs tokenizer_py: the tokenizer service starts the server it "
+                             "chooses in place of that script (without it, the tokenizer server is an external one)")
         if self.tokenizer_py is not None:
             script_dir = tokenizer_dir or model_dir
             tokenizer_script = resolve_path(script_dir, Path(self.tokenizer_py))

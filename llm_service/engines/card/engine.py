@@ -422,13 +422,15 @@ class CardEngine(Engine):
         """Which tokenizer server answers the runner and why; what it cannot take from requests."""
         dialect = self._dialect
         if dialect is not None and dialect.builtin_tokenizer:
-            return "built into the runner: requests' system prompts, history, newlines, tools and raw prompts cannot reach it"
+            return ("built into the runner: requests' system prompts, history, newlines, tools and raw prompts "
+                    "cannot reach it")
         if not self.config.tokenizer_port:
             return "none"
         if not self._tokenizer_probed:
             return "unknown until the tokenizer server runs"
+        port = self.config.tokenizer_port
         said = self._tokenizer_server or (
-            f"external: the descriptor names no tokenizer_py; the server on port {self.config.tokenizer_port} is not ours to start"
+            f"external: the descriptor names no tokenizer_py; the server on port {port} is not ours to start"
             if not self.config.tokenizer_py else "started by the tokenizer service")
         if self._tokenizer_caps is not None and said.startswith("stock:"):
             said += "; the script starts our tokenizer server (it answers /capabilities)"
@@ -614,7 +616,8 @@ class CardEngine(Engine):
                     # The service starts what the descriptor names for this model, and says when
                     # a socket of that server's own listens on the port (or that another's does).
                     await self._tokenizers.start_server(self.spec.name, host)
-                    entry = await self._tokenizers.wait_until_running(self.spec.name, host, config.tokenizer_port, timeout)
+                    entry = await self._tokenizers.wait_until_running(
+                        self.spec.name, host, config.tokenizer_port, timeout)
                     server = entry.get("server") or None
                 else:
                     # No tokenizer_py: a tokenizer server someone else runs on this port.
