@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 from ax_emulator.model_folder import write_model_folder
 from harness.net import free_port
-from harness.paths import TOKENIZER_DIR
+from harness.paths import REPO_ROOT, TOKENIZER_DIR
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 # Fill-in-the-middle tokens of two tokenizer families, for `infill_tokenizer`.
@@ -188,6 +189,31 @@ def scripted_model(
         think=think,
     )
     entry.update(fields or {})
+    return entry
+
+
+# Stock-shaped tokenizer scripts written from the published ones' behaviour (their README.md).
+STOCK_TOKENIZER_SCRIPTS = REPO_ROOT / "tests" / "data" / "stock_tokenizers"
+
+
+def published_model(
+    root: Path, name: str, *, script: str = "post_reset_uid.py", tokenizer_server: str | None = None,
+    tokenizer_folder: str = "smollm2_tokenizer", reply_words: int = 8, fields: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A model folder shaped like a published one: a stock-shaped tokenizer script that loads
+    `tokenizer_folder/` (the SmolLM2 files) from its working directory, and a run script that
+    hard-codes the tokenizer's port (served by the scripted emulator). `tokenizer_server` is the
+    descriptor field (absent: the default)."""
+    entry = scripted_model(root, name, reply_words=reply_words, port_from_dollar1=False, fields=fields)
+    folder = Path(entry["model_path"])
+    (folder / entry["tokenizer_py"]).unlink()  # the launcher of our server scripted_model writes
+    shutil.copytree(TOKENIZER_DIR, folder / tokenizer_folder, ignore=shutil.ignore_patterns("README.md"))
+    text = (STOCK_TOKENIZER_SCRIPTS / script).read_text().replace('"smollm2_tokenizer"', repr(tokenizer_folder))
+    stock_name = f"{name.replace('-', '_')}_tokenizer_uid.py"
+    (folder / stock_name).write_text(text)
+    entry["tokenizer_py"] = stock_name
+    if tokenizer_server is not None:
+        entry["tokenizer_server"] = tokenizer_server
     return entry
 
 

@@ -61,9 +61,10 @@ class TokenizerClient:
         descriptor names for it. Returns the server's state."""
         return await self._service_call("POST", name, "/start", tokenizer_ip)
 
-    async def wait_until_running(self, name: str, tokenizer_ip: str, port: int, timeout: float) -> None:
+    async def wait_until_running(self, name: str, tokenizer_ip: str, port: int, timeout: float) -> dict[str, Any]:
         """Poll the service until the model's server is `running`: its own socket listens on
-        `port` and answers. A port another process holds fails at once, with the service's word."""
+        `port` and answers; returns its entry. A port another process holds fails at once, with
+        the service's word."""
         deadline = time.monotonic() + timeout
         while True:
             server = await self._service_call("GET", name, "", tokenizer_ip)
@@ -74,7 +75,7 @@ class TokenizerClient:
                     "the daemon and the service must read the same descriptor"
                 )
             if state == "running":
-                return
+                return server
             if state == "blocked":
                 raise TokenizerUnavailable(server.get("detail") or f"port {port} is taken by another process")
             if state == "stopped" or time.monotonic() >= deadline:

@@ -121,6 +121,8 @@ SHARED_FIXTURE_MODULES = {
     "tests/test_structured_output.py",  # the daemon with card models and the fake upstream
     "tests/test_tokenizer_server.py",  # the tokenizer servers
     "tests/test_ui.py",  # the daemon and the browser
+    "tests/test_tokenizer_fidelity.py",  # stock-shaped scripts and our server side by side
+    "tests/test_published_folders.py",  # the daemon with folders shaped like published ones
 }
 # Modules that share one session fixture go on the same worker as one unit, so that it starts once.
 SHARED_UNITS = {

@@ -60,12 +60,20 @@ def test_original_string_format(tmp_path: Path) -> None:
     assert spec.config.model_path == folder.resolve() and spec.config.model_path.is_absolute()
     assert spec.config.tokenizer_path == folder.resolve()
     assert spec.config.script_path == folder.resolve() / "run_qwen3_1.7b_axcl_aarch64.sh"
+    assert spec.config.tokenizer_server == "auto"  # ours where the folder's tokenizer files render
     assert spec.config.command == ("/bin/sh", str(spec.config.script_path))
     assert spec.details.parameter_size == "1.7B" and spec.details.families == ("qwen3",)
     # defaults of the new optional fields
     assert (spec.engine, spec.config.dialect, spec.context_size, spec.keep_alive, spec.aliases) == (
         "ax-runner", "auto", 2048, 300.0, ())
     assert (spec.config.load_timeout_s, spec.config.hang_timeout_s) == (300.0, 120.0)
+
+
+@pytest.mark.parametrize("choice", ["auto", "builtin", "stock"])
+def test_tokenizer_server_takes_its_three_values(tmp_path: Path, choice: str) -> None:
+    make_model_dir(tmp_path)
+    result = parse([original_entry() | {"tokenizer_server": choice}], tmp_path)
+    assert result.errors == {} and result.models["qwen3"].config.tokenizer_server == choice
 
 
 def test_typed_values_equal_string_values(tmp_path: Path) -> None:
@@ -179,6 +187,8 @@ ERROR_CASES = [
     ({"dialect": "z"}, "dialect", "'auto'"),
     ({"max_concurrency": "2"}, "max_concurrency", "not used by the ax-runner engine"),
     ({"load_timeout_s": "0"}, "load_timeout_s", "greater than"),
+    ({"tokenizer_server": "ours"}, "tokenizer_server", "'auto', 'builtin' or 'stock'"),
+    ({"tokenizer_server": "builtin", "tokenizer_py": None}, "tokenizer_server", "needs tokenizer_py"),
 ]
 
 

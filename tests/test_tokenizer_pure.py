@@ -26,6 +26,7 @@ def test_unescape_keeps_other_backslashes():
 
 @pytest.mark.parametrize("reply, kept", [
     ("no thinking here", "no thinking here"),
+    ("  leading blanks kept\n", "  leading blanks kept\n"),  # as a stock script sends it back
     ("<think>\nhmm\n</think>\n\nAnswer", "Answer"),
     ("hmm</think>Answer", "Answer"),
     ("Answer<think>unfinished", "Answer"),

@@ -244,6 +244,9 @@ def test_capabilities_and_tokenize(client, tokenizer):
         "thinking_switch": False,
         # SmolLM2's template renders neither definitions nor calls: the server writes them.
         "tools": {"definitions": "system_prompt", "calls": "text"},
+        # Not standing in for a stock script: none of a script's defaults.
+        "stock_defaults": {"system_prompt": None, "user_suffix": None, "generation_prompt_cut": None,
+                           "ignore_runner_system_prompt": False},
     }
     text = "plain text, no template\n"
     assert post(client, "/tokenize", {"text": text}) == {"token_ids": tokenizer.encode(text, add_special_tokens=False)}

@@ -4,7 +4,9 @@ it starts only what the descriptor names, for callers holding its secret, and a 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +20,7 @@ import pytest
 
 from harness import net
 from harness.daemon import write_descriptor
+from harness.models import published_model
 from harness.net import free_port, wait_http, wait_until
 from harness.paths import AXM1_LLM, REPO_ROOT
 from tokenizer_service.service import (
@@ -34,6 +37,7 @@ from tokenizer_support import SMOLLM2_TOKENIZER, pid_alive, squatter, tokenizer_
 
 SERVICE_STOP_TIMEOUT = 30.0
 SECRET = "test-secret-0123456789abcdef"
+QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
 
 class Service:
@@ -362,3 +366,70 @@ def test_the_proc_helpers_find_a_real_listening_socket_and_its_holder():
         assert not ours and taken.startswith(f"port {port} is taken by another process (pid {os.getpid()}: ")
     assert inspect_port(port, None) == (False, None)  # closed: nobody listens
     assert taken_message(80, []) == "port 80 is taken by another process (pid unknown: a process this service may not inspect)"
+
+
+def test_auto_runs_our_server_on_the_files_the_stock_script_loads_and_stock_runs_the_script(service, tmp_path):
+    """A folder shaped like a published one: `auto` (the default) runs our server on the tokenizer
+    folder the script names, with the script's system prompt; `stock` runs the script itself;
+    without a tokenizer folder `auto` runs the script and `builtin` is refused. The entry says
+    which runs and why."""
+    auto, stock = published_model(tmp_path, "auto"), published_model(tmp_path, "stock", tokenizer_server="stock")
+    bare, builtin = published_model(tmp_path, "bare"), published_model(tmp_path, "forced", tokenizer_server="builtin")
+    for entry in (bare, builtin):
+        shutil.rmtree(Path(entry["model_path"]) / "smollm2_tokenizer")
+    service.models(auto, stock, bare, builtin)
+    for name in ("auto", "stock", "bare"):
+        assert service.start(name).status_code == 200
+    refused = service.start("forced")
+    assert refused.status_code == 400
+    assert refused.json()["error"] == (
+        "model 'forced': tokenizer_server is builtin, but the script loads 'smollm2_tokenizer', not a folder inside "
+        "the model folder, and there is no *_tokenizer/ folder: set tokenizer_server to stock or auto")
+
+    ours = service.wait_state("auto", "running")
+    assert ours["server"] == ("builtin: on smollm2_tokenizer/, which the script loads: tokenizer files and a chat "
+                              "template are there")
+    caps = net.get(f"http://127.0.0.1:{auto['tokenizer_port']}/capabilities", timeout=10).json()
+    assert caps["server"] == "axm1-tokenizer"
+    assert caps["stock_defaults"] == {"system_prompt": QWEN_SYSTEM, "user_suffix": " /no_think", "generation_prompt_cut": 3,
+                                      "ignore_runner_system_prompt": False}  # its POST /reset takes the runner's
+    assert "tokenizer_service.server" in cmdline_of(ours["pid"])
+
+    for name, why in (("stock", "stock: the descriptor asks for the folder's own script"),
+                      ("bare", "stock: the folder's own script runs: the script loads 'smollm2_tokenizer', not a folder "
+                               "inside the model folder, and there is no *_tokenizer/ folder")):
+        entry = service.wait_state(name, "running") if name == "stock" else service.entry(name)
+        assert entry["server"] == why
+    assert cmdline_of(service.entry("stock")["pid"]).endswith(
+        f"stock_tokenizer_uid.py --host 127.0.0.1 --port {stock['tokenizer_port']}")
+    # The script has none of our extensions: its error body for a path it does not know.
+    assert net.get(f"http://127.0.0.1:{stock['tokenizer_port']}/capabilities", timeout=10).json() == {"error": "Invalid uid"}
+
+
+def cmdline_of(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+
+
+def test_auto_runs_the_script_when_our_server_cannot_render_the_files_and_builtin_keeps_failing(service, tmp_path):
+    """Files that look usable but do not render: under `auto` our server exits at its start-up
+    check and the folder's script runs instead, the entry saying why; under `builtin` ours is
+    restarted with its error in the log tail (nothing else runs behind the descriptor's back)."""
+    auto, builtin = published_model(tmp_path, "auto"), published_model(tmp_path, "forced", tokenizer_server="builtin")
+    for entry in (auto, builtin):
+        config_file = Path(entry["model_path"]) / "smollm2_tokenizer" / "tokenizer_config.json"
+        config = json.loads(config_file.read_text())
+        config["chat_template"] = "{{ raise_exception('this template renders nothing') }}"
+        config_file.write_text(json.dumps(config))
+    service.models(auto, builtin)
+    assert service.start("auto").json()["server"].startswith("builtin: on smollm2_tokenizer/")
+    running = service.wait_state("auto", "running")
+    assert running["server"].startswith("stock: the folder's own script runs: our server cannot use smollm2_tokenizer/ "
+                                        "(cannot use the tokenizer files in ")
+    assert "this template renders nothing" in running["server"]
+    assert cmdline_of(running["pid"]).endswith(f"auto_tokenizer_uid.py --host 127.0.0.1 --port {auto['tokenizer_port']}")
+    assert service.start("auto").json()["pid"] == running["pid"]  # the same start again keeps the fallback
+
+    assert service.start("forced").status_code == 200
+    failing = wait_until(lambda: (e := service.entry("forced"))["restarts"] >= 1 and e, 60, "forced to be restarted")
+    assert failing["last_exit"] == 3 and failing["server"].startswith("builtin: ")
+    assert any("this template renders nothing" in line for line in failing["log_tail"])

@@ -17,16 +17,17 @@ def strip_think(reply: str) -> str:
 
     Drops everything up to the last `</think>` (covers templates that open the block in the
     generation prompt, so the reply holds only the closing tag), or, when the block was never
-    closed (generation stopped while thinking), everything from `<think>` on.
+    closed (generation stopped while thinking), everything from `<think>` on; then the blank
+    the block left. A reply without a block is kept byte for byte.
     """
     close = reply.rfind(THINK_CLOSE)
     if close >= 0:
-        reply = reply[close + len(THINK_CLOSE):]
-    else:
-        opening = reply.find(THINK_OPEN)
-        if opening >= 0:
-            reply = reply[:opening]
-    return reply.lstrip()
+        return reply[close + len(THINK_CLOSE):].lstrip()
+    opening = reply.find(THINK_OPEN)
+    if opening >= 0:
+        return reply[:opening].lstrip()
+    # No reasoning: the reply goes back as it is, as a stock script sends it back.
+    return reply
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:

@@ -15,7 +15,17 @@ Rules this server follows:
 - `diff` assumes the runner holds the conversation so far as the template renders it (the
   system prompt after `/reset`; after a turn, everything up to the end of the previous reply).
 - `thinking` from `/config` reaches the template as `enable_thinking` only when the template
-  reads that variable; otherwise it is ignored. No `/no_think` suffix is ever added.
+  reads that variable; otherwise it is ignored.
+- Standing in for a folder's stock script (`--default-system-prompt`, `--user-suffix`,
+  `--generation-prompt-cut`, read from the script's text by tokenizer_service.stock_script), it
+  answers as that script does: a conversation opens with the script's system prompt where none
+  is given, every user message gets its suffix (Qwen3's `/no_think`) unless thinking is on, and
+  held ids are cut from a render with the generation prompt as the script cuts them, so the
+  runner gets the same `token_ids` and `diff`. `GET /reset?uid=U` (the Qwen2.5-era scripts'
+  form) reopens the conversation as `POST /reset` without a system prompt does, holding nothing
+  (the runner got no ids to prefill: the next `diff` is the whole prompt), and answers
+  `{"success": true}`. (The scripts keep the previous conversation's ids as held there, so a
+  second conversation's `diff` would be cut at that stale length; this server does not copy that.)
 - `raw` from `/config` (until set false): `/reset` opens an empty context (no system prompt)
   and `/encode` encodes the text as it is, without the chat template and without the history;
   special tokens written in the text (a fill-in-the-middle prompt's) become their ids.
@@ -41,7 +51,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -62,6 +72,9 @@ TURN_ROLES = ("user", "tool")
 DEFAULT_SESSION_IDLE_SECONDS = 24 * 3600.0
 # The tokenizer service passes its session lifetime here, since stock script command lines are fixed.
 SESSION_IDLE_ENV = "AXM1_TOKENIZER_SESSION_IDLE_SECONDS"
+# The exit status of a server whose tokenizer files do not load or render (`--check-template`): the
+# tokenizer service then runs the folder's own script where the descriptor lets it choose (`auto`).
+EXIT_UNUSABLE = 3
 # Keep-alive connections idle longer than this are closed, so a vanished client frees its thread.
 CONNECTION_IDLE_SECONDS = 600
 
@@ -209,6 +222,21 @@ class ChatTokenizer:
             return self._tokenizer.decode(ids)
 
 
+@dataclass(frozen=True)
+class StockDefaults:
+    """What the folder's stock script does by default, where this server stands in for it
+    (tokenizer_service.stock_script reads them from its text)."""
+
+    system_prompt: str | None = None  # a conversation's system prompt when none is given
+    user_suffix: str | None = None  # appended to user messages unless thinking is on ("/no_think")
+    # Held ids are a render with the generation prompt less this many ids (the scripts'
+    # `encode(text)[:-3]`); None: a render without the generation prompt.
+    generation_prompt_cut: int | None = None
+    # The script serves no POST /reset (the Qwen2.5-era ones): the system prompt a runner sends
+    # there never reached the model, the script's own did; so here too (the daemon's still does).
+    ignore_runner_system_prompt: bool = False
+
+
 @dataclass
 class Controls:
     """What the daemon set through `/config`; shared by all sessions of this server."""
@@ -238,8 +266,12 @@ class Session:
 class TokenizerServer:
     """The protocol logic, independent of HTTP: each method answers one route."""
 
-    def __init__(self, tokenizer: ChatTokenizer, session_idle_seconds: float, stock: bool = False) -> None:
+    def __init__(
+        self, tokenizer: ChatTokenizer, session_idle_seconds: float, stock: bool = False,
+        defaults: StockDefaults = StockDefaults(),
+    ) -> None:
         self.tokenizer = tokenizer
+        self.defaults = defaults
         # Stock mode behaves as the card's own scripts: no extensions for the daemon, prompt text
         # taken verbatim (no newline restore). /tokenize stays: the scripted emulator needs it.
         self.stock = stock
@@ -258,12 +290,52 @@ class TokenizerServer:
             del self._sessions[uid]
 
     def new_session(self) -> str:
+        """A conversation opened with the system prompt (set, else the default), as a stock
+        script opens one: a runner that never calls /reset prefills it with its first turn."""
         uid = str(uuid.uuid4())
         now = time.monotonic()
+        with self._controls_lock:
+            system_prompt = self._opening_system(None)
+            raw, tools = self.controls.raw, self.controls.tools
+        messages = [] if system_prompt is None or raw else [{"role": "system", "content": system_prompt}]
+        session = Session(decoder=IncrementalDecoder(self.tokenizer.decode), last_used=now, messages=messages,
+                          tools=None if raw else tools)
         with self._sessions_lock:
             self._forget_idle_sessions(now)
-            self._sessions[uid] = Session(decoder=IncrementalDecoder(self.tokenizer.decode), last_used=now)
+            self._sessions[uid] = session
         return uid
+
+    def _opening_system(self, asked: str | None) -> str | None:
+        """The system prompt a conversation opens with: the daemon's, else the runner's, else the
+        stock script's default (called with _controls_lock held)."""
+        if self.defaults.ignore_runner_system_prompt:
+            asked = None
+        for prompt in (self.controls.system_prompt, asked, self.defaults.system_prompt):
+            if prompt is not None:
+                return prompt
+        return None
+
+    def _held_ids(self, messages: list[dict[str, Any]], thinking: bool | None,
+                  tools: list[dict[str, Any]] | None) -> list[int]:
+        """The ids a runner holds after `messages`: as rendered without the generation prompt,
+        or, standing in for a stock script, as it computes them (with it, less a fixed cut)."""
+        cut = self.defaults.generation_prompt_cut
+        if cut is None or not messages:
+            return self.tokenizer.render(messages, generation_prompt=False, thinking=thinking, tools=tools)
+        ids = self.tokenizer.render(messages, generation_prompt=True, thinking=thinking, tools=tools)
+        return ids[:-cut] if cut > 0 else ids
+
+    def _user(self, text: str, thinking: bool | None) -> dict[str, Any]:
+        return {"role": "user", "content": self._with_suffix(text, thinking)}
+
+    def _with_suffix(self, text: str, thinking: bool | None) -> str:
+        """The stock script's suffix (Qwen3's `/no_think`) unless thinking was asked for."""
+        suffix = self.defaults.user_suffix
+        return text + suffix if suffix and thinking is not True else text
+
+    def _suffixed(self, messages: list[dict[str, Any]], thinking: bool | None) -> list[dict[str, Any]]:
+        return [{**m, "content": self._with_suffix(m["content"], thinking)} if m["role"] == "user" else m
+                for m in messages]
 
     def session(self, uid: Any) -> Session:
         now = time.monotonic()
@@ -288,14 +360,16 @@ class TokenizerServer:
 
     # -- uid protocol ----------------------------------------------------------------------
 
-    def reset(self, uid: Any, system_prompt: str | None) -> list[int]:
+    def reset(self, uid: Any, system_prompt: str | None, held: bool = True) -> list[int]:
+        """Open the session's conversation again. With `held` false (`GET /reset`, which gives
+        the runner no ids to prefill) nothing is held: the next `diff` is the whole prompt."""
         session = self.session(uid)
         with self._controls_lock:
-            system_prompt = self.controls.system_prompt if self.controls.system_prompt is not None else system_prompt
+            system_prompt = self._opening_system(system_prompt)
             thinking, raw, tools = self.controls.thinking, self.controls.raw, self.controls.tools
         messages = [] if system_prompt is None or raw else [{"role": "system", "content": system_prompt}]
         tools = None if raw else tools
-        held_ids = self.tokenizer.render(messages, generation_prompt=False, thinking=thinking, tools=tools)
+        held_ids = self._held_ids(messages, thinking, tools) if held else []
         with session.lock:
             session.messages, session.held_ids, session.tools = messages, held_ids, tools
             session.decoder = IncrementalDecoder(self.tokenizer.decode)
@@ -313,11 +387,11 @@ class TokenizerServer:
             messages, held_ids, tools = list(session.messages), session.held_ids, session.tools
             if last_reply is not None:
                 messages.append({"role": "assistant", "content": strip_think(last_reply)})
-                held_ids = self.tokenizer.render(messages, generation_prompt=False, thinking=thinking, tools=tools)
+                held_ids = self._held_ids(messages, thinking, tools)
             if history:
                 after_system = 1 if messages and messages[0]["role"] == "system" else 0
-                messages[after_system:after_system] = history
-            messages += turn or [{"role": "user", "content": self._prompt_text(text)}]
+                messages[after_system:after_system] = self._suffixed(history, thinking)
+            messages += self._suffixed(turn, thinking) or [self._user(self._prompt_text(text), thinking)]
             all_ids = self.tokenizer.render(messages, generation_prompt=True, thinking=thinking, tools=tools)
             diff = prefill_diff(all_ids, held_ids)
             session.messages, session.held_ids = messages, all_ids
@@ -361,12 +435,12 @@ class TokenizerServer:
     def encode_stateless(self, text: str) -> list[int]:
         thinking, history, raw, turn = self._take_controls()
         with self._controls_lock:
-            system_prompt, tools = self.controls.system_prompt, self.controls.tools
+            system_prompt, tools = self._opening_system(None), self.controls.tools
         if raw:
             return self.tokenizer.encode_plain(self._prompt_text(text))
         messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
-        messages += history
-        messages += turn or [{"role": "user", "content": self._prompt_text(text)}]
+        messages += self._suffixed(history, thinking)
+        messages += self._suffixed(turn, thinking) or [self._user(self._prompt_text(text), thinking)]
         return self.tokenizer.render(messages, generation_prompt=True, thinking=thinking, tools=tools)
 
     # -- extensions ------------------------------------------------------------------------
@@ -499,14 +573,15 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def _route(self, method: str, path: str, query: dict[str, str], body: dict[str, Any]) -> dict[str, Any]:
         app = self.server.app
-        get_routes = {"/get_uid", "/bos_id", "/eos_id", "/capabilities", "/stats"}
+        # /reset takes GET too: the Qwen2.5-era scripts serve `GET /reset?uid=U` (reply: success).
+        get_routes = {"/get_uid", "/bos_id", "/eos_id", "/capabilities", "/stats", "/reset"}
         post_routes = {"/reset", "/encode", "/decode", "/config", "/tokenize"}
         if app.stock:
             get_routes -= {"/capabilities", "/stats"}
             post_routes -= {"/config"}
         if path not in get_routes | post_routes:
             raise ApiError(HTTPStatus.NOT_FOUND, f"unknown path: {path}")
-        if (method == "GET") != (path in get_routes):
+        if (method == "GET") != (path in get_routes) and path != "/reset":
             raise ApiError(HTTPStatus.METHOD_NOT_ALLOWED, f"{path} does not accept {method}")
         uid = query.get("uid", body.get("uid"))
         if path == "/get_uid":
@@ -517,9 +592,12 @@ class RequestHandler(BaseHTTPRequestHandler):
             key = path[1:]
             return {key: app.tokenizer.bos_id if key == "bos_id" else app.tokenizer.eos_id}
         if path == "/capabilities":
-            return {**CAPABILITIES, **app.tokenizer.facts()}
+            return {**CAPABILITIES, **app.tokenizer.facts(), "stock_defaults": asdict(app.defaults)}
         if path == "/stats":
             return app.stats(uid)
+        if path == "/reset" and method == "GET":
+            app.reset(uid, None, held=False)
+            return {"success": True}
         if path == "/reset":
             return {"token_ids": app.reset(uid, optional_field(body, "system_prompt", str))}
         if path == "/encode":
@@ -575,11 +653,39 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="behave as the card's stock tokenizer scripts: no /capabilities, /config or /stats, no newline restore",
     )
+    parser.add_argument("--default-system-prompt", help="a conversation's system prompt when none is given "
+                        "(a stock script's own, where this server stands in for it)")
+    parser.add_argument("--user-suffix", help="appended to every user message unless thinking is on "
+                        "(the /no_think of Qwen3's stock scripts)")
+    parser.add_argument("--generation-prompt-cut", type=int, help="held ids are a render with the generation "
+                        "prompt less this many ids, as the stock scripts' encode(text)[:-N] computes them")
+    parser.add_argument("--ignore-runner-system-prompt", action="store_true", help="open conversations with "
+                        "the default system prompt, not the one a runner sends to POST /reset (a stock script "
+                        "that serves no POST /reset)")
+    parser.add_argument("--chat-template-from", type=Path, help="render with the chat template of this tokenizer "
+                        "folder (a stock script that encodes with one tokenizer and renders with another's)")
+    parser.add_argument("--check-template", action="store_true", help="exit with status "
+                        f"{EXIT_UNUSABLE} unless the tokenizer loads and its chat template renders a conversation")
     args = parser.parse_args(argv)
     if not args.tokenizer.exists():
         print(f"tokenizer not found: {args.tokenizer}", file=sys.stderr)
         return 2
-    app = TokenizerServer(ChatTokenizer(load_tokenizer(args.tokenizer)), args.session_idle_seconds, stock=args.stock)
+    defaults = StockDefaults(args.default_system_prompt, args.user_suffix, args.generation_prompt_cut,
+                             args.ignore_runner_system_prompt)
+    try:
+        loaded = load_tokenizer(args.tokenizer)
+        if args.chat_template_from is not None:
+            loaded.chat_template = load_tokenizer(args.chat_template_from).chat_template
+        tokenizer = ChatTokenizer(loaded)
+        if args.check_template:
+            tokenizer.render([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}], True, None)
+    except Exception as exc:  # whatever fails here, these files cannot serve the runner
+        if not args.check_template:
+            raise
+        print(f"cannot use the tokenizer files in {args.tokenizer}: {type(exc).__name__}: {exc}",
+              file=sys.stderr, flush=True)
+        return EXIT_UNUSABLE
+    app = TokenizerServer(tokenizer, args.session_idle_seconds, stock=args.stock, defaults=defaults)
     try:
         httpd = HTTPTokenizerServer((args.host, args.port), app)
     except OSError as exc:

@@ -8,7 +8,10 @@ folder, script, address and port come from that model's entry (`tokenizer_path`,
 Every route but `/health` needs `Authorization: Bearer <secret>`: anyone on the box can reach a
 loopback port, and a start runs a program as this service's user.
 
-Each server runs as `<python> <tokenizer_py> --host <host> --port <port>` in its folder, in a
+Which server runs is the entry's `tokenizer_server` (tokenizer_service.stock_script): the
+folder's script, or ours on the tokenizer files it loads, with its defaults. Each server runs as
+`<python> <tokenizer_py> --host <host> --port <port>` (or `<python> -m tokenizer_service.server
+--tokenizer DIR … --host <host> --port <port>`) in its folder, in a
 session and process group of its own, so stopping it (SIGTERM to the group, SIGKILL after a
 grace) takes anything it spawned too; on Linux the kernel also kills it if this service dies
 without cleaning up. A server that exits is restarted with a growing back-off.
@@ -34,7 +37,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -46,8 +49,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from llm_service.children import child_environment, die_with_parent, owner_tag
 from llm_service.descriptor import load_descriptor
 from llm_service.discovery import this_host
-from tokenizer_service.server import SESSION_IDLE_ENV
+from tokenizer_service.server import EXIT_UNUSABLE, SESSION_IDLE_ENV
 from tokenizer_service.settings import TokenizerServiceSettings
+from tokenizer_service.stock_script import CannotChoose, ServerChoice, choose_server, folder_facts, server_arguments
 
 log = logging.getLogger("tokenizer_service")
 
@@ -83,6 +87,14 @@ class ServerSpec:
     script: Path
     host: str
     port: int
+    # What runs after the interpreter: the script, or our server standing in for it; and why.
+    arguments: tuple[str, ...] = ()
+    choice: str = ""
+    # What runs instead when ours finds the files unusable (exits with EXIT_UNUSABLE): `auto`'s script.
+    fallback: ServerSpec | None = None
+
+    def command(self, python: str) -> list[str]:
+        return [python, *(self.arguments or (str(self.script),)), "--host", self.host, "--port", str(self.port)]
 
 
 class RefusedStart(Exception):
@@ -112,7 +124,26 @@ def spec_from_descriptor(descriptor: Path, name: str, discover_host: str | None 
     if config.tokenizer_port is None:
         raise RefusedStart(400, f"model {name!r} has no tokenizer_port in {descriptor}")
     folder = config.tokenizer_path or config.model_path
-    return ServerSpec(folder, (folder / config.tokenizer_py).resolve(), config.tokenizer_ip, config.tokenizer_port)
+    script = (folder / config.tokenizer_py).resolve()
+    try:
+        text = script.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise RefusedStart(400, f"cannot read the tokenizer script of {name!r}: {exc}") from None
+    facts = folder_facts(folder, text)
+    try:
+        choice = choose_server(config.tokenizer_server, facts)
+    except CannotChoose as exc:
+        raise RefusedStart(400, f"model {name!r}: {exc}") from None
+    stock = ServerSpec(folder, script, config.tokenizer_ip, config.tokenizer_port, (), choice.describe())
+    if choice.server is not ServerChoice.BUILTIN:
+        return stock
+    assert facts.tokenizer_dir is not None
+    arguments = tuple(server_arguments(facts))
+    fallback = None
+    if ServerChoice(config.tokenizer_server) is ServerChoice.AUTO:
+        why = f"stock: the folder's own script runs: our server cannot use {facts.tokenizer_dir.name}/"
+        fallback = replace(stock, choice=why)
+    return replace(stock, arguments=arguments, fallback=fallback)
 
 
 # ---- who listens on a port (Linux /proc) ---------------------------------------------------------
@@ -240,7 +271,9 @@ class ManagedServer:
     """One model's tokenizer server. Its state changes only in its own supervision task."""
 
     name: str
-    spec: ServerSpec
+    spec: ServerSpec  # what runs: the spec asked for, or its fallback
+    requested: ServerSpec | None = None  # what the descriptor asked for (the spec, unless set)
+    ran: bool = False  # it reached RUNNING at least once
     state: ServerState = ServerState.STARTING
     detail: str | None = None  # why it is blocked
     process: asyncio.subprocess.Process | None = None
@@ -256,6 +289,7 @@ class ManagedServer:
             "name": self.name,
             "host": self.spec.host,
             "port": self.spec.port,
+            "server": self.spec.choice,
             "pid": self.process.pid if self.process and self.process.returncode is None else None,
             "state": self.state.value,
             "detail": self.detail,
@@ -306,14 +340,14 @@ class TokenizerSupervisor:
         spec = spec_from_descriptor(self.descriptor, name, self.discover_host)
         async with self._lock:
             current = self._servers.get(name)
-            if current is not None and current.spec == spec and current.state != ServerState.STOPPED:
+            if current is not None and current.requested == spec and current.state != ServerState.STOPPED:
                 return current.snapshot()
             for other in self._servers.values():
                 if other.name != name and other.spec.port == spec.port and other.state != ServerState.STOPPED:
                     raise RefusedStart(400, f"port {spec.port} is already used by tokenizer {other.name!r}")
             if current is not None:
                 await self._stop(current)
-            server = ManagedServer(name, spec)
+            server = ManagedServer(name, spec, requested=spec)
             self._servers[name] = server
             server.task = asyncio.create_task(self._supervise(server), name=f"tokenizer {name}")
         # Spawning takes milliseconds; wait for it so the reply carries the pid (or the block).
@@ -362,6 +396,8 @@ class TokenizerSupervisor:
                     if server.stop_requested.is_set():
                         break
                     server.last_exit = server.process.returncode
+                    if self._fall_back(server):
+                        continue
                     log.warning("tokenizer %s exited with %s; restarting in %.1fs", server.name, server.last_exit, backoff)
                 if time.monotonic() - started >= STABLE_RUN_SECONDS:
                     backoff = self.backoff_min_seconds
@@ -375,13 +411,25 @@ class TokenizerSupervisor:
             server.state = ServerState.STOPPED
             server.first_attempt_done.set()
 
+    @staticmethod
+    def _fall_back(server: ManagedServer) -> bool:
+        """Our server found the tokenizer files unusable before it ever ran: under `auto`, the
+        folder's script runs instead (at once), and the entry says why."""
+        fallback = server.spec.fallback
+        if fallback is None or server.ran or server.last_exit != EXIT_UNUSABLE:
+            return False
+        said = next((line for line in reversed(server.log_tail) if line.strip()), "no output")
+        server.spec = replace(fallback, choice=f"{fallback.choice} ({said})")
+        log.warning("tokenizer %s: %s", server.name, server.spec.choice)
+        return True
+
     async def _spawn(self, server: ManagedServer) -> None:
         spec = server.spec
         env = child_environment(self.owner, self.child_env)
         if self.session_idle_seconds is not None:
             env[SESSION_IDLE_ENV] = str(self.session_idle_seconds)
         server.process = await asyncio.create_subprocess_exec(
-            self.python, str(spec.script), "--host", spec.host, "--port", str(spec.port),
+            *spec.command(self.python),
             cwd=spec.folder,
             env=env,
             stdin=asyncio.subprocess.DEVNULL,
@@ -392,7 +440,8 @@ class TokenizerSupervisor:
             start_new_session=True,
             preexec_fn=die_with_parent,
         )
-        log.info("tokenizer %s started: pid %s on %s:%s", server.name, server.process.pid, spec.host, spec.port)
+        log.info("tokenizer %s started: pid %s on %s:%s (%s)", server.name, server.process.pid, spec.host, spec.port,
+                 spec.choice)
 
     async def _watch_readiness(self, server: ManagedServer) -> None:
         """STARTING → RUNNING once the port listens on a socket of the server's own session and
@@ -406,7 +455,7 @@ class TokenizerSupervisor:
             if taken is not None:
                 server.block(taken)
             elif ours and await answers_http(server.spec.host, server.spec.port):
-                server.state, server.detail = ServerState.RUNNING, None
+                server.state, server.detail, server.ran = ServerState.RUNNING, None, True
                 log.info("tokenizer %s is serving on port %s", server.name, server.spec.port)
                 return
             await asyncio.sleep(READY_POLL_SECONDS)

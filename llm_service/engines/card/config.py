@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
@@ -26,6 +26,9 @@ class CardConfig(EngineConfig):
     tokenizer_py: str | None = None
     tokenizer_ip: str = "127.0.0.1"
     tokenizer_port: int | None = Field(default=None, ge=1, le=65535)
+    # Which server answers the runner: the folder's script as it is, ours on the tokenizer files
+    # the script loads, or ours where those files load and render (tokenizer_service.stock_script).
+    tokenizer_server: Literal["auto", "builtin", "stock"] = "auto"
     load_timeout_s: float = Field(default=300.0, gt=0)
     hang_timeout_s: float = Field(default=120.0, gt=0)
     # Computed from run_cmd: the resolved run script (None when the dialect starts a program such
@@ -49,6 +52,9 @@ class CardConfig(EngineConfig):
         tokenizer_dir = resolve_path(base_dir, self.tokenizer_path) if self.tokenizer_path else None
         if tokenizer_dir is not None and not tokenizer_dir.is_dir():
             raise FieldError("tokenizer_path", f"not a directory: {tokenizer_dir}")
+        if self.tokenizer_py is None and self.tokenizer_server != "auto":
+            raise FieldError("tokenizer_server", "needs tokenizer_py: the tokenizer service starts the server it "
+                             "chooses in place of that script (without it, the tokenizer server is an external one)")
         if self.tokenizer_py is not None:
             script_dir = tokenizer_dir or model_dir
             tokenizer_script = resolve_path(script_dir, Path(self.tokenizer_py))

@@ -145,6 +145,7 @@ class _TokenizerReady:
     capabilities: dict[str, Any] | None
     applied: dict[str, Any]  # the settings /config installed
     error: str | None
+    server: str | None = None  # which server the tokenizer service runs, and why
 
 
 @dataclass(slots=True)
@@ -235,6 +236,7 @@ class CardEngine(Engine):
         self._uid: str | None = None
         self._tokenizer_caps: dict[str, Any] | None = None
         self._tokenizer_probed = False
+        self._tokenizer_server: str | None = None  # the tokenizer service's word on what runs
         self._tokenizer_config: dict[str, Any] = {}  # what /config last set on the server
         self._tokenizer_scope: anyio.CancelScope | None = None
         # /capabilities asked for /api/show before the first load (the owner's own copy is
@@ -412,8 +414,30 @@ class CardEngine(Engine):
             last_load_duration_s=self.last_load_duration,
             npu_memory_claimed_mb=self.claimed_npu_memory_mb,
             newlines=newlines,
+            tokenizer_server=self._tokenizer_server_status(),
         )
         return status
+
+    def _tokenizer_server_status(self) -> str:
+        """Which tokenizer server answers the runner and why; what it cannot take from requests."""
+        dialect = self._dialect
+        if dialect is not None and dialect.builtin_tokenizer:
+            return ("built into the runner: requests' system prompts, history, newlines, tools and raw prompts "
+                    "cannot reach it")
+        if not self.config.tokenizer_port:
+            return "none"
+        if not self._tokenizer_probed:
+            return "unknown until the tokenizer server runs"
+        port = self.config.tokenizer_port
+        said = self._tokenizer_server or (
+            f"external: the descriptor names no tokenizer_py; the server on port {port} is not ours to start"
+            if not self.config.tokenizer_py else "started by the tokenizer service")
+        if self._tokenizer_caps is not None and said.startswith("stock:"):
+            said += "; the script starts our tokenizer server (it answers /capabilities)"
+        if self._tokenizer_caps is None:
+            said += ("; it has none of our extensions: a request's system prompt, history, newlines, tools, raw "
+                     "prompt and real token counts cannot reach it (each answer's warnings say what was not applied)")
+        return said
 
     # ---- the owner loop's messages --------------------------------------------------------------
 
@@ -585,13 +609,16 @@ class CardEngine(Engine):
         caps: dict[str, Any] | None = None
         applied: dict[str, Any] = {}
         error: str | None = None
+        server: str | None = None
         with scope:
             try:
                 if config.tokenizer_py:
                     # The service starts what the descriptor names for this model, and says when
                     # a socket of that server's own listens on the port (or that another's does).
                     await self._tokenizers.start_server(self.spec.name, host)
-                    await self._tokenizers.wait_until_running(self.spec.name, host, config.tokenizer_port, timeout)
+                    entry = await self._tokenizers.wait_until_running(
+                        self.spec.name, host, config.tokenizer_port, timeout)
+                    server = entry.get("server") or None
                 else:
                     # No tokenizer_py: a tokenizer server someone else runs on this port.
                     await self._tokenizers.wait_until_serving(host, config.tokenizer_port, timeout)
@@ -603,7 +630,7 @@ class CardEngine(Engine):
             except TokenizerUnavailable as exc:
                 error = str(exc)
         if not scope.cancel_called:
-            self._post(_TokenizerReady(generation, caps, applied, error))
+            self._post(_TokenizerReady(generation, caps, applied, error, server))
 
     async def _on_tokenizer_ready(self, message: _TokenizerReady) -> None:
         if self._machine.state is not S.WAITING_FOR_TOKENIZER:
@@ -615,6 +642,7 @@ class CardEngine(Engine):
         self._tokenizer_caps = message.capabilities
         self._tokenizer_config = dict(message.applied)
         self._tokenizer_probed = True
+        self._tokenizer_server = message.server
         self._set_state(S.STARTING, "tokenizer is serving", extensions=message.capabilities is not None)
         await self._spawn()
 

@@ -143,6 +143,11 @@ def read_turn(request: GenerationRequest, default_system: str | None, runner: Ru
     if "\n" in line and not runner.our_tokenizer:
         warnings.append("newlines replaced with spaces: the stock tokenizer script cannot restore them")
     system = None if raw else (request.system if request.system is not None else default_system)
+    if not raw and request.system is not None and request.system != default_system and not runner.our_tokenizer:
+        # The runner keeps the system prompt it was started with: plan with that one, and say so.
+        warnings.append(f"system prompt not applied: {_no_system_prompt_reason(runner)}; the runner's own "
+                        "system prompt stays")
+        system = default_system
     instruction = choice_instruction(request.tool_choice) if tools else None
     if instruction and runner.tools is not None:
         # Our tokenizer server writes the tools: the instruction goes with them, in the system prompt.
