@@ -32,6 +32,24 @@ def infill_tokenizer(folder: Path, style: str = "qwen") -> Path:
     return folder
 
 
+def vision_tokenizer(folder: Path, family: str = "internvl") -> Path:
+    """The SmolLM2 tokenizer with the image tokens of a VLM family added as special tokens
+    (`<img>`, `<IMG_CONTEXT>`, `</img>` for "internvl"; `<|vision_start|>`, `<|image_pad|>`,
+    `<|vision_end|>` for "qwen"), written to `folder`: our tokenizer server then answers the
+    vision runners' `/img_start_token`, `/img_context_token` and `img_prompt` encodes."""
+    from tokenizer_service.server import IMAGE_TOKENS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = json.loads((TOKENIZER_DIR / "tokenizer.json").read_text())
+    next_id = 1 + max([*tokenizer["model"]["vocab"].values(), *(t["id"] for t in tokenizer["added_tokens"])])
+    for offset, content in enumerate(IMAGE_TOKENS[family]):
+        tokenizer["added_tokens"].append({"id": next_id + offset, "content": content, "single_word": False,
+                                          "lstrip": False, "rstrip": False, "normalized": False, "special": True})
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    (folder / "tokenizer_config.json").write_text((TOKENIZER_DIR / "tokenizer_config.json").read_text())
+    return folder
+
+
 # A chat template that renders tools, calls and tool results itself: Qwen2.5's (its form is the
 # Hermes one the daemon recognises), on the SmolLM2 tokenizer for `tools_tokenizer`.
 QWEN25_TOOLS_TEMPLATE = (
