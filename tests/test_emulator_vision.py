@@ -282,6 +282,7 @@ def test_tokenizer_image_routes(internvl_tokenizer, qwen_tokenizer, emulator_tok
     tokenizer answers -1 for the image tokens (as the published scripts do for None) and
     refuses an img_prompt encode."""
     for server, family in ((internvl_tokenizer, "internvl"), (qwen_tokenizer, "qwen")):
+        assert httpx.get(f"{server.url}/capabilities").json()["images"] == family
         start = httpx.get(f"{server.url}/img_start_token").json()["img_start_token"]
         context = httpx.get(f"{server.url}/img_context_token").json()["img_context_token"]
         plain_ids = httpx.post(f"{server.url}/encode", json={"text": "hi"}).json()["token_ids"]
