@@ -144,6 +144,7 @@ class VisionRunner(Runner):
             if not line:
                 continue
             path = self._read(stdin, family.marker) or ""
+            self.stop_requested = False  # nor does one at the image marker
             self._turn(tokenizer, line, path)
 
     def _read(self, stdin: StdinLines, marker: str) -> str | None:

@@ -209,6 +209,67 @@ def scripted_model(
     return entry
 
 
+VISION_SCRIPTS = {
+    # family: (dialect, the run-script lines after the emulator's own, as the card's scripts name them)
+    "internvl": ("vl_internvl", [
+        '--template_filename_axmodel "./{name}_axmodel/qwen2_p128_l%d_together.axmodel"',
+        "--axmodel_num 4",
+        '--filename_image_encoder_axmodedl "./vit_axmodel/{name}_vit.axmodel"',
+        "--use_mmap_load_embed 1",
+        '--filename_tokenizer_model "{url}"',
+        '--filename_post_axmodel "./{name}_axmodel/qwen2_post.axmodel"',
+        '--filename_tokens_embed "./{name}_axmodel/model.embed_tokens.weight.bfloat16.bin"',
+        "--tokens_embed_num 151674",
+        "--tokens_embed_size 1536",
+        "--devices 0",
+        "--live_print 1",
+    ]),
+    "qwen": ("vl_qwen", [
+        '--template_filename_axmodel "{name}-image-ax650/qwen2_5_vl_p128_l%d_together.axmodel"',
+        "--axmodel_num 4",
+        '--filename_image_encoder_axmodedl "{name}-image-ax650/{name}_vision.axmodel"',
+        '--filename_tokenizer_model "{url}"',
+        '--filename_post_axmodel "{name}-image-ax650/qwen2_5_vl_post.axmodel"',
+        '--filename_tokens_embed "{name}-image-ax650/model.embed_tokens.weight.bfloat16.bin"',
+        "--tokens_embed_num 151936",
+        "--tokens_embed_size 2048",
+        "--live_print 1",
+        "--img_width 448",
+        "--img_height 448",
+        "--devices 0",
+    ]),
+}
+
+
+def scripted_vision_model(
+    root: Path,
+    name: str,
+    *,
+    family: str = "internvl",
+    tokenizer_port: int | None = None,
+    tokens_per_second: float = 200,
+    reply_words: int = 8,
+    vision_ms: float = 20,
+    port_from_dollar1: bool = True,
+) -> dict[str, Any]:
+    """A vision-language model folder shaped like the card's (docs/vlm-runners.md): a run
+    script without shebang naming the image encoder and a stateless tokenizer URL, served by the
+    scripted emulator's `vl_internvl` / `vl_qwen` dialect, and a tokenizer script that runs our
+    server on SmolLM2 with the family's image tokens. Returns the descriptor entry."""
+    port = tokenizer_port or free_port()
+    url = "http://127.0.0.1:$1" if port_from_dollar1 else f"http://127.0.0.1:{port}"
+    dialect, lines = VISION_SCRIPTS[family]
+    emulator = ["--emu_engine scripted", f"--emu_dialect {dialect}", f"--emu_tokens_per_second {tokens_per_second}",
+                f"--emu_reply_words {reply_words}", f"--emu_vision_ms {vision_ms}"]
+    body = emulator + [line.format(name=name, url=url) for line in lines]
+    folder = root / name
+    entry = write_model_folder(
+        folder, name, "ax-emulator \\\n" + " \\\n".join(body) + "\n",
+        tokenizer_dir=vision_tokenizer(folder / "tokenizer", family), tokenizer_port=port)
+    entry["details"] = {**entry["details"], "family": f"echo-{family}-vl"}
+    return entry
+
+
 SHELL_RUNNER = r"""log() { printf '\033[1;30;32m[I][%32s][%4d]: %s\033[0m\n' "$1" "$2" "$3"; }
 @SETUP@
 log Init 136 "LLM init start"

@@ -320,3 +320,27 @@ def test_probe_reads_jpeg_bmp_gif_headers_and_refuses_broken_files(tmp_path):
         (tmp_path / name).write_bytes(data)
         with pytest.raises(ImageUnreadable):
             probe(tmp_path / name)
+
+
+@pytest.mark.parametrize("family", ["internvl", "qwen"])
+def test_the_harness_model_folder_serves_an_image_turn(runners, tmp_path, family):
+    """What daemon tests will use: the folder's tokenizer script and its run script with the
+    port as `$1`, both started the way the card's folders are started."""
+    from harness.models import scripted_vision_model
+
+    entry = scripted_vision_model(tmp_path, f"{family}-echo", family=family, reply_words=WORDS)
+    folder, port = tmp_path / entry["model_name"], entry["tokenizer_port"]
+    tokenizer = subprocess.Popen([sys.executable, entry["tokenizer_py"], "--host", "127.0.0.1", "--port", port],
+                                 cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/bos_id", 60, process=tokenizer)
+        runner = runners(["/bin/sh", entry["run_cmd"], port], cwd=folder)
+        runner.read_until(b"prompt >> ")
+        picture = tmp_path / "photo.png"
+        picture.write_bytes(png_bytes(45, 30, seed=7))
+        text = turn(runner, "what is in the photo", str(picture))
+        assert reply_of(text) == vision_reply_text("what is in the photo", [image_tag(1, picture, 45, 30)], WORDS, False)
+        assert f"size : {256 * (1536 if family == 'internvl' else 2048)}\n" in text
+    finally:
+        tokenizer.terminate()
+        tokenizer.wait(timeout=10)
