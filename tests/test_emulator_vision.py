@@ -344,3 +344,27 @@ def test_the_harness_model_folder_serves_an_image_turn(runners, tmp_path, family
     finally:
         tokenizer.terminate()
         tokenizer.wait(timeout=10)
+
+
+def test_the_card_faults_apply_to_the_vision_dialects(internvl_tokenizer, runners, tmp_path):
+    """A crash in the middle of an image turn: text already flushed stays, the process dies by
+    the signal (the fault keys of the text dialects, through --emu_faults)."""
+    picture = tmp_path / "p.png"
+    picture.write_bytes(png_bytes(8, 8))
+    args = model_folder(tmp_path, INTERNVL_SCRIPT.replace("--live_print 1\n", "--live_print 1 \\\n"
+                                                          "--emu_faults crash_after_tokens=4\n"),
+                        internvl_tokenizer.port)
+    runner = runners(args, cwd=tmp_path / "model", env={"AX_EMU_STATE_DIR": str(tmp_path)})
+    runner.read_until(b"prompt >> ")
+    runner.send("crash please\n")
+    runner.read_until(b"image >> ")
+    runner.send(f"{picture}\n")
+    assert runner.wait() != 0
+    while runner.read_chunk(1.0) and len(runner.chunks) < 10_000:
+        pass
+    after = plain(runner.output).rsplit("image >> ", 1)[1]
+    assert after.startswith("[I][                          Encode][ 539]: image encode time")
+    flushed = after.split("ms\n")[-1]  # the first 3-token chunk made it out, no more
+    expected = vision_reply_text("crash please", [image_tag(1, picture, 8, 8)], WORDS, False)
+    assert flushed and expected.startswith(flushed) and len(flushed) < len(expected)
+    assert "hit eos" not in after and "prompt >> " not in after
