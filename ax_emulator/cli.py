@@ -1,6 +1,6 @@
 """`ax-emulator`: the virtual AX-M1 card's runner programs.
 
-    ax-emulator --flag value ...   behaves as main_axcl_aarch64 (dialects A, B, b_reset)
+    ax-emulator --flag value ...   behaves as main_axcl_aarch64 (dialects A, B, b_reset, vl_internvl, vl_qwen)
     ax-emulator run <dir>          behaves as `axllm run <dir>` (dialect C)
     ax-emulator --help             every flag, fault and environment variable
 """
@@ -26,7 +26,7 @@ def help_text() -> str:
         return "".join(f"  {(prefix + key).ljust(width)}{text}\n" for key, text in rows.items())
 
     real_flags = {}
-    for dialect, label in (("a", "A only"), ("b", "B only"), ("b_reset", "B only")):
+    for dialect, label in (("a", "A"), ("b", "B"), ("b_reset", "B"), ("vl_internvl", "VL"), ("vl_qwen", "VL qwen")):
         for build in ("axcl", "ax650"):
             for flag in flag_parser.flag_table(dialect, build):
                 if not flag.name.startswith("emu_"):
@@ -34,12 +34,14 @@ def help_text() -> str:
     rows = {}
     for name, (flag, where) in real_flags.items():
         labels = sorted({label for label, _ in where})
+        if "VL" in labels:
+            labels = [label for label in labels if label != "VL qwen"]
         builds = sorted({build for _, build in where})
-        scope = "A and B" if len(labels) > 1 else labels[0]
+        scope = " and ".join(labels) if len(labels) > 1 else labels[0] + " only"
         if builds != ["ax650", "axcl"]:
             scope += f", {builds[0]} build"
         rows[name] = f"{flag.description} ({scope}{'; required' if flag.required else ''})"
-    rows["devices"] = f'{real_flags["devices"][0].description.strip()} (axcl builds only; required in B)'
+    rows["devices"] = f'{real_flags["devices"][0].description.strip()} (axcl builds only; required in B and VL)'
     rows["tokenizer_type"] = f'{real_flags["tokenizer_type"][0].description} (A; B only in ax650 builds)'
     emulator_rows = {f.name: f"{f.description} (default {f.default!r})" for f in flag_parser.EMULATOR_FLAGS}
     return (
@@ -52,6 +54,10 @@ def help_text() -> str:
         "\nEnvironment:\n" + table(ENVIRONMENT_HELP) +
         "\nInput: one prompt per line; empty lines are ignored; q quits (status 0); end of input does\n"
         "not quit; Ctrl-C (SIGINT) stops the current reply; SIGTERM ends the process.\n"
+        "Vision dialects (vl_internvl, vl_qwen; docs/vlm-runners.md): after each prompt line the\n"
+        "runner prints `image >> ` (`video >> ` with --video 1) and reads an image path; an empty line\n"
+        "is a text-only turn, a missing or corrupt image logs `image prompt(PATH) not found`. The\n"
+        "reply starts with `[image N: WxH FORMAT sha256:<12 hex>]` per image; always scripted.\n"
         "Dialect C (`run <dir>`) reads <dir>/config.json: tokenizer_path (relative to <dir>),\n"
         "system_prompt, emu_engine, emu_tokens_per_second, emu_reply_words, emu_think, emu_init_seconds;\n"
         "commands /q and /exit quit, /reset clears the KV cache.\n"

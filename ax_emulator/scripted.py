@@ -138,3 +138,11 @@ def json_reply(user_line: str) -> str | None:
     if mode == "broken":
         return compact[:-1]
     return compact
+
+
+def vision_reply_text(user_line: str, images: list[str], words: int, think: bool) -> str:
+    """The vision dialects' answer: one `[image N: WxH FORMAT sha256:…]` per image it was
+    given (`images`: those descriptions, in order), then `reply_text` of the line; so a reply
+    names the picture that reached the runner as well as the request."""
+    answer = reply_text(user_line, words, think)
+    return " ".join(images) + " " + answer if images else answer

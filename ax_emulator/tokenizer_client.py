@@ -82,3 +82,24 @@ class StatelessTokenizer(HttpTokenizer):
 
     def decode(self, token_ids: list[int]) -> str:
         return self.request("POST", "/decode", {"token_ids": token_ids})["text"]
+
+
+class VisionTokenizer(StatelessTokenizer):
+    """The vision runners' client: the stateless protocol, the image tokens, and `/encode`
+    with `img_prompt` (the server puts the image placeholders into the prompt)."""
+
+    def img_start_token(self) -> int:
+        return self.request("GET", "/img_start_token")["img_start_token"]
+
+    def img_context_token(self) -> int:
+        return self.request("GET", "/img_context_token")["img_context_token"]
+
+    def encode_turn(self, text: str, num_img: int, imgsz: int, img_token_num: int) -> list[int]:
+        """The InternVL runner sends `imgsz`, the Qwen tokenizer script reads `img_token_num`:
+        both are sent, so either script (and ours) can answer."""
+        body = {"text": text, "img_prompt": num_img > 0, "imgsz": imgsz, "num_img": num_img,
+                "img_token_num": img_token_num}
+        token_ids = self.request("POST", "/encode", body)["token_ids"]
+        if not isinstance(token_ids, list):
+            raise TokenizerUnreachable(f"POST /encode: token_ids {token_ids!r}")
+        return token_ids

@@ -33,6 +33,24 @@ def infill_tokenizer(folder: Path, style: str = "qwen") -> Path:
     return folder
 
 
+def vision_tokenizer(folder: Path, family: str = "internvl") -> Path:
+    """The SmolLM2 tokenizer with the image tokens of a VLM family added as special tokens
+    (`<img>`, `<IMG_CONTEXT>`, `</img>` for "internvl"; `<|vision_start|>`, `<|image_pad|>`,
+    `<|vision_end|>` for "qwen"), written to `folder`: our tokenizer server then answers the
+    vision runners' `/img_start_token`, `/img_context_token` and `img_prompt` encodes."""
+    from tokenizer_service.server import IMAGE_TOKENS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = json.loads((TOKENIZER_DIR / "tokenizer.json").read_text())
+    next_id = 1 + max([*tokenizer["model"]["vocab"].values(), *(t["id"] for t in tokenizer["added_tokens"])])
+    for offset, content in enumerate(IMAGE_TOKENS[family]):
+        tokenizer["added_tokens"].append({"id": next_id + offset, "content": content, "single_word": False,
+                                          "lstrip": False, "rstrip": False, "normalized": False, "special": True})
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    (folder / "tokenizer_config.json").write_text((TOKENIZER_DIR / "tokenizer_config.json").read_text())
+    return folder
+
+
 # A chat template that renders tools, calls and tool results itself: Qwen2.5's (its form is the
 # Hermes one the daemon recognises), on the SmolLM2 tokenizer for `tools_tokenizer`.
 QWEN25_TOOLS_TEMPLATE = (
@@ -214,6 +232,67 @@ def published_model(
     entry["tokenizer_py"] = stock_name
     if tokenizer_server is not None:
         entry["tokenizer_server"] = tokenizer_server
+    return entry
+
+
+VISION_SCRIPTS = {
+    # family: (dialect, the run-script lines after the emulator's own, as the card's scripts name them)
+    "internvl": ("vl_internvl", [
+        '--template_filename_axmodel "./{name}_axmodel/qwen2_p128_l%d_together.axmodel"',
+        "--axmodel_num 4",
+        '--filename_image_encoder_axmodedl "./vit_axmodel/{name}_vit.axmodel"',
+        "--use_mmap_load_embed 1",
+        '--filename_tokenizer_model "{url}"',
+        '--filename_post_axmodel "./{name}_axmodel/qwen2_post.axmodel"',
+        '--filename_tokens_embed "./{name}_axmodel/model.embed_tokens.weight.bfloat16.bin"',
+        "--tokens_embed_num 151674",
+        "--tokens_embed_size 1536",
+        "--devices 0",
+        "--live_print 1",
+    ]),
+    "qwen": ("vl_qwen", [
+        '--template_filename_axmodel "{name}-image-ax650/qwen2_5_vl_p128_l%d_together.axmodel"',
+        "--axmodel_num 4",
+        '--filename_image_encoder_axmodedl "{name}-image-ax650/{name}_vision.axmodel"',
+        '--filename_tokenizer_model "{url}"',
+        '--filename_post_axmodel "{name}-image-ax650/qwen2_5_vl_post.axmodel"',
+        '--filename_tokens_embed "{name}-image-ax650/model.embed_tokens.weight.bfloat16.bin"',
+        "--tokens_embed_num 151936",
+        "--tokens_embed_size 2048",
+        "--live_print 1",
+        "--img_width 448",
+        "--img_height 448",
+        "--devices 0",
+    ]),
+}
+
+
+def scripted_vision_model(
+    root: Path,
+    name: str,
+    *,
+    family: str = "internvl",
+    tokenizer_port: int | None = None,
+    tokens_per_second: float = 200,
+    reply_words: int = 8,
+    vision_ms: float = 20,
+    port_from_dollar1: bool = True,
+) -> dict[str, Any]:
+    """A vision-language model folder shaped like the card's (docs/vlm-runners.md): a run
+    script without shebang naming the image encoder and a stateless tokenizer URL, served by the
+    scripted emulator's `vl_internvl` / `vl_qwen` dialect, and a tokenizer script that runs our
+    server on SmolLM2 with the family's image tokens. Returns the descriptor entry."""
+    port = tokenizer_port or free_port()
+    url = "http://127.0.0.1:$1" if port_from_dollar1 else f"http://127.0.0.1:{port}"
+    dialect, lines = VISION_SCRIPTS[family]
+    emulator = ["--emu_engine scripted", f"--emu_dialect {dialect}", f"--emu_tokens_per_second {tokens_per_second}",
+                f"--emu_reply_words {reply_words}", f"--emu_vision_ms {vision_ms}"]
+    body = emulator + [line.format(name=name, url=url) for line in lines]
+    folder = root / name
+    entry = write_model_folder(
+        folder, name, "ax-emulator \\\n" + " \\\n".join(body) + "\n",
+        tokenizer_dir=vision_tokenizer(folder / "tokenizer", family), tokenizer_port=port)
+    entry["details"] = {**entry["details"], "family": f"echo-{family}-vl"}
     return entry
 
 

@@ -241,6 +241,8 @@ def test_capabilities_and_tokenize(client, tokenizer):
         "chat_template": tokenizer.chat_template,
         "stop": ["<|im_end|>", "<|im_start|>"],
         "infill": None,
+        # no image tokens either: not a vision-language tokenizer (docs/vlm-runners.md)
+        "images": None,
         "thinking_switch": False,
         # SmolLM2's template renders neither definitions nor calls: the server writes them.
         "tools": {"definitions": "system_prompt", "calls": "text"},

@@ -68,6 +68,13 @@ CAPABILITIES = {
     "controls": ["system_prompt", "thinking", "history", "raw", "tools", "turn"],
 }
 HISTORY_ROLES = ("user", "assistant", "tool")
+# The image tokens of the two VLM families the card's runners serve (docs/vlm-runners.md):
+# (start, placeholder, end); which one a tokenizer has decides where `/encode` puts the block.
+IMAGE_TOKENS = {
+    "internvl": ("<img>", "<IMG_CONTEXT>", "</img>"),
+    "qwen": ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
+}
+INTERNVL_CONTEXT_LEN = {448: 256, 224: 64}
 TURN_ROLES = ("user", "tool")
 DEFAULT_SESSION_IDLE_SECONDS = 24 * 3600.0
 # The tokenizer service passes its session lifetime here, since stock script command lines are fixed.
@@ -131,7 +138,12 @@ class ChatTokenizer:
         self.has_thinking_switch = "enable_thinking" in template
         eos = tokenizer.eos_token if isinstance(tokenizer.eos_token, str) else None
         self.stop = stop_tokens(eos, template)
-        self.infill = infill_tokens(tokenizer.get_vocab())
+        vocabulary = tokenizer.get_vocab()
+        self.infill = infill_tokens(vocabulary)
+        self.images = next((family for family, tokens in IMAGE_TOKENS.items()
+                            if all(token in vocabulary for token in tokens)), None)
+        self._vocabulary_ids = {token: vocabulary[token] for tokens in IMAGE_TOKENS.values()
+                                for token in tokens if token in vocabulary}
         self.tools_native, self.calls_native = self._tool_support()
 
     def _tool_support(self) -> tuple[bool, bool]:
@@ -163,6 +175,7 @@ class ChatTokenizer:
             "chat_template": self.chat_template or None,
             "stop": list(self.stop),
             "infill": self.infill,
+            "images": self.images,
             "thinking_switch": self.has_thinking_switch,
             # How tools reach the model: the template's own form, or ours (tool_prompt.py).
             "tools": {
@@ -178,6 +191,30 @@ class ChatTokenizer:
     @property
     def eos_id(self) -> int:
         return -1 if self._tokenizer.eos_token_id is None else self._tokenizer.eos_token_id
+
+    def image_token_id(self, which: int) -> int:
+        """The id of the image start (0) or placeholder (1) token; -1 without image tokens,
+        as the published scripts answer for a token the tokenizer lacks."""
+        if self.images is None:
+            return -1
+        return self._vocabulary_ids[IMAGE_TOKENS[self.images][which]]
+
+    def with_images(self, text: str, count: int, imgsz: int | None, token_num: int | None) -> str:
+        """The user text with the placeholders of `count` images where the family's script puts
+        them: InternVL after the question (`\n<img>` + `<IMG_CONTEXT>`×n + `</img>\n` each),
+        Qwen-VL before it (`<|vision_start|>` + `<|image_pad|>`×n + `<|vision_end|>` each)."""
+        if self.images is None:
+            raise ApiError(HTTPStatus.BAD_REQUEST, "img_prompt: this tokenizer has no image tokens")
+        start, placeholder, end = IMAGE_TOKENS[self.images]
+        if token_num is None:
+            if imgsz is None:
+                raise ApiError(HTTPStatus.BAD_REQUEST, "img_prompt needs imgsz or img_token_num")
+            token_num = INTERNVL_CONTEXT_LEN.get(imgsz) if self.images == "internvl" else (imgsz // 28) ** 2
+            if token_num is None:
+                raise ApiError(HTTPStatus.BAD_REQUEST, f"imgsz {imgsz}: InternVL encoders take 448 or 224")
+        if self.images == "internvl":
+            return text + (f"\n{start}" + placeholder * token_num + f"{end}\n") * count
+        return (start + placeholder * token_num + end) * count + text
 
     def template_form(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
@@ -432,15 +469,24 @@ class TokenizerServer:
 
     # -- stateless protocol ----------------------------------------------------------------
 
-    def encode_stateless(self, text: str) -> list[int]:
+    def encode_stateless(self, text: str, images: tuple[int, int | None, int | None] | None = None) -> list[int]:
+        """`images`: (count, imgsz, img_token_num) of an `img_prompt` request; their placeholders
+        go into the last user message."""
         thinking, history, raw, turn = self._take_controls()
         with self._controls_lock:
             system_prompt, tools = self._opening_system(None), self.controls.tools
         if raw:
-            return self.tokenizer.encode_plain(self._prompt_text(text))
+            prompt = self._prompt_text(text)
+            return self.tokenizer.encode_plain(self.tokenizer.with_images(prompt, *images) if images else prompt)
         messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
         messages += self._suffixed(history, thinking)
-        messages += self._suffixed(turn, thinking) or [self._user(self._prompt_text(text), thinking)]
+        turn = [dict(m) for m in (self._suffixed(turn, thinking) or [self._user(self._prompt_text(text), thinking)])]
+        if images:
+            last_user = max((i for i, m in enumerate(turn) if m.get("role") == "user"), default=None)
+            if last_user is None:
+                raise ApiError(HTTPStatus.BAD_REQUEST, "img_prompt: the turn has no user message")
+            turn[last_user]["content"] = self.tokenizer.with_images(str(turn[last_user].get("content") or ""), *images)
+        messages += turn
         return self.tokenizer.render(messages, generation_prompt=True, thinking=thinking, tools=tools)
 
     # -- extensions ------------------------------------------------------------------------
@@ -574,7 +620,8 @@ class RequestHandler(BaseHTTPRequestHandler):
     def _route(self, method: str, path: str, query: dict[str, str], body: dict[str, Any]) -> dict[str, Any]:
         app = self.server.app
         # /reset takes GET too: the Qwen2.5-era scripts serve `GET /reset?uid=U` (reply: success).
-        get_routes = {"/get_uid", "/bos_id", "/eos_id", "/capabilities", "/stats", "/reset"}
+        get_routes = {"/get_uid", "/bos_id", "/eos_id", "/img_start_token", "/img_context_token",
+                      "/capabilities", "/stats", "/reset"}
         post_routes = {"/reset", "/encode", "/decode", "/config", "/tokenize"}
         if app.stock:
             get_routes -= {"/capabilities", "/stats"}
@@ -591,6 +638,8 @@ class RequestHandler(BaseHTTPRequestHandler):
                 app.session(uid)
             key = path[1:]
             return {key: app.tokenizer.bos_id if key == "bos_id" else app.tokenizer.eos_id}
+        if path in ("/img_start_token", "/img_context_token"):
+            return {path[1:]: app.tokenizer.image_token_id(0 if path == "/img_start_token" else 1)}
         if path == "/capabilities":
             return {**CAPABILITIES, **app.tokenizer.facts(), "stock_defaults": asdict(app.defaults)}
         if path == "/stats":
@@ -603,7 +652,11 @@ class RequestHandler(BaseHTTPRequestHandler):
         if path == "/encode":
             text = required_field(body, "text", str)
             if uid is None:
-                return {"token_ids": app.encode_stateless(text)}
+                images = None
+                if body.get("img_prompt") is True and optional_field(body, "num_img", int):
+                    images = (body["num_img"], optional_field(body, "imgsz", int),
+                              optional_field(body, "img_token_num", int))
+                return {"token_ids": app.encode_stateless(text, images)}
             # img_prompt is accepted and ignored: this server serves text-only models.
             all_ids, diff = app.encode_turn(uid, text, optional_field(body, "last_reply", str))
             return {"token_ids": all_ids, "diff": diff}
