@@ -20,7 +20,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import httpx
 
@@ -130,6 +130,13 @@ def kill_leftovers(marker: str, grace_s: float) -> list[tuple[int, str]]:
     return leftovers
 
 
+def _before_exec(open_files_limit: int | None, preexec: Callable[[], None] | None) -> None:
+    if open_files_limit is not None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (open_files_limit, open_files_limit))
+    if preexec is not None:
+        preexec()
+
+
 def _copy_terminal(fd: int, log_path: Path) -> None:
     """Everything the daemon writes to its pseudo-terminal, appended to its log, until it closes."""
     with open(log_path, "ab", buffering=0) as log:
@@ -160,6 +167,7 @@ def running_daemon(
     terminal: bool = False,
     port: int | None = None,
     discover: bool = False,
+    preexec: Callable[[], None] | None = None,
 ) -> Iterator[Daemon]:
     """The real daemon on free loopback ports, serving `entries` (written to a descriptor in
     `root`, with its metrics folder and log); `flags` go on its command line after ours.
@@ -174,6 +182,7 @@ def running_daemon(
     - `terminal`: its stdout and stderr a pseudo-terminal (what it shows a person), not a file.
     - `discover`: serve model folders in `root` that `entries` do not name, as the daemon does by
       default; off here, since tests build folders they add to the descriptor later.
+    - `preexec`: run in the daemon's process before it starts (e.g. a resource limit).
     - `port`: the API's port (a daemon started again where a router expects it); default: a free one.
     - After SIGTERM, processes still carrying the run's marker `leftover_grace_s` later are
       killed; with `leftovers_fail` that fails (an AssertionError naming them and the log's end).
@@ -223,8 +232,7 @@ def running_daemon(
             copier = threading.Thread(target=_copy_terminal, args=(reading_side, log_path), daemon=True)
         process = subprocess.Popen(
             command, env=env, stdout=output, stderr=subprocess.STDOUT,
-            preexec_fn=None if open_files_limit is None else lambda: resource.setrlimit(
-                resource.RLIMIT_NOFILE, (open_files_limit, open_files_limit)),
+            preexec_fn=lambda: _before_exec(open_files_limit, preexec),
         )
         if copier is not None:
             os.close(output)

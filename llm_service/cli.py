@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import secrets
 import sys
@@ -298,9 +299,7 @@ def status_table(status: dict[str, Any]) -> str:
 
 
 def cmd_status(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    keys = [k.strip() for k in os.environ.get("AXM1_API_KEYS", "").split(",") if k.strip()]
-    api_key = args.api_key or (keys[0] if keys else None)
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    headers = _api_headers(args)
     url = args.url.rstrip("/") + "/api/status"
     if not args.watch:
         table, problem = _fetch_status_table(url, headers, args.timeout)
@@ -331,6 +330,42 @@ def _fetch_status_table(url: str, headers: dict[str, str], timeout: float) -> tu
     if reply.status_code != 200:
         return "", f"axm1-llm status: {url} answered {reply.status_code}: {reply.text.strip()}"
     return status_table(reply.json()), None
+
+
+def _api_headers(args: argparse.Namespace) -> dict[str, str]:
+    keys = [k.strip() for k in os.environ.get("AXM1_API_KEYS", "").split(",") if k.strip()]
+    api_key = args.api_key or (keys[0] if keys else None)
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def cmd_pull(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Ask the running daemon to fetch a published model folder; show its progress."""
+    url = args.url.rstrip("/") + "/api/pull"
+    last_status = None
+    try:
+        with httpx.stream("POST", url, json={"model": args.repo, "stream": True}, headers=_api_headers(args),
+                          timeout=httpx.Timeout(args.timeout, read=None)) as reply:
+            if reply.status_code != 200:
+                print(f"axm1-llm pull: {url} answered {reply.status_code}: {reply.read().decode().strip()}", file=sys.stderr)
+                return 1
+            for raw in reply.iter_lines():
+                if not raw.strip():
+                    continue
+                line = json.loads(raw)
+                if "error" in line:
+                    print(f"\naxm1-llm pull: {line['error']}", file=sys.stderr)
+                    return 1
+                status = line.get("status", "")
+                if line.get("total"):
+                    percent = 100 * line.get("completed", 0) / line["total"]
+                    print(f"\r{status}  {percent:5.1f}% of {line['total'] / 1e6:.1f} MB", end="", flush=True)
+                elif status != last_status:
+                    print(("\n" if last_status and last_status.startswith("pulling ") else "") + status, flush=True)
+                last_status = status
+    except httpx.HTTPError as exc:
+        print(f"axm1-llm pull: cannot reach {url}: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_worker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -378,6 +413,13 @@ def make_parser() -> argparse.ArgumentParser:
         "--interval", type=float, default=2.0, help="seconds between refreshes with --watch (default: %(default)s)"
     )
     status.set_defaults(handler=cmd_status, command_parser=status)
+
+    pull = commands.add_parser("pull", help="fetch a published model folder into the running daemon's model folder")
+    pull.add_argument("repo", help="the hub repository, e.g. AXERA-TECH/Qwen3-1.7B")
+    pull.add_argument("--url", default=DEFAULT_URL, help="daemon address (default: %(default)s)")
+    pull.add_argument("--api-key", help="Bearer key (default: the first of AXM1_API_KEYS, if set)")
+    pull.add_argument("--timeout", type=float, default=30.0, help="seconds to connect (default: %(default)s)")
+    pull.set_defaults(handler=cmd_pull, command_parser=pull)
 
     worker = commands.add_parser(
         "worker",

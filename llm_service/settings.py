@@ -158,6 +158,11 @@ class DaemonSettings(FileConfiguredSettings):
         "auto", description="which run_*.sh scripts a found folder runs: auto = axcl_x86 on x86, "
         "ax650 on an AX650 board, axcl_aarch64 on other Arm hosts"
     )
+    hub_endpoint: str | None = Field(
+        None, description="the model hub /api/pull fetches folders from (Hugging Face's API); unset = "
+        "huggingface.co, or HF_ENDPOINT"
+    )
+    hub_token: str | None = Field(None, description="a token for the model hub (gated or private repositories)")
     descriptor_poll_s: float = Field(
         2, gt=0, description="how often the descriptor file is checked for changes"
     )

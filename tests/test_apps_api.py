@@ -100,7 +100,8 @@ def test_pull_of_a_model_it_lacks_says_how_to_add_one(client):
     assert missing.value.status_code == 404
     message = missing.value.error
     assert message.startswith('pull model manifest: file does not exist: model "llama3.2:3b" is not on this daemon')
-    assert "fetching models is not supported yet" in message and "model-descriptor.json" in message
+    assert "names no repository of the model hub" in message and "AXERA-TECH/Qwen3-1.7B" in message
+    assert "model-descriptor.json" in message
 
 
 def test_both_forms_of_a_name_resolve_everywhere(client, oai, daemon):

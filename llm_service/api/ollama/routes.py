@@ -6,10 +6,14 @@ Wire format as Ollama's: NDJSON streaming by default, durations in nanoseconds, 
 from __future__ import annotations
 
 import json
+import queue
+import threading
 import time
+from pathlib import Path
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
@@ -19,6 +23,7 @@ from ...engines.base import (
 )
 from ...models import ModelEntry, requested_keep_alive
 from ...names import ollama_name
+from ...pull import PullError, delete_folder, hub_repo, pull_folder
 from ...tools import parse_tools
 from ...timestamps import now_rfc3339, rfc3339_in
 from ...structured import attempts as structured_attempts
@@ -266,7 +271,10 @@ async def pull(request: Request, body: PullBody) -> Response:
     try:
         entry = request.app.state.manager.entry(requested)
     except ModelNotFound:
-        raise EngineError(wire.PULL_MISSING.format(name=requested), status_code=404) from None
+        repo = hub_repo(requested)
+        if repo is None:
+            raise EngineError(wire.PULL_MISSING.format(name=requested), status_code=404) from None
+        return await _pull_from_hub(request, repo, body.stream)
     progress = wire.pull_progress(wire.digest(entry.spec.name), entry.size_bytes)
     if not body.stream:
         return JSONResponse(progress[-1])
@@ -277,6 +285,72 @@ async def pull(request: Request, body: PullBody) -> Response:
             yield line
 
     return StreamingResponse(stream(), media_type="application/x-ndjson")
+
+
+async def _pull_from_hub(request: Request, repo: str, stream: bool) -> Response:
+    """Fetch a published folder into the model directory; discovery then serves it."""
+    manager = request.app.state.manager
+    settings = request.app.state.settings
+    models_dir = Path(settings.descriptor).resolve().parent
+    lines: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()  # the download thread's progress
+    outcome: dict[str, Any] = {}
+
+    done = threading.Event()
+
+    def work() -> None:
+        # A thread of its own, not the request's: a client that goes away leaves the download to
+        # finish (the folder then appears), and nothing of it runs on the event loop.
+        try:
+            pull_folder(repo, models_dir, lines.put, endpoint=settings.hub_endpoint, token=settings.hub_token)
+        except PullError as exc:
+            outcome["error"] = exc
+        finally:
+            done.set()
+
+    def finish(line: dict[str, Any]) -> dict[str, Any]:
+        if line.get("status") == "success" and not settings.discover_models:
+            line["warning"] = "discover_models is off: add a descriptor entry for the folder to serve it"
+        return line
+
+    threading.Thread(target=work, name=f"pull {repo}", daemon=True).start()
+    if not stream:
+        while not done.is_set():
+            await anyio.sleep(0.2)
+        await manager.reload_descriptor()  # served now, not at the next poll
+        if "error" in outcome:
+            raise EngineError(outcome["error"].message, status_code=outcome["error"].status_code)
+        return JSONResponse(finish({"status": "success"}))
+
+    async def progress() -> AsyncIterator[bytes]:
+        while True:
+            finished = done.is_set()
+            while not lines.empty():
+                line = finish(lines.get())
+                if line.get("status") == "success":
+                    await manager.reload_descriptor()
+                yield (json.dumps(line) + "\n").encode()
+            if finished:
+                break
+            await anyio.sleep(0.2)
+        if "error" in outcome:
+            yield wire.error_line(outcome["error"].message)
+
+    return StreamingResponse(progress(), media_type="application/x-ndjson")
+
+
+@router.delete("/api/delete")
+async def delete(request: Request, body: ModelBody) -> Response:
+    """Remove a model folder the daemon found (pulled or dropped in); one the descriptor names
+    stays: its entry is the user's to remove."""
+    manager = request.app.state.manager
+    name = manager.resolve(body.model or body.name or "")
+    if name not in manager.found:
+        raise BadRequest(f'"{name}" is named in the model descriptor: remove its entry there (its files stay)')
+    folder = manager.entry(name).spec.config.model_path
+    await manager.unload(name)
+    await anyio.to_thread.run_sync(delete_folder, folder)
+    await manager.reload_descriptor()
+    return JSONResponse({})
 
 
 @router.get("/api/version")

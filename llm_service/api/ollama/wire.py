@@ -147,10 +147,10 @@ class PullBody(ModelBody):
 
 # Where a model comes from on this daemon, said where a client asks for one it lacks.
 PULL_MISSING = (
-    'pull model manifest: file does not exist: model "{name}" is not on this daemon, and fetching '
-    "models is not supported yet. Put the model's folder (e.g. one of AXERA-TECH's for the AX-M1 "
-    "card) beside model-descriptor.json and add an entry for it there; the daemon picks it up "
-    "within seconds (README: Adding a model)."
+    'pull model manifest: file does not exist: model "{name}" is not on this daemon, and it names no '
+    "repository of the model hub. Pull a published folder by its repository (e.g. "
+    '"AXERA-TECH/Qwen3-1.7B"), or put the folder beside model-descriptor.json; the daemon picks it '
+    "up within seconds (README: Adding a model)."
 )
 
 
