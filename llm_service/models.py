@@ -69,6 +69,7 @@ class ModelEntry:
     expires_at: float | None = None  # monotonic; None = stays loaded
     size_bytes: int = 0  # the model's folders on disk, read once per descriptor load
     published_queue: tuple[int, int] = (0, 0)  # (waiting, running) as last published
+    waiting_for: str | None = None  # what a load of this model waits for (a shared tokenizer port)
 
     def would_wait(self) -> bool:
         """A request arriving now would wait in the queue."""
@@ -287,7 +288,7 @@ class ModelManager:
         """Load a model (Ollama's empty prompt). Returns the load seconds."""
         entry = self.entry(name)
         seconds = self._keep_alive_for(entry, keep_alive)
-        await self._make_room(entry)
+        await self._make_room(entry, deadline)
         entry.expires_at = None  # an expired keep_alive must not stop it while it loads
         try:
             return await entry.engine.wait_ready(deadline)
@@ -316,10 +317,37 @@ class ModelManager:
                             lambda s: (s.gpu_memory_mb or 0) if s.gpu_device == device else 0))
         return budgets
 
-    async def _make_room(self, entry: ModelEntry) -> None:
-        """Stop least recently used idle models until this one fits in each device's memory."""
+    async def _take_port(self, entry: ModelEntry, deadline: float | None) -> None:
+        """Published run scripts hard-code one tokenizer port (12345): models that share it are
+        served one at a time, swapped like card memory. Once the model holding the port is idle,
+        it is unloaded and the tokenizer servers on that port are stopped; until then this
+        request waits (its deadline applies) and the status says for whom."""
+        port = tokenizer_port_of(entry.spec)
+        if port is None or entry.engine.is_loaded:
+            return
+        sharing = [e for e in self._entries.values() if e is not entry and tokenizer_port_of(e.spec) == port]
+        if not sharing:
+            return
+        try:
+            while busy := [e for e in sharing if e.engine.is_loaded and not (e.admission.idle and not e.engine.is_busy)]:
+                entry.waiting_for = f"port {port[1]} is held by {busy[0].spec.name}"
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise RequestTimedOut(f'"{entry.spec.name}" waited for its tokenizer port: {entry.waiting_for}')
+                await anyio.sleep(0.1)
+        finally:
+            entry.waiting_for = None
+        for other in sharing:
+            if other.engine.is_loaded:
+                log.info("unloading %s: %s needs the tokenizer port %d", other.spec.name, entry.spec.name, port[1])
+                await other.engine.stop(f"tokenizer port {port[1]} needed by {entry.spec.name}")
+            await self.tokenizers.stop_server(other.spec.name, port[0])
+
+    async def _make_room(self, entry: ModelEntry, deadline: float | None = None) -> None:
+        """Stop least recently used idle models until this one fits in each device's memory, and
+        take the tokenizer port it shares with others."""
         if entry.engine.is_loaded:
             return
+        await self._take_port(entry, deadline)
         budgets = self._budgets(entry)
         if not budgets:
             return
@@ -403,7 +431,7 @@ class ModelManager:
                 entry.publish_queue()
                 relayed_tokens = 0
                 try:
-                    await self._make_room(entry)
+                    await self._make_room(entry, deadline)
                     if request.status_events:
                         load_seconds = 0.0
                         async for note in self._wait_ready_with_notes(entry, deadline):
@@ -555,7 +583,7 @@ class ModelManager:
                     metrics.request_dequeued(waited)
                     metrics.request_started()
                     try:
-                        await self._make_room(entry)
+                        await self._make_room(entry, deadline)
                         load_duration = await entry.engine.wait_ready(deadline)
                         embeddings = await entry.engine.embed(inputs, options)
                         reason, tokens = "stop", embeddings.prompt_tokens
@@ -586,6 +614,8 @@ class ModelManager:
         entry = self.entry(name)
         status = entry.engine.status()
         status["queue"] = entry.admission.snapshot()
+        if entry.waiting_for:
+            status["waiting_for"] = entry.waiting_for
         status["run_on_startup"] = entry.spec.run_on_startup
         status["aliases"] = list(entry.spec.aliases)
         status["npu_memory_mb"] = entry.spec.npu_memory_mb
@@ -647,6 +677,15 @@ class ModelManager:
             elif entry.spec.run_on_startup and state not in SERVING_STATES:
                 problems.append(f"{name}: {state}")
         return not problems, problems, self.metrics.problems()
+
+
+def tokenizer_port_of(spec: ModelSpec) -> tuple[str, int] | None:
+    """The (host, port) of the tokenizer server a card model's folder starts, if it starts one."""
+    config = spec.config
+    port = getattr(config, "tokenizer_port", None)
+    if port is None or not getattr(config, "tokenizer_py", None):
+        return None
+    return getattr(config, "tokenizer_ip", "127.0.0.1"), port
 
 
 def model_verdict(state: str, waiting: int, max_queue: int) -> tuple[bool, bool, str]:
