@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from emulator_support import Runner
+
 from harness.paths import BIN
 
 # Runners started by tests find `ax-emulator` next to this interpreter, as the daemon arranges.
@@ -59,6 +61,21 @@ def lora_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert made.returncode == 0, made.stderr[-3000:]
     return out
+
+
+@pytest.fixture
+def runners():
+    """Start emulator runners (`Runner(...)`) for a test; all closed after it."""
+    started: list[Runner] = []
+
+    def start(*args, **kwargs) -> Runner:
+        runner = Runner(*args, **kwargs)
+        started.append(runner)
+        return runner
+
+    yield start
+    for runner in started:
+        runner.close()
 
 
 @pytest.fixture

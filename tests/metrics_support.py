@@ -179,3 +179,16 @@ def running_prometheus(config: dict[str, Any], folder: Path) -> Iterator[Prometh
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=STOP_TIMEOUT)
+
+
+def metric(daemon, name: str, **labels: str) -> float:
+    """One sample of the daemon's /metrics: the series `name` with exactly these labels (0 if none)."""
+    with daemon.client() as http:
+        text = http.get("/metrics").text
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            found = ",".join(sorted(line[len(name) + 1:line.index("}")].split(",")))
+            if found == wanted:
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0

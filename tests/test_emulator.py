@@ -12,7 +12,7 @@ from ax_emulator.output import log_line, progress_bar
 from ax_emulator.scripted import reply_text
 from harness import net
 from harness.paths import REPO_ROOT
-from emulator_support import Runner, emulator, plain
+from emulator_support import emulator, plain
 
 GREEN, PURPLE, END = b"\x1b[1;30;32m", b"\x1b[1;30;35m", b"\x1b[0m"
 # The Qwen3-4B run script of the reference, verbatim but for the runner's name and the port.
@@ -40,20 +40,6 @@ LEGACY_SCRIPT = """ax-emulator \\
 --continue 1 \\
 --emu_init_seconds 0.2
 """
-
-
-@pytest.fixture
-def runners():
-    started: list[Runner] = []
-
-    def start(*args, **kwargs) -> Runner:
-        runner = Runner(*args, **kwargs)
-        started.append(runner)
-        return runner
-
-    yield start
-    for runner in started:
-        runner.close()
 
 
 def script(tmp_path, text: str, port: int):

@@ -89,20 +89,6 @@ def qwen_tokenizer(tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture
-def runners():
-    started: list[Runner] = []
-
-    def start(*args, **kwargs) -> Runner:
-        runner = Runner(*args, **kwargs)
-        started.append(runner)
-        return runner
-
-    yield start
-    for runner in started:
-        runner.close()
-
-
 def model_folder(tmp_path, template: str, port: int, **values) -> list[str]:
     """A card-shaped folder: the run script without shebang, run through /bin/sh in the folder."""
     folder = tmp_path / "model"

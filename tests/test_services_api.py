@@ -14,6 +14,7 @@ import httpx
 import pytest
 from tokenizers import Tokenizer
 
+from metrics_support import metric
 from harness.daemon import running_daemon
 from harness.models import scripted_model
 from harness.net import wait_until
@@ -438,18 +439,6 @@ def test_a_manifest_without_its_template_is_disabled_with_that_error(daemon, ser
 
 
 # ---- cancellation --------------------------------------------------------------------------
-
-
-def metric(daemon, name: str, **labels: str) -> float:
-    with daemon.client() as http:
-        text = http.get("/metrics").text
-    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            found = ",".join(sorted(line[len(name) + 1:line.index("}")].split(",")))
-            if found == wanted:
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def finished(daemon) -> dict[str, float]:

@@ -21,6 +21,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from ax_emulator.scripted import reply_text
+from metrics_support import metric
 from harness.daemon import running_daemon
 from harness.models import scripted_model
 from upstream_support import FakeUpstream
@@ -80,18 +81,6 @@ def post(daemon, path: str, body: dict[str, Any]) -> Any:
     """The raw answer (the clients drop `warnings`)."""
     with daemon.client(timeout=120) as http:
         return http.post(path, json=body)
-
-
-def metric(daemon, name: str, **labels: str) -> float:
-    with daemon.client() as http:
-        text = http.get("/metrics").text
-    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            found = ",".join(sorted(line[len(name) + 1:line.index("}")].split(",")))
-            if found == wanted:
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 # ---- Ollama: format -------------------------------------------------------------------------

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from harness import net
-from harness.net import free_port, wait_http
 from tokenizer_service.stock_script import choose_server, folder_facts, server_arguments
+import tokenizer_support
 from tokenizer_support import SMOLLM2_TOKENIZER
 
 STOCK_DIR = Path(__file__).parent / "data" / "stock_tokenizers"
@@ -35,19 +34,8 @@ THINKING_REPLIES = ["<think>\n\n</think>\n\nHi there.", "<think>\nLet me think: 
 
 @contextlib.contextmanager
 def serving(command: list[str], folder: Path) -> Iterator[str]:
-    port = free_port()
-    process = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port)], cwd=folder,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{base_url}/bos_id", START_TIMEOUT, process=process,
-                  output=lambda: process.stdout.read() if process.poll() is not None else "")
+    with tokenizer_support.serving(command, folder, "/bos_id", START_TIMEOUT) as base_url:
         yield base_url
-    finally:
-        process.kill()
-        process.wait(timeout=10)
-        if process.stdout:
-            process.stdout.close()
 
 
 @pytest.fixture(scope="module")

@@ -16,20 +16,16 @@ SERVER_START_TIMEOUT = 60.0
 
 
 @contextlib.contextmanager
-def tokenizer_server(tokenizer: Path = SMOLLM2_TOKENIZER, *extra_args: str) -> Iterator[str]:
-    """Run `python -m tokenizer_service.server` on a free port; yield its base URL."""
+def serving(command: list[str], cwd: Path, ready_path: str = "/bos_id",
+            timeout: float = SERVER_START_TIMEOUT) -> Iterator[str]:
+    """Run a tokenizer server (`command` takes --host and --port) on a free port in `cwd`; yield
+    its base URL once `ready_path` answers; kill it after."""
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tokenizer_service.server", "--host", "127.0.0.1", "--port", str(port),
-         "--tokenizer", str(tokenizer), *extra_args],
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    process = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port)], cwd=cwd,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base_url = f"http://127.0.0.1:{port}"
     try:
-        wait_http(f"{base_url}/capabilities", SERVER_START_TIMEOUT, process=process,
+        wait_http(f"{base_url}{ready_path}", timeout, process=process,
                   output=lambda: process.stdout.read() if process.poll() is not None else "")
         yield base_url
     finally:
@@ -37,6 +33,14 @@ def tokenizer_server(tokenizer: Path = SMOLLM2_TOKENIZER, *extra_args: str) -> I
         process.wait(timeout=10)
         if process.stdout:
             process.stdout.close()
+
+
+@contextlib.contextmanager
+def tokenizer_server(tokenizer: Path = SMOLLM2_TOKENIZER, *extra_args: str) -> Iterator[str]:
+    """Run `python -m tokenizer_service.server` on a free port; yield its base URL."""
+    command = [sys.executable, "-m", "tokenizer_service.server", "--tokenizer", str(tokenizer), *extra_args]
+    with serving(command, REPO_ROOT, "/capabilities") as base_url:
+        yield base_url
 
 
 # A stand-in for a stock tokenizer script (stdlib only, starts in milliseconds): answers
