@@ -12,6 +12,8 @@ from . import __version__
 from .api import models, ollama, openai, status
 from .api.errors import install_error_handlers
 from .api.hot_routes import HotRoutesMiddleware
+from .api.openai import batches
+from .jobs.runner import JobRunner
 from .metrics import MetricsHub
 from .models import ModelManager
 from .security import install_security
@@ -51,11 +53,15 @@ class JsonBodiesByDefault:
     `curl -d '{...}'` sends `application/x-www-form-urlencoded`; Ollama's own examples rely on it.
     """
 
+    # Uploads keep their own Content-Type (multipart/form-data with its boundary).
+    KEEP_CONTENT_TYPE = frozenset({"/v1/files"})
+
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope.get("method") in ("POST", "PUT", "PATCH"):
+        if (scope["type"] == "http" and scope.get("method") in ("POST", "PUT", "PATCH")
+                and scope.get("path") not in self.KEEP_CONTENT_TYPE):
             headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
             headers.append((b"content-type", b"application/json"))
             # In place: the router records the matched route in this same scope for the metrics.
@@ -69,15 +75,20 @@ def create_app(settings: Any) -> FastAPI:
         settings.tokenizer_service_port, settings.tokenizer_service_url, settings.tokenizer_service_secret
     )
     manager = ModelManager(settings, hub, tokenizers)
+    jobs = JobRunner(settings, manager, hub)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         async with anyio.create_task_group() as tg:
             await tg.start(manager.run)
+            await tg.start(jobs.run)
             try:
                 yield
             finally:
                 with anyio.CancelScope(shield=True):
+                    # The batch runner first: its running items go back to the store before
+                    # the engines stop (their errors would otherwise be recorded as answers).
+                    await jobs.shutdown()
                     await manager.shutdown()
                     hub.write_all()
                 tg.cancel_scope.cancel()
@@ -92,10 +103,12 @@ def create_app(settings: Any) -> FastAPI:
     app.state.manager = manager
     app.state.metrics = hub
     app.state.settings = settings
+    app.state.jobs = jobs
     app.include_router(ollama.router)
     app.include_router(status.router)
     app.include_router(models.router)
     app.include_router(openai.router)
+    app.include_router(batches.router)
     install_error_handlers(app)
     # Innermost of ours, so that keys, body limits and the HTTP metrics apply to it as to the rest.
     app.add_middleware(HotRoutesMiddleware, routers=[ollama.router, openai.router], exception_handlers=app.exception_handlers)

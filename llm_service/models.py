@@ -359,7 +359,7 @@ class ModelManager:
         finished_reason = "abort"
         result: GenerationResult | None = None
         try:
-            async with entry.admission.slot(request.id, deadline) as waited:
+            async with entry.admission.slot(request.id, deadline, request.priority) as waited:
                 queued = False
                 metrics.request_dequeued(waited)
                 metrics.request_started()
@@ -438,6 +438,7 @@ class ModelManager:
 
     async def embed(
         self, name: str, inputs: list[str], request_id: str, options: EmbedOptions = EmbedOptions(), keep_alive: Any = None,
+        priority: str = "interactive",
     ) -> Embeddings:
         """Vectors for `inputs`, admitted, loaded, limited and counted like a generation."""
         entry = self.entry(name)
@@ -451,7 +452,7 @@ class ModelManager:
         reason, tokens = "abort", 0
         try:
             with anyio.fail_after(max(0.0, deadline - arrived)):
-                async with entry.admission.slot(request_id, deadline) as waited:
+                async with entry.admission.slot(request_id, deadline, priority) as waited:
                     queued = False
                     metrics.request_dequeued(waited)
                     metrics.request_started()

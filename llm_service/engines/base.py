@@ -111,6 +111,9 @@ class GenerationRequest:
     # card's planner puts the instruction in front of the model, the HTTP engine passes
     # response_format on; structured/attempts.py validates and retries.
     structured: StructuredOutput | None = None
+    # Admission priority (admission.py): "interactive" (every API route) or "job" (a batch
+    # item: served only when no interactive request waits, never preempting one).
+    priority: str = "interactive"
 
     @property
     def system(self) -> str | None:

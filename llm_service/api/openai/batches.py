@@ -1,0 +1,212 @@
+"""OpenAI's Files and Batch APIs under /v1: files, batches, their objects in OpenAI's shapes.
+
+The job store and the runner are `jobs/` (the store is opened by the first request here when no
+jobs database existed yet). Errors are OpenAI's envelope: a missing file or batch 404, a bad
+request 400, a file over job_file_max_bytes 413, a full disk 507, a store that cannot be used 503
+(the interactive API serves on either way). A bad JSONL line never fails a request: it is an
+error-file line with its line number.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from ...jobs.runner import JobRunner, JobsError
+
+router = APIRouter()
+
+BATCH_PURPOSES = ("batch", "batch_output")
+# OpenAI accepts these purposes; this daemon runs only batches, but stores any of them.
+UPLOAD_PURPOSES = ("batch", "fine-tune", "assistants", "vision", "user_data", "evals")
+
+
+def _runner(request: Request) -> JobRunner:
+    return request.app.state.jobs
+
+
+def _ts(value: float | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def file_object(stored: Any) -> dict[str, Any]:
+    return {
+        "id": stored.id,
+        "object": "file",
+        "bytes": stored.bytes,
+        "created_at": int(stored.created_at),
+        "expires_at": _ts(stored.expires_at),
+        "filename": stored.filename,
+        "purpose": stored.purpose,
+        "status": "processed",
+        "status_details": None,
+    }
+
+
+def batch_object(job: Any) -> dict[str, Any]:
+    finished = _ts(job.finished_at)
+    status = job.status
+    counts = job.counts
+    return {
+        "id": job.id,
+        "object": "batch",
+        "endpoint": job.endpoint,
+        "model": job.model,
+        "errors": {"object": "list", "data": list(job.errors)} if job.errors else None,
+        "input_file_id": job.input_file_id,
+        "completion_window": job.completion_window,
+        "status": status,
+        "output_file_id": job.output_file_id,
+        "error_file_id": job.error_file_id,
+        "created_at": int(job.created_at),
+        "in_progress_at": _ts(job.in_progress_at),
+        "expires_at": _ts(job.expires_at),
+        "finalizing_at": _ts(job.finalizing_at),
+        "completed_at": finished if status == "completed" else None,
+        "failed_at": finished if status == "failed" else None,
+        "expired_at": finished if status == "expired" else None,
+        "cancelling_at": _ts(job.cancelling_at),
+        "cancelled_at": finished if status == "cancelled" else None,
+        # OpenAI's three counts; items cancelled or expired before they ran count as failed.
+        "request_counts": {
+            "total": counts.total,
+            "completed": counts.completed,
+            "failed": counts.failed + counts.cancelled + counts.expired,
+        },
+        "metadata": job.metadata or None,
+    }
+
+
+# ---- files -------------------------------------------------------------------------------------
+
+
+@router.post("/v1/files")
+async def create_file(request: Request) -> Response:
+    runner = _runner(request)
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise JobsError("upload the file as multipart/form-data with the fields `file` and `purpose`", 400,
+                        "invalid_request")
+    limit = request.app.state.settings.job_file_max_bytes
+    # python-multipart is imported here, by the first upload (the daemon's idle memory).
+    async with request.form(max_files=1, max_fields=8) as form:
+        purpose = form.get("purpose")
+        upload = form.get("file")
+        if not isinstance(purpose, str) or purpose not in UPLOAD_PURPOSES:
+            raise JobsError(f"purpose must be one of {', '.join(UPLOAD_PURPOSES)}, not {purpose!r}", 400,
+                            "invalid_request", "purpose")
+        if upload is None or isinstance(upload, str):
+            raise JobsError("the field `file` must be a file", 400, "invalid_request", "file")
+        if upload.size is not None and upload.size > limit:
+            raise JobsError(f"the file is larger than {limit} bytes (job_file_max_bytes)", 413, "file_too_large", "file")
+        data = await upload.read()
+        filename = upload.filename or "upload.jsonl"
+    stored = await runner.call("add_file", purpose, filename, data)
+    return JSONResponse(file_object(stored))
+
+
+@router.get("/v1/files")
+async def list_files(request: Request, purpose: str | None = None, limit: int = 10000, after: str | None = None,
+                     order: str = "desc") -> dict[str, Any]:
+    runner = _runner(request)
+    files = await runner.call(_all_files, runner)
+    if purpose:
+        files = [f for f in files if f.purpose == purpose]
+    files.sort(key=lambda f: (f.created_at, f.id), reverse=order != "asc")
+    if after:
+        ids = [f.id for f in files]
+        files = files[ids.index(after) + 1:] if after in ids else []
+    page = files[:max(1, min(limit, 10000))]
+    return {"object": "list", "data": [file_object(f) for f in page], "has_more": len(files) > len(page),
+            "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None}
+
+
+def _all_files(runner: JobRunner) -> list[Any]:
+    from ...jobs.store import StoredFile
+
+    store = runner._store
+    assert store is not None
+    with store._reading("listing files") as db:
+        rows = db.execute("SELECT * FROM files ORDER BY rowid").fetchall()
+    return [StoredFile(*row) for row in rows]
+
+
+@router.get("/v1/files/{file_id}")
+async def get_file(request: Request, file_id: str) -> dict[str, Any]:
+    return file_object(await _runner(request).call("get_file", file_id))
+
+
+@router.get("/v1/files/{file_id}/content")
+async def file_content(request: Request, file_id: str) -> Response:
+    runner = _runner(request)
+    stored = await runner.call("get_file", file_id)
+    data = await runner.call("file_bytes", file_id)
+    return Response(data, media_type="application/jsonl" if stored.filename.endswith(".jsonl") else "application/octet-stream")
+
+
+@router.delete("/v1/files/{file_id}")
+async def delete_file(request: Request, file_id: str) -> dict[str, Any]:
+    deleted = await _runner(request).call("delete_file", file_id)
+    if not deleted:
+        raise JobsError(f"no file {file_id!r}", 404, "not_found")
+    return {"id": file_id, "object": "file", "deleted": True}
+
+
+# ---- batches -----------------------------------------------------------------------------------
+
+
+class BatchBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    input_file_id: str = Field(min_length=1)
+    endpoint: str
+    completion_window: str = "24h"
+    metadata: dict[str, str] | None = None
+
+
+@router.post("/v1/batches")
+async def create_batch(request: Request, body: BatchBody) -> dict[str, Any]:
+    from ...jobs.batch_input import ENDPOINTS, completion_window_seconds
+
+    runner = _runner(request)
+    if body.endpoint not in ENDPOINTS:
+        raise JobsError(f"endpoint must be one of {', '.join(ENDPOINTS)}, not {body.endpoint!r}", 400,
+                        "invalid_request", "endpoint")
+    try:
+        window_s = completion_window_seconds(body.completion_window)
+    except ValueError as exc:
+        raise JobsError(str(exc), 400, "invalid_request", "completion_window") from None
+    if body.metadata is not None and len(body.metadata) > 16:
+        raise JobsError("metadata holds at most 16 pairs", 400, "invalid_request", "metadata")
+    stored = await runner.call("get_file", body.input_file_id)
+    if stored.purpose != "batch":
+        raise JobsError(f"file {stored.id} has purpose {stored.purpose!r}, not 'batch'", 400, "invalid_request",
+                        "input_file_id")
+    job = await runner.call("create_job", body.endpoint, body.input_file_id, body.completion_window, window_s,
+                            body.metadata)
+    job = await runner.validate(job.id)
+    return batch_object(job)
+
+
+@router.get("/v1/batches")
+async def list_batches(request: Request, limit: int = 20, after: str | None = None) -> dict[str, Any]:
+    runner = _runner(request)
+    limit = max(1, min(limit, 100))
+    if after is not None:
+        await runner.call("get_job", after)  # 404 for an unknown cursor
+    jobs = await runner.call("list_jobs", limit + 1, after)
+    page = jobs[:limit]
+    return {"object": "list", "data": [batch_object(j) for j in page], "has_more": len(jobs) > limit,
+            "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None}
+
+
+@router.get("/v1/batches/{batch_id}")
+async def get_batch(request: Request, batch_id: str) -> dict[str, Any]:
+    return batch_object(await _runner(request).call("get_job", batch_id))
+
+
+@router.post("/v1/batches/{batch_id}/cancel")
+async def cancel_batch(request: Request, batch_id: str) -> dict[str, Any]:
+    return batch_object(await _runner(request).cancel(batch_id))
