@@ -106,6 +106,7 @@ def anyio_backend() -> str:
 SHARED_FIXTURE_MODULES = {
     "tests/test_api_fuzz.py",  # the fuzzed daemon and its schema
     "tests/test_apps_api.py",  # the daemon with coder, stock and upstream models
+    "tests/test_batches_api.py",  # the daemon with the batch models
     "tests/test_cli.py",  # the status server
     "tests/test_daemon_api.py",  # the daemon with every dialect's model
     "tests/test_emulator.py",  # emulator_tokenizer

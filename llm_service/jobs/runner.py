@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 JOBS_FOLDER = "jobs"
+# store.DATABASE_NAME, known here without importing the store (and sqlite3) at start.
+DATABASE_NAME = "jobs.sqlite3"
 # Finished jobs and old files are purged this often (and once at start).
 _PURGE_EVERY_S = 3600.0
 # An item answered 503 (the model restarting, loading failed) is tried again this many times,
@@ -97,8 +99,6 @@ class JobRunner:
         return self._store is not None
 
     def database_exists(self) -> bool:
-        from .store import DATABASE_NAME  # noqa: PLC0415 (sqlite3 only now)
-
         return (self.directory / DATABASE_NAME).exists()
 
     async def store(self) -> SqliteJobStore:
