@@ -278,3 +278,38 @@ def test_status_and_metrics_show_the_batch_progress(oai, daemon):
     wait_batch(oai, batch.id)
     after = daemon.get("/api/status/slow")["jobs"]
     assert after["queued"] == 0 and after["running"] == 0 and after["done"] >= 4
+
+
+def test_a_batch_past_its_completion_window_expires_keeping_what_ran(oai):
+    texts = {f"exp-{i}": f"expiring slow line {i}" for i in range(12)}
+    stored = upload(oai, jsonl([chat_line(c, t, model="slow") for c, t in texts.items()]))
+    batch = oai.batches.create(input_file_id=stored.id, endpoint="/v1/chat/completions", completion_window="3s")
+    done = wait_batch(oai, batch.id, timeout=60)
+    assert done.status == "expired" and done.expired_at is not None
+    assert done.expires_at - done.created_at == 3
+    counts = done.request_counts
+    assert counts.total == 12 and counts.completed < 12 and counts.completed + counts.failed == 12
+    output = lines_of(oai, done.output_file_id)
+    errors = lines_of(oai, done.error_file_id)
+    assert sorted(line["custom_id"] for line in output + errors) == sorted(texts)
+    for line in output:
+        assert line["response"]["body"]["choices"][0]["message"]["content"] == \
+            reply_text(texts[line["custom_id"]], 40, think=False)
+    assert {line["error"]["code"] for line in errors} == {"batch_expired"}
+
+
+def test_a_completions_batch_answers_as_the_completions_route(oai):
+    lines = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"model": "echo", "prompt": f"complete me {i}", "echo": i == 1}} for i in range(3)]
+    batch = oai.batches.create(input_file_id=upload(oai, jsonl(lines)).id, endpoint="/v1/completions",
+                               completion_window="24h")
+    done = wait_batch(oai, batch.id)
+    assert done.status == "completed" and done.request_counts.completed == 3
+    output = {line["custom_id"]: line["response"]["body"] for line in lines_of(oai, done.output_file_id)}
+    for i in range(3):
+        body = output[f"c{i}"]
+        assert body["object"] == "text_completion"
+        direct = oai.completions.create(model="echo", prompt=f"complete me {i}", echo=i == 1)
+        assert body["choices"][0]["text"] == direct.choices[0].text
+        expected = reply_text(f"complete me {i}", WORDS, think=False)
+        assert body["choices"][0]["text"] == (f"complete me {i}" + expected if i == 1 else expected)
