@@ -313,3 +313,19 @@ def test_a_completions_batch_answers_as_the_completions_route(oai):
         assert body["choices"][0]["text"] == direct.choices[0].text
         expected = reply_text(f"complete me {i}", WORDS, think=False)
         assert body["choices"][0]["text"] == (f"complete me {i}" + expected if i == 1 else expected)
+
+
+def test_a_batch_body_that_is_not_one_is_a_400_in_openais_shape(daemon):
+    with daemon.client() as http:
+        for body, param in (({"endpoint": "/v1/chat/completions"}, "input_file_id"),
+                            ({"input_file_id": "file-x", "endpoint": "/v1/chat/completions", "metadata": {"a": 1}},
+                             "metadata"),
+                            ([1, 2], None)):
+            answer = http.post("/v1/batches", json=body)
+            assert answer.status_code == 400, answer.text
+            error = answer.json()["error"]
+            assert error["type"] == "invalid_request_error" and error["param"] == param
+        answer = http.post("/v1/files", content=b'{"purpose": "batch"}')
+        assert answer.status_code == 400 and "multipart" in answer.json()["error"]["message"]
+        answer = http.post("/v1/files", files={"file": ("x.jsonl", b"{}")}, data={"purpose": "nonsense"})
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == "purpose"

@@ -12,7 +12,6 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
 
 from ...jobs.runner import JobRunner, JobsError
 
@@ -157,35 +156,50 @@ async def delete_file(request: Request, file_id: str) -> dict[str, Any]:
 # ---- batches -----------------------------------------------------------------------------------
 
 
-class BatchBody(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    input_file_id: str = Field(min_length=1)
-    endpoint: str
-    completion_window: str = "24h"
-    metadata: dict[str, str] | None = None
+async def _batch_body(request: Request) -> dict[str, Any]:
+    """POST /v1/batches's body, checked by hand (a pydantic model here costs idle memory)."""
+    try:
+        body = await request.json()
+    except ValueError:
+        raise JobsError("invalid request: the body is not JSON", 400, "invalid_request") from None
+    if not isinstance(body, dict):
+        raise JobsError("invalid request: the body must be a JSON object", 400, "invalid_request")
+    for name in ("input_file_id", "endpoint"):
+        if not isinstance(body.get(name), str) or not body[name]:
+            raise JobsError(f"invalid request: {name} must be a non-empty string", 400, "invalid_request", name)
+    window = body.get("completion_window", "24h")
+    if not isinstance(window, str):
+        raise JobsError("invalid request: completion_window must be a string", 400, "invalid_request",
+                        "completion_window")
+    metadata = body.get("metadata")
+    if metadata is not None and (not isinstance(metadata, dict)
+                                 or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise JobsError("invalid request: metadata must map strings to strings", 400, "invalid_request", "metadata")
+    if metadata is not None and len(metadata) > 16:
+        raise JobsError("metadata holds at most 16 pairs", 400, "invalid_request", "metadata")
+    return {"input_file_id": body["input_file_id"], "endpoint": body["endpoint"], "completion_window": window,
+            "metadata": metadata}
 
 
 @router.post("/v1/batches")
-async def create_batch(request: Request, body: BatchBody) -> dict[str, Any]:
+async def create_batch(request: Request) -> dict[str, Any]:
     from ...jobs.batch_input import ENDPOINTS, completion_window_seconds
 
     runner = _runner(request)
-    if body.endpoint not in ENDPOINTS:
-        raise JobsError(f"endpoint must be one of {', '.join(ENDPOINTS)}, not {body.endpoint!r}", 400,
+    body = await _batch_body(request)
+    if body["endpoint"] not in ENDPOINTS:
+        raise JobsError(f"endpoint must be one of {', '.join(ENDPOINTS)}, not {body['endpoint']!r}", 400,
                         "invalid_request", "endpoint")
     try:
-        window_s = completion_window_seconds(body.completion_window)
+        window_s = completion_window_seconds(body["completion_window"])
     except ValueError as exc:
         raise JobsError(str(exc), 400, "invalid_request", "completion_window") from None
-    if body.metadata is not None and len(body.metadata) > 16:
-        raise JobsError("metadata holds at most 16 pairs", 400, "invalid_request", "metadata")
-    stored = await runner.call("get_file", body.input_file_id)
+    stored = await runner.call("get_file", body["input_file_id"])
     if stored.purpose != "batch":
         raise JobsError(f"file {stored.id} has purpose {stored.purpose!r}, not 'batch'", 400, "invalid_request",
                         "input_file_id")
-    job = await runner.call("create_job", body.endpoint, body.input_file_id, body.completion_window, window_s,
-                            body.metadata)
+    job = await runner.call("create_job", body["endpoint"], body["input_file_id"], body["completion_window"],
+                            window_s, body["metadata"])
     job = await runner.validate(job.id)
     return batch_object(job)
 
