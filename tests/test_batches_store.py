@@ -24,7 +24,8 @@ def _maps(pid: int) -> str:
 
 
 def test_the_store_opens_only_when_a_batch_is_asked_for_and_a_broken_one_is_a_503(tmp_path):
-    with running_daemon(tmp_path, [scripted_model(tmp_path, "echo", reply_words=WORDS)]) as daemon:
+    with running_daemon(tmp_path, [scripted_model(tmp_path, "echo", reply_words=WORDS)],
+                        "--job-file-max-bytes", "2000", "--max-body-bytes", "1000") as daemon:
         oai = openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0, timeout=60)
         jobs_dir = tmp_path / "data" / "jobs"
         assert daemon.get("/api/status")["jobs"] == {"store_open": False}
@@ -51,6 +52,14 @@ def test_the_store_opens_only_when_a_batch_is_asked_for_and_a_broken_one_is_a_50
         assert "_sqlite3" in _maps(daemon.process.pid)
         batch = oai.batches.create(input_file_id=stored.id, endpoint="/v1/chat/completions", completion_window="24h")
         assert batch.request_counts.total == 1
+        # Uploads have job_file_max_bytes as their limit, not max_body_bytes (1000 here) ...
+        assert oai.files.create(file=("ok.jsonl", io.BytesIO(b"x" * 1500)), purpose="batch").bytes == 1500
+        # ... and a larger file is a 413, whether the route or the body limit sees it first.
+        for size in (2500, 200_000):
+            with pytest.raises(openai.APIStatusError) as too_large:
+                oai.files.create(file=("big.jsonl", io.BytesIO(b"x" * size)), purpose="batch")
+            assert too_large.value.status_code == 413, size
+            assert "job_file_max_bytes" in too_large.value.message
     # A daemon started where a jobs database exists opens it at start (to run what is left).
     with running_daemon(tmp_path, [scripted_model(tmp_path, "echo", reply_words=WORDS)]) as daemon:
         from harness.net import wait_until
