@@ -16,14 +16,24 @@ import pytest
 from ax_emulator.scripted import reply_text
 from harness.daemon import running_daemon
 from harness.models import scripted_model
+from upstream_support import FakeUpstream
 
 WORDS = 4
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory):
+def fake(tmp_path_factory):
+    upstream = FakeUpstream(tmp_path_factory.mktemp("batches-upstream"), embeddings=True).start()
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory, fake):
     root = tmp_path_factory.mktemp("batches")
     entries = [
+        {"model_name": "fake-remote", "engine": "openai-http", "base_url": fake.base_url + "/v1",
+         "upstream_model": "fake-upstream-model", "retries": "0"},
         scripted_model(root, "echo", reply_words=WORDS),
         # Slow enough that an interactive request arrives while an item runs.
         scripted_model(root, "slow", reply_words=40, tokens_per_second=40),
@@ -329,3 +339,30 @@ def test_a_batch_body_that_is_not_one_is_a_400_in_openais_shape(daemon):
         assert answer.status_code == 400 and "multipart" in answer.json()["error"]["message"]
         answer = http.post("/v1/files", files={"file": ("x.jsonl", b"{}")}, data={"purpose": "nonsense"})
         assert answer.status_code == 400 and answer.json()["error"]["param"] == "purpose"
+
+
+def test_an_embeddings_batch_answers_as_the_embeddings_route(oai):
+    lines = [{"custom_id": "e1", "method": "POST", "url": "/v1/embeddings",
+              "body": {"model": "fake-remote", "input": ["a", "abc"]}},
+             {"custom_id": "e2", "method": "POST", "url": "/v1/embeddings",
+              "body": {"model": "fake-remote", "input": "ab", "encoding_format": "base64"}}]
+    batch = oai.batches.create(input_file_id=upload(oai, jsonl(lines)).id, endpoint="/v1/embeddings",
+                               completion_window="24h")
+    done = wait_batch(oai, batch.id)
+    assert done.status == "completed" and done.request_counts.completed == 2
+    output = {line["custom_id"]: line["response"]["body"] for line in lines_of(oai, done.output_file_id)}
+    assert [d["embedding"] for d in output["e1"]["data"]] == [[1.0, 0.5, -1.0], [3.0, 0.5, -1.0]]
+    assert output["e1"]["object"] == "list" and output["e1"]["model"] == "fake-remote"
+    direct = oai.with_raw_response.embeddings.create(model="fake-remote", input="ab", encoding_format="base64")
+    assert output["e2"]["data"] == json.loads(direct.text)["data"]
+
+
+def test_files_are_listed_newest_first_and_by_purpose(oai):
+    made = [upload(oai, jsonl([chat_line(f"l{i}", "listed")]), name=f"list-{i}.jsonl").id for i in range(3)]
+    listed = [f.id for f in oai.files.list(purpose="batch")]
+    assert listed[:3] == made[::-1]
+    assert all(f.purpose == "batch" for f in oai.files.list(purpose="batch"))
+    page = oai.files.with_raw_response.list(purpose="batch", limit=2).http_response.json()
+    assert [f["id"] for f in page["data"]] == made[::-1][:2] and page["has_more"] is True
+    after = oai.get("/files", cast_to=object, options={"params": {"purpose": "batch", "limit": 1, "after": made[2]}})
+    assert [f["id"] for f in after["data"]] == [made[1]]

@@ -182,6 +182,7 @@ class JobStore(Protocol):
                  expires_at: float | None = None) -> StoredFile: ...
     def get_file(self, file_id: str) -> StoredFile: ...
     def file_bytes(self, file_id: str) -> bytes: ...
+    def list_files(self, purpose: str | None = None) -> list[StoredFile]: ...
     def delete_file(self, file_id: str) -> bool: ...
 
     # Jobs.
@@ -424,6 +425,15 @@ class SqliteJobStore:
         if row is None:
             raise NotFound(f"no file {file_id!r}")
         return StoredFile(*row)
+
+    def list_files(self, purpose: str | None = None) -> list[StoredFile]:
+        """Every file (of `purpose`), oldest first."""
+        with self._reading("listing files") as db:
+            if purpose is None:
+                rows = db.execute("SELECT * FROM files ORDER BY rowid").fetchall()
+            else:
+                rows = db.execute("SELECT * FROM files WHERE purpose = ? ORDER BY rowid", (purpose,)).fetchall()
+        return [StoredFile(*row) for row in rows]
 
     def file_bytes(self, file_id: str) -> bytes:
         self.get_file(file_id)

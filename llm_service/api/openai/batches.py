@@ -109,27 +109,16 @@ async def create_file(request: Request) -> Response:
 @router.get("/v1/files")
 async def list_files(request: Request, purpose: str | None = None, limit: int = 10000, after: str | None = None,
                      order: str = "desc") -> dict[str, Any]:
-    runner = _runner(request)
-    files = await runner.call(_all_files, runner)
-    if purpose:
-        files = [f for f in files if f.purpose == purpose]
-    files.sort(key=lambda f: (f.created_at, f.id), reverse=order != "asc")
+    files = await _runner(request).call("list_files", purpose or None)
+    # Oldest first from the store; OpenAI lists newest first unless order=asc.
+    if order != "asc":
+        files.reverse()
     if after:
         ids = [f.id for f in files]
         files = files[ids.index(after) + 1:] if after in ids else []
     page = files[:max(1, min(limit, 10000))]
     return {"object": "list", "data": [file_object(f) for f in page], "has_more": len(files) > len(page),
             "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None}
-
-
-def _all_files(runner: JobRunner) -> list[Any]:
-    from ...jobs.store import StoredFile
-
-    store = runner._store
-    assert store is not None
-    with store._reading("listing files") as db:
-        rows = db.execute("SELECT * FROM files ORDER BY rowid").fetchall()
-    return [StoredFile(*row) for row in rows]
 
 
 @router.get("/v1/files/{file_id}")
