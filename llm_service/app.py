@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
-from .api import models, ollama, openai, status
+from .api import models, ollama, openai, serverless, status
 from .api.errors import install_error_handlers
 from .api.hot_routes import HotRoutesMiddleware
 from .api.openai import batches
@@ -109,6 +109,7 @@ def create_app(settings: Any) -> FastAPI:
     app.include_router(models.router)
     app.include_router(openai.router)
     app.include_router(batches.router)
+    app.include_router(serverless.router)
     install_error_handlers(app)
     # Innermost of ours, so that keys, body limits and the HTTP metrics apply to it as to the rest.
     app.add_middleware(HotRoutesMiddleware, routers=[ollama.router, openai.router], exception_handlers=app.exception_handlers)

@@ -116,6 +116,7 @@ SHARED_FIXTURE_MODULES = {
     "tests/test_workers.py",  # the SmolLM2 and MiniLM workers
     "tests/test_openai_api.py",  # hf_upstream, the fake upstream and their daemon
     "tests/test_security.py",  # the secured app
+    "tests/test_serverless_api.py",  # the daemon with the serverless models
     "tests/test_structured_output.py",  # the daemon with card models and the fake upstream
     "tests/test_tokenizer_server.py",  # the tokenizer servers
 }

@@ -91,6 +91,7 @@ class JobRunner:
         self._done = anyio.Event()
         self._last_purge = 0.0
         self.progress: dict[str, Any] = {}  # model -> ModelProgress, refreshed by the loop
+        self._finished_events: dict[str, anyio.Event] = {}  # job id -> set when it finishes
 
     # ---- the store ---------------------------------------------------------------------------
 
@@ -359,8 +360,26 @@ class JobRunner:
             error_id = (await self.call(store.add_file, "batch_output", f"{job.id}_error.jsonl",
                                         files.errors.encode())).id
         finished = await self.call(store.finish_job, job.id, output_id, error_id)
+        event = self._finished_events.pop(job.id, None)
+        if event is not None:
+            event.set()
         log.info("jobs: batch %s %s (%d completed, %d failed of %d)", job.id, finished.status,
                  finished.counts.completed, finished.counts.failed, finished.counts.total)
+
+    async def wait_finished(self, job_id: str, timeout_s: float) -> Job:
+        """The job once finished, or as it is after `timeout_s` (woken by its finish, no polling)."""
+        from .store import FINISHED_STATUSES
+
+        store = await self.store()
+        event = self._finished_events.setdefault(job_id, anyio.Event())
+        job = await self.call(store.get_job, job_id)
+        if job.status not in FINISHED_STATUSES:
+            with anyio.move_on_after(timeout_s):
+                await event.wait()
+            job = await self.call(store.get_job, job_id)
+        if job.status in FINISHED_STATUSES and self._finished_events.get(job_id) is event:
+            self._finished_events.pop(job_id, None)
+        return job
 
     # ---- status ----------------------------------------------------------------------------------
 

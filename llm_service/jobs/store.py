@@ -199,6 +199,7 @@ class JobStore(Protocol):
                    error_file_id: str | None) -> Job: ...
     def cancel_job(self, job_id: str) -> Job: ...
     def job_items(self, job_id: str) -> list[Item]: ...
+    def item_times(self, job_id: str) -> dict[int, tuple[float | None, float | None]]: ...
 
     # Items.
     def claim_next_item(self, model: str) -> ClaimedItem | None: ...
@@ -570,6 +571,14 @@ class SqliteJobStore:
                 "SELECT job_id, line, custom_id, state, result, error, attempts FROM items "
                 "WHERE job_id = ? ORDER BY line", (job_id,)).fetchall()
         return [Item(j, line, c, s, _loads(r), _loads(e), a) for j, line, c, s, r, e, a in rows]
+
+    def item_times(self, job_id: str) -> dict[int, tuple[float | None, float | None]]:
+        """line -> (when its last run started, when it was settled); None where it did not."""
+        with self._reading("reading items") as db:
+            self._job(db, job_id)
+            rows = db.execute("SELECT line, started_at, finished_at FROM items WHERE job_id = ?",
+                              (job_id,)).fetchall()
+        return {line: (started, finished) for line, started, finished in rows}
 
     # -- items --------------------------------------------------------------------------------
 
