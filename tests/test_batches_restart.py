@@ -1,6 +1,6 @@
 """Batches survive the daemon (issue 15): a 200-item batch, the daemon SIGKILLed several times
-while it runs and started again on the same data folder; every custom_id is answered exactly
-once in the output, with the scripted model's known answer."""
+while it runs, then stopped politely once, and started again on the same data folder each time;
+every custom_id is answered exactly once in the output, with the scripted model's known answer."""
 from __future__ import annotations
 
 import io
@@ -68,6 +68,17 @@ def test_a_batch_survives_repeated_sigkills(tmp_path):
             daemon.process.send_signal(signal.SIGKILL)
             daemon.process.wait(10)
             recovered_logs.append(daemon.log())
+    # A polite stop (SIGTERM) gives the running item back to the store: the next start finds
+    # nothing that was running.
+    with running_daemon(tmp_path, entries()) as daemon:
+        oai = client(daemon)
+        count = completed(oai, batch_id)[1]
+        deadline = time.monotonic() + 60
+        while completed(oai, batch_id)[1] < count + 20:
+            assert time.monotonic() < deadline, "the batch made no progress after a restart"
+            time.sleep(0.02)
+        assert completed(oai, batch_id)[0] == "in_progress", "stopped too late: the batch finished"
+        recovered_logs.append(daemon.log())
     # The last daemon runs the batch to its end.
     with running_daemon(tmp_path, entries()) as daemon:
         oai = client(daemon)
@@ -79,7 +90,8 @@ def test_a_batch_survives_repeated_sigkills(tmp_path):
         assert batch.request_counts.total == ITEMS and batch.request_counts.completed == ITEMS
         assert batch.error_file_id is None
         output = [json.loads(line) for line in oai.files.content(batch.output_file_id).text.splitlines()]
-        recovered_logs.append(daemon.log())
+        last_log = daemon.log()
+    assert "will run again" not in last_log, last_log[-3000:]
     # The items running at the kills were put back and run again (not lost, not recorded twice).
     assert any("will run again" in log for log in recovered_logs), recovered_logs[-1][-3000:]
     assert len(progress) == KILLS and progress == sorted(progress)
