@@ -100,9 +100,11 @@ async def create_file(request: Request) -> Response:
             raise JobsError("the field `file` must be a file", 400, "invalid_request", "file")
         if upload.size is not None and upload.size > limit:
             raise JobsError(f"the file is larger than {limit} bytes (job_file_max_bytes)", 413, "file_too_large", "file")
-        data = await upload.read()
         filename = upload.filename or "upload.jsonl"
-    stored = await runner.call("add_file", purpose, filename, data)
+        source = upload.file  # spooled to disk by the form parser: copied in chunks, never whole
+        source.seek(0)
+        chunks = iter(lambda: source.read(1024 * 1024), b"")
+        stored = await runner.call("add_file", purpose, filename, chunks)
     return JSONResponse(file_object(stored))
 
 
