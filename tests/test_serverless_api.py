@@ -106,3 +106,23 @@ def test_unknown_model_and_job_are_404s(http):
     assert answer.status_code == 404 and "nobody" in answer.json()["error"]
     assert http.get("/status/batch_nothere").status_code == 404
     assert http.post("/cancel/batch_nothere").status_code == 404
+
+
+def test_serverless_jobs_and_openai_batches_keep_apart(daemon, http):
+    import openai
+
+    oai = openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    job = http.post("/runsync", json={"input": {"prompt": "kept apart"}}).json()
+    assert job["status"] == "COMPLETED"
+    with pytest.raises(openai.NotFoundError):
+        oai.batches.retrieve(job["id"])
+    assert job["id"] not in [b.id for b in oai.batches.list()]
+    import io
+    import json as json_module
+
+    line = {"custom_id": "x", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "echo", "messages": [{"role": "user", "content": "a batch"}]}}
+    upload = oai.files.create(file=("x.jsonl", io.BytesIO(json_module.dumps(line).encode())), purpose="batch")
+    batch = oai.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert http.get(f"/status/{batch.id}").status_code == 404
+    assert http.post(f"/cancel/{batch.id}").status_code == 404

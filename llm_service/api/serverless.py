@@ -22,11 +22,12 @@ from fastapi.responses import JSONResponse
 
 from ..engines.base import BadRequest
 from ..jobs.runner import JobRunner, JobsError
+from .openai.batches import SERVERLESS_KEY
 
 router = APIRouter()
 
 ENDPOINT = "/v1/chat/completions"
-SERVERLESS = "serverless"  # the metadata key that marks a serverless job (its value: single | batch)
+SERVERLESS = SERVERLESS_KEY  # the metadata key that marks a serverless job (its value: single | batch)
 _SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
 
 

@@ -195,23 +195,48 @@ async def create_batch(request: Request) -> dict[str, Any]:
     return batch_object(job)
 
 
+# Jobs of the serverless shape (api/serverless.py) carry this metadata key; /v1/batches does not
+# show them, as /status/{id} does not show batches.
+SERVERLESS_KEY = "serverless"
+
+
+def _is_batch(job: Any) -> bool:
+    return SERVERLESS_KEY not in (job.metadata or {})
+
+
+async def _batch(runner: JobRunner, batch_id: str) -> Any:
+    job = await runner.call("get_job", batch_id)
+    if not _is_batch(job):
+        raise JobsError(f"no batch {batch_id!r}", 404, "not_found")
+    return job
+
+
 @router.get("/v1/batches")
 async def list_batches(request: Request, limit: int = 20, after: str | None = None) -> dict[str, Any]:
     runner = _runner(request)
     limit = max(1, min(limit, 100))
     if after is not None:
-        await runner.call("get_job", after)  # 404 for an unknown cursor
-    jobs = await runner.call("list_jobs", limit + 1, after)
-    page = jobs[:limit]
-    return {"object": "list", "data": [batch_object(j) for j in page], "has_more": len(jobs) > limit,
+        await _batch(runner, after)  # 404 for an unknown cursor
+    found: list[Any] = []
+    cursor = after
+    while len(found) <= limit:
+        jobs = await runner.call("list_jobs", limit + 1, cursor)
+        found += [job for job in jobs if _is_batch(job)]
+        if len(jobs) <= limit:
+            break
+        cursor = jobs[-1].id
+    page = found[:limit]
+    return {"object": "list", "data": [batch_object(j) for j in page], "has_more": len(found) > limit,
             "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None}
 
 
 @router.get("/v1/batches/{batch_id}")
 async def get_batch(request: Request, batch_id: str) -> dict[str, Any]:
-    return batch_object(await _runner(request).call("get_job", batch_id))
+    return batch_object(await _batch(_runner(request), batch_id))
 
 
 @router.post("/v1/batches/{batch_id}/cancel")
 async def cancel_batch(request: Request, batch_id: str) -> dict[str, Any]:
-    return batch_object(await _runner(request).cancel(batch_id))
+    runner = _runner(request)
+    await _batch(runner, batch_id)
+    return batch_object(await runner.cancel(batch_id))
