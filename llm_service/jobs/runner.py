@@ -92,6 +92,7 @@ class JobRunner:
         self._last_purge = 0.0
         self.progress: dict[str, Any] = {}  # model -> ModelProgress, refreshed by the loop
         self._finished_events: dict[str, anyio.Event] = {}  # job id -> set when it finishes
+        self._expiry: dict[str, float] = {}  # job id -> its expires_at (wall clock)
 
     # ---- the store ---------------------------------------------------------------------------
 
@@ -273,13 +274,15 @@ class JobRunner:
 
         scope = anyio.CancelScope()
         self._current[item.job_id] = (item, scope)
+        deadline = await self._item_deadline(item)
         answer: tuple[int, str, dict[str, Any]] | None = None
         failure: tuple[str, str] | None = None
         try:
             with scope:
                 for attempt in range(_UNAVAILABLE_RETRIES + 1):
                     try:
-                        answer = await answer_body(self.manager, self.settings, item.endpoint, item.body, priority="job")
+                        answer = await answer_body(self.manager, self.settings, item.endpoint, item.body,
+                                                   priority="job", deadline=deadline)
                     except Exception as exc:  # a bug must cost this item, not the runner
                         log.exception("jobs: item %d of %s failed", item.line, item.job_id)
                         failure = ("internal_error", f"internal error: {exc!r}")
@@ -291,6 +294,18 @@ class JobRunner:
             self._current.pop(item.job_id, None)
             with anyio.CancelScope(shield=True):
                 await self._settle_item(store, item, answer, failure)
+
+    async def _item_deadline(self, item: ClaimedItem) -> float:
+        """A job item waits behind interactive requests for as long as they come: its deadline
+        is its job's completion window (which interrupts it), never shorter than
+        request_deadline_s. A hung generation is still caught by hang_timeout_s."""
+        expires_at = self._expiry.get(item.job_id)
+        if expires_at is None:
+            job = await self.call((await self.store()).get_job, item.job_id)
+            expires_at = self._expiry[item.job_id] = job.expires_at
+            if len(self._expiry) > 1000:
+                self._expiry.clear()
+        return time.monotonic() + max(self.settings.request_deadline_s, expires_at - time.time())
 
     async def _settle_item(self, store: SqliteJobStore, item: ClaimedItem,
                            answer: tuple[int, str, dict[str, Any]] | None, failure: tuple[str, str] | None) -> None:

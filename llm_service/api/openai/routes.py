@@ -198,11 +198,12 @@ _BODIES = {
 
 
 async def answer_body(manager: Any, settings: Any, endpoint: str, raw: dict[str, Any],
-                      priority: str = "interactive") -> tuple[int, str, dict[str, Any]]:
+                      priority: str = "interactive", deadline: float | None = None) -> tuple[int, str, dict[str, Any]]:
     """(status code, request id, body) that `endpoint` answers for the JSON body `raw`, not
     streamed: the batch runner's items go through the same builders and the same manager calls
     as the routes above, so an item's answer is the one the route would give. Errors are in
-    OpenAI's envelope with their status, as the exception handlers write them."""
+    OpenAI's envelope with their status, as the exception handlers write them. `deadline`
+    (monotonic) replaces the route's (arrival + request_deadline_s) for a generation."""
     request_id = new_request_id()
     try:
         try:
@@ -219,11 +220,13 @@ async def answer_body(manager: Any, settings: Any, endpoint: str, raw: dict[str,
         if endpoint == "/v1/chat/completions":
             gen_request, chat_shapes = chat_request(settings, body)
             gen_request.priority = priority
+            gen_request.deadline = deadline or gen_request.deadline
             completion = await complete_whole(manager, body.model, gen_request)
             answer = chat_shapes.whole(completion.result, completion.content, completion.thinking, completion.tool_calls)
         else:
             gen_request, shapes, echoed = completion_request(settings, body)
             gen_request.priority = priority
+            gen_request.deadline = deadline or gen_request.deadline
             completion = await complete_whole(manager, body.model, gen_request)
             answer = shapes.whole(completion.result, echoed + completion.content)
         return 200, gen_request.id, answer
