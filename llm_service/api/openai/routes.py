@@ -214,7 +214,7 @@ async def answer_body(manager: Any, settings: Any, endpoint: str, raw: dict[str,
         if endpoint == "/v1/embeddings":
             inputs = [body.input] if isinstance(body.input, str) else body.input
             result = await manager.embed(body.model, inputs, request_id, EmbedOptions(dimensions=body.dimensions),
-                                         priority=priority)
+                                         priority=priority, deadline=deadline)
             return 200, request_id, wire.embedding_list(body.model, result.vectors, result.prompt_tokens,
                                                         body.encoding_format, result.warnings)
         if endpoint == "/v1/chat/completions":
