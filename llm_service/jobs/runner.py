@@ -184,7 +184,10 @@ class JobRunner:
         for job_id in expired:
             self._interrupt(job_id)
         for job in await self.call(store.jobs_to_finish):
-            await self._finish(job)
+            try:
+                await self._finish(job)
+            except JobsError as exc:  # this job again at the next round; the others go on
+                log.error("jobs: finishing batch %s failed: %s", job.id, exc.message)
         now = time.monotonic()
         if now - self._last_purge > _PURGE_EVERY_S:
             self._last_purge = now
@@ -274,11 +277,11 @@ class JobRunner:
 
         scope = anyio.CancelScope()
         self._current[item.job_id] = (item, scope)
-        deadline = await self._item_deadline(item)
         answer: tuple[int, str, dict[str, Any]] | None = None
         failure: tuple[str, str] | None = None
         try:
             with scope:
+                deadline = await self._item_deadline(item)
                 for attempt in range(_UNAVAILABLE_RETRIES + 1):
                     try:
                         answer = await answer_body(self.manager, self.settings, item.endpoint, item.body,
