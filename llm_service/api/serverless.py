@@ -9,7 +9,8 @@ job's id; `/runsync` waits for the answer (up to `request_deadline_s`; still run
 answers the id and status to poll). Statuses: IN_QUEUE, IN_PROGRESS, COMPLETED, FAILED,
 CANCELLED, TIMED_OUT (its completion window ended).
 
-The output of one prompt: `text`, `processing_time` (seconds the model took), `model_version`,
+The output of one prompt: `text`, `processing_time` (seconds from the runner taking the item to
+its answer: a wait for the model's slot behind interactive requests included), `model_version`,
 `token_count: {prompt, completion}`; of a batch: `results[]` (each with its `id`, and `error`
 for one that failed), `batch_size`, `total_token_count`. Errors are `{"error": "…"}`.
 """
