@@ -370,13 +370,22 @@ class JobRunner:
         store = await self.store()
         items = await self.call(store.job_items, job.id)
         files = await anyio.to_thread.run_sync(render_output_files, job.id, items)
-        output_id = error_id = None
-        if files.output:
-            output_id = (await self.call(store.add_file, "batch_output", f"{job.id}_output.jsonl",
-                                         files.output.encode())).id
-        if files.errors:
-            error_id = (await self.call(store.add_file, "batch_output", f"{job.id}_error.jsonl",
-                                        files.errors.encode())).id
+        # A daemon stopped between writing the files and finishing the job left them: the same
+        # items render the same bytes, so they are taken as they are, not written twice.
+        written = {f.filename: f for f in await self.call(store.list_files, "batch_output")
+                   if f.filename.startswith(job.id + "_")}
+
+        async def file_id(name: str, text: str) -> str | None:
+            if not text:
+                return None
+            data = text.encode()
+            found = written.get(name)
+            if found is not None and found.bytes == len(data):
+                return found.id
+            return (await self.call(store.add_file, "batch_output", name, data)).id
+
+        output_id = await file_id(f"{job.id}_output.jsonl", files.output)
+        error_id = await file_id(f"{job.id}_error.jsonl", files.errors)
         finished = await self.call(store.finish_job, job.id, output_id, error_id)
         event = self._finished_events.pop(job.id, None)
         if event is not None:
