@@ -11,9 +11,11 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
-from .api import models, ollama, openai, services, status
+from .api import models, ollama, openai, serverless, services, status
 from .api.errors import install_error_handlers
 from .api.hot_routes import HotRoutesMiddleware
+from .api.openai import batches
+from .jobs.runner import JobRunner
 from .metrics import MetricsHub
 from .models import ModelManager
 from .security import install_security
@@ -55,11 +57,15 @@ class JsonBodiesByDefault:
     `curl -d '{...}'` sends `application/x-www-form-urlencoded`; Ollama's own examples rely on it.
     """
 
+    # Uploads keep their own Content-Type (multipart/form-data with its boundary).
+    KEEP_CONTENT_TYPE = frozenset({"/v1/files"})
+
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope.get("method") in ("POST", "PUT", "PATCH"):
+        if (scope["type"] == "http" and scope.get("method") in ("POST", "PUT", "PATCH")
+                and scope.get("path") not in self.KEEP_CONTENT_TYPE):
             headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
             headers.append((b"content-type", b"application/json"))
             # In place: the router records the matched route in this same scope for the metrics.
@@ -81,6 +87,7 @@ def create_app(settings: Any) -> FastAPI:
         while True:
             await anyio.sleep(settings.metrics_heartbeat_s)
             hub.write_all_soon()
+    jobs = JobRunner(settings, manager, hub)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -90,10 +97,14 @@ def create_app(settings: Any) -> FastAPI:
                 tg.start_soon(follow_loads, manager.events, lines)
             await tg.start(service_folder.run)
             tg.start_soon(metrics_heartbeat)
+            await tg.start(jobs.run)
             try:
                 yield
             finally:
                 with anyio.CancelScope(shield=True):
+                    # The batch runner first: its running items go back to the store before
+                    # the engines stop (their errors would otherwise be recorded as answers).
+                    await jobs.shutdown()
                     await manager.shutdown()
                     hub.write_all()
                 tg.cancel_scope.cancel()
@@ -109,6 +120,7 @@ def create_app(settings: Any) -> FastAPI:
     app.state.metrics = hub
     app.state.settings = settings
     app.state.services = service_folder
+    app.state.jobs = jobs
     app.include_router(ollama.router)
     app.include_router(status.router)
     app.include_router(models.router)
@@ -116,6 +128,8 @@ def create_app(settings: Any) -> FastAPI:
     # The page (/ui): static files in the package, no build step, no CDN.
     app.mount("/ui", StaticFiles(directory=Path(__file__).parent / "ui", html=True), name="ui")
     app.include_router(services.router)
+    app.include_router(batches.router)
+    app.include_router(serverless.router)
     install_error_handlers(app)
     # Innermost of ours, so that keys, body limits and the HTTP metrics apply to it as to the rest.
     app.add_middleware(HotRoutesMiddleware, routers=[ollama.router, openai.router], exception_handlers=app.exception_handlers)

@@ -35,6 +35,7 @@ FINISHED_REASONS: tuple[FinishReason, ...] = ("stop", "length", "abort", "error"
 # faults. Their series exist from 0 so that increase() counts a model's first crash too (a series
 # that appears at 1 has no rise for Prometheus) and alert rules see every reason.
 RESTART_REASONS = ("fresh_context", "crash", "crash_at_load", "hang", "load_timeout", "tokenizer", "internal_error")
+JOB_ITEM_STATES = ("completed", "failed", "cancelled", "expired")
 
 # vLLM's bucket sets (vllm/v1/metrics/loggers.py), so dashboards built for vLLM read ours alike.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -153,6 +154,33 @@ class ModelMetrics:
         self._structured_failures = counter(
             "axm1_llm_structured_output_failures_total",
             "Structured-output requests answered with an error: no attempt was valid.").labels(name)
+
+        # Batch jobs (jobs/runner.py): items settled since start by state, and the model's backlog.
+        items = counter("axm1_llm_job_items_total",
+                        "Batch items settled by state: completed, failed, cancelled, expired.", ("state",))
+        self._job_items = {state: items.labels(name, state) for state in JOB_ITEM_STATES}
+        self._job_pending = gauge("axm1_llm_job_items_pending",
+                                  "Batch items waiting to run on the model.").labels(name)
+        self._job_running = gauge("axm1_llm_job_items_running",
+                                  "Batch items the model is running now.").labels(name)
+        self._job_oldest = gauge("axm1_llm_job_oldest_pending_age_seconds",
+                                 "Age of the oldest batch with items waiting for the model; 0 when none waits.").labels(name)
+        self._job_done = 0
+
+    def job_item_finished(self, state: str) -> None:
+        if state not in self._job_items:
+            raise ValueError(f"unknown job item state {state!r}, expected one of {JOB_ITEM_STATES}")
+        self._job_items[state].inc()
+        self._job_done += 1
+        self.write_soon()
+
+    def job_items_done(self) -> int:
+        return self._job_done
+
+    def job_progress(self, pending: int, running: int, oldest_age_s: float) -> None:
+        self._job_pending.set(pending)
+        self._job_running.set(running)
+        self._job_oldest.set(oldest_age_s)
 
     def request_queued(self) -> None:
         self._waiting.inc()

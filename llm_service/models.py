@@ -423,7 +423,7 @@ class ModelManager:
         finished_reason = "abort"
         result: GenerationResult | None = None
         try:
-            async with entry.admission.slot(request.id, deadline) as waited:
+            async with entry.admission.slot(request.id, deadline, request.priority) as waited:
                 queued = False
                 metrics.request_dequeued(waited)
                 metrics.request_started()
@@ -565,20 +565,22 @@ class ModelManager:
 
     async def embed(
         self, name: str, inputs: list[str], request_id: str, options: EmbedOptions = EmbedOptions(), keep_alive: Any = None,
+        priority: str = "interactive", deadline: float | None = None,
     ) -> Embeddings:
-        """Vectors for `inputs`, admitted, loaded, limited and counted like a generation."""
+        """Vectors for `inputs`, admitted, loaded, limited and counted like a generation;
+        `deadline` (monotonic) replaces arrival + request_deadline_s (a batch item's)."""
         entry = self.entry(name)
         self._check_input(inputs)
         keep_alive_s = self._keep_alive_for(entry, keep_alive)
         arrived = time.monotonic()
-        deadline = arrived + self.settings.request_deadline_s
+        deadline = deadline or arrived + self.settings.request_deadline_s
         metrics = entry.metrics
         metrics.request_queued()
         queued = True
         reason, tokens = "abort", 0
         try:
             with anyio.fail_after(max(0.0, deadline - arrived)):
-                async with entry.admission.slot(request_id, deadline) as waited:
+                async with entry.admission.slot(request_id, deadline, priority) as waited:
                     queued = False
                     metrics.request_dequeued(waited)
                     metrics.request_started()

@@ -59,10 +59,13 @@ async def send_error(
 class SecurityMiddleware:
     """Bearer API keys on every route but `OPEN_PATHS`, and a limit on request body size."""
 
-    def __init__(self, app: ASGIApp, *, api_keys: Iterable[str], max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, api_keys: Iterable[str], max_body_bytes: int,
+                 body_limits: dict[str, int] | None = None) -> None:
         self.app = app
         self.key_digests = [_digest(key) for key in api_keys]
         self.max_body_bytes = max_body_bytes
+        # Paths with a limit of their own (uploads: POST /v1/files takes job_file_max_bytes).
+        self.body_limits = dict(body_limits or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -76,19 +79,19 @@ class SecurityMiddleware:
                 "invalid_api_key", [(b"www-authenticate", b"Bearer")],
             )
             return
-        too_large = (
-            f"request body too large: the limit is {self.max_body_bytes} bytes (max_body_bytes)"
-        )
+        limit = self.body_limits.get(path, self.max_body_bytes)
+        setting = "job_file_max_bytes" if path in self.body_limits else "max_body_bytes"
+        too_large = f"request body too large: the limit is {limit} bytes ({setting})"
         declared = headers.get(b"content-length", b"")
         if declared.isdigit():
-            if int(declared) > self.max_body_bytes:
+            if int(declared) > limit:
                 await send_error(send, path, 413, too_large, "request_too_large")
                 return
             # The server frames the body by its Content-Length: it cannot grow past it, so the
             # request needs no counting on the way in (nor a wrapper around every chunk sent).
             await self.app(scope, receive, send)
             return
-        await self._call_with_body_limit(scope, receive, send, path, too_large)
+        await self._call_with_body_limit(scope, receive, send, path, too_large, limit)
 
     def _authorized(self, headers: dict[bytes, bytes]) -> bool:
         scheme, _, key = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
@@ -100,7 +103,7 @@ class SecurityMiddleware:
         return any(matches)
 
     async def _call_with_body_limit(
-        self, scope: Scope, receive: Receive, send: Send, path: str, too_large: str
+        self, scope: Scope, receive: Receive, send: Send, path: str, too_large: str, limit: int
     ) -> None:
         """Run the app, failing with 413 once a body of undeclared length (chunked) grows past the limit."""
         received = 0
@@ -111,7 +114,7 @@ class SecurityMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
+                if received > limit:
                     raise _BodyTooLarge
             return message
 
@@ -131,6 +134,9 @@ class SecurityMiddleware:
 
 def install_security(app: Any, settings: DaemonSettings) -> None:
     """Add the middleware to a Starlette/FastAPI app (before it starts)."""
+    # A multipart upload carries its file and a few hundred bytes of framing and fields.
+    upload_limit = getattr(settings, "job_file_max_bytes", settings.max_body_bytes) + 64 * 1024
     app.add_middleware(
-        SecurityMiddleware, api_keys=settings.api_keys, max_body_bytes=settings.max_body_bytes
+        SecurityMiddleware, api_keys=settings.api_keys, max_body_bytes=settings.max_body_bytes,
+        body_limits={"/v1/files": max(upload_limit, settings.max_body_bytes)},
     )

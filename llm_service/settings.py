@@ -217,6 +217,22 @@ class DaemonSettings(FileConfiguredSettings):
     max_header_bytes: int = Field(
         32768, ge=1024, description="largest request line plus headers accepted, in bytes (431 beyond)"
     )
+    job_file_max_bytes: int = Field(
+        200 * 1024 * 1024, ge=1, description="largest file accepted by POST /v1/files (a batch's "
+        "JSONL input), in bytes (413 beyond); such uploads have this limit instead of max_body_bytes"
+    )
+    job_retention_s: float = Field(
+        7 * 86400, gt=0, description="finished batches and files older than this are deleted "
+        "from the job store in data_dir/jobs (files a batch still reads are kept)"
+    )
+    job_poll_s: float = Field(
+        1.0, gt=0, description="how often the batch runner checks completion windows and "
+        "cancelled items; new batches wake it at once"
+    )
+    job_max_attempts: int = Field(
+        3, ge=1, description="a batch item that was running when the daemon died this many "
+        "times fails instead of running again (it may be what kills the daemon)"
+    )
     shutdown_timeout_s: float = Field(
         20, gt=0, description="on SIGTERM, answers still streaming after this long are cut off"
     )

@@ -123,6 +123,7 @@ def anyio_backend() -> str:
 SHARED_FIXTURE_MODULES = {
     "tests/test_api_fuzz.py",  # the fuzzed daemon and its schema
     "tests/test_apps_api.py",  # the daemon with coder, stock and upstream models
+    "tests/test_batches_api.py",  # the daemon with the batch models
     "tests/test_cli.py",  # the status server
     "tests/test_daemon_api.py",  # the daemon with every dialect's model
     "tests/test_emulator.py",  # emulator_tokenizer
@@ -135,6 +136,7 @@ SHARED_FIXTURE_MODULES = {
     "tests/test_openai_api.py",  # hf_upstream, the fake upstream and their daemon
     "tests/test_security.py",  # the secured app
     "tests/test_services_api.py",  # the daemon with its services folder and echo models
+    "tests/test_serverless_api.py",  # the daemon with the serverless models
     "tests/test_structured_output.py",  # the daemon with card models and the fake upstream
     "tests/test_tokenizer_server.py",  # the tokenizer servers
     "tests/test_ui.py",  # the daemon and the browser

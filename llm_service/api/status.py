@@ -13,14 +13,25 @@ from ..events import EVENT_TYPES, parse_last_event_id, sse_comment, sse_frame, s
 router = APIRouter()
 
 
+_NO_JOBS = {"queued": 0, "running": 0, "done": 0}
+
+
 @router.get("/api/status")
 async def status_all(request: Request) -> dict[str, Any]:
-    return request.app.state.manager.status()
+    """The models' states; with each, its batch items (queued, running, done since start)."""
+    body = request.app.state.manager.status()
+    jobs = request.app.state.jobs.status()
+    for model in body["models"]:
+        model["jobs"] = {**_NO_JOBS, **jobs["models"].get(model["name"], {})}
+    body["jobs"] = {"store_open": jobs["store_open"]}
+    return body
 
 
 @router.get("/api/status/{model:path}")
 async def status_one(request: Request, model: str) -> dict[str, Any]:
-    return request.app.state.manager.model_status(model)
+    body = request.app.state.manager.model_status(model)
+    body["jobs"] = {**_NO_JOBS, **request.app.state.jobs.status()["models"].get(body.get("name", model), {})}
+    return body
 
 
 @router.get("/api/status_history/{model:path}")

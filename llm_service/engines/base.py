@@ -114,6 +114,9 @@ class GenerationRequest:
     structured: StructuredOutput | None = None
     # The client asked for StatusNotes in its stream (queued, loading, loaded, generating, done).
     status_events: bool = False
+    # Admission priority (admission.py): "interactive" (every API route) or "job" (a batch
+    # item: served only when no interactive request waits, never preempting one).
+    priority: str = "interactive"
 
     @property
     def system(self) -> str | None:

@@ -182,6 +182,7 @@ class JobStore(Protocol):
                  expires_at: float | None = None) -> StoredFile: ...
     def get_file(self, file_id: str) -> StoredFile: ...
     def file_bytes(self, file_id: str) -> bytes: ...
+    def list_files(self, purpose: str | None = None) -> list[StoredFile]: ...
     def delete_file(self, file_id: str) -> bool: ...
 
     # Jobs.
@@ -198,6 +199,7 @@ class JobStore(Protocol):
                    error_file_id: str | None) -> Job: ...
     def cancel_job(self, job_id: str) -> Job: ...
     def job_items(self, job_id: str) -> list[Item]: ...
+    def item_times(self, job_id: str) -> dict[int, tuple[float | None, float | None]]: ...
 
     # Items.
     def claim_next_item(self, model: str) -> ClaimedItem | None: ...
@@ -425,6 +427,15 @@ class SqliteJobStore:
             raise NotFound(f"no file {file_id!r}")
         return StoredFile(*row)
 
+    def list_files(self, purpose: str | None = None) -> list[StoredFile]:
+        """Every file (of `purpose`), oldest first."""
+        with self._reading("listing files") as db:
+            if purpose is None:
+                rows = db.execute("SELECT * FROM files ORDER BY rowid").fetchall()
+            else:
+                rows = db.execute("SELECT * FROM files WHERE purpose = ? ORDER BY rowid", (purpose,)).fetchall()
+        return [StoredFile(*row) for row in rows]
+
     def file_bytes(self, file_id: str) -> bytes:
         self.get_file(file_id)
         with self._translated("reading a file"):
@@ -560,6 +571,14 @@ class SqliteJobStore:
                 "SELECT job_id, line, custom_id, state, result, error, attempts FROM items "
                 "WHERE job_id = ? ORDER BY line", (job_id,)).fetchall()
         return [Item(j, line, c, s, _loads(r), _loads(e), a) for j, line, c, s, r, e, a in rows]
+
+    def item_times(self, job_id: str) -> dict[int, tuple[float | None, float | None]]:
+        """line -> (when its last run started, when it was settled); None where it did not."""
+        with self._reading("reading items") as db:
+            self._job(db, job_id)
+            rows = db.execute("SELECT line, started_at, finished_at FROM items WHERE job_id = ?",
+                              (job_id,)).fetchall()
+        return {line: (started, finished) for line, started, finished in rows}
 
     # -- items --------------------------------------------------------------------------------
 
