@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import anyio
+import openai
 import httpx
 import pytest
 
@@ -256,3 +257,21 @@ def test_status_lines_need_a_stream_and_no_format(daemon) -> None:
         assert r.status_code == 400 and "stream" in r.json()["error"]
         r = client.post("/api/generate", json={"model": MODEL, "prompt": "x", "format": "json", "status_events": True})
         assert r.status_code == 400 and "format" in r.json()["error"]
+
+
+def test_a_batch_shows_its_progress(daemon) -> None:
+    lines = [json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
+                         "body": {"model": MODEL, "messages": [{"role": "user", "content": f"item {i}"}]}})
+             for i in range(3)]
+    client = openai.OpenAI(base_url=f"{daemon.url}/v1", api_key="none")
+    with EventReader(daemon.url, "?types=job") as reader:
+        upload = client.files.create(file=("items.jsonl", "\n".join(lines).encode()), purpose="batch")
+        batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                                      completion_window="24h")
+        reader.wait_for(lambda kind, data: data.get("status") == "completed")
+    mine = [d for _, d in reader.events if d["job_id"] == batch.id]
+    assert mine[0]["status"] == "in_progress" and mine[0]["total"] == 3
+    assert sorted(d["line"] for d in mine if "item" in d) == [1, 2, 3]
+    assert all(d["item"] == "completed" for d in mine if "item" in d)
+    assert mine[-1] | {"at": None, "id": None} == {"job_id": batch.id, "status": "completed", "total": 3, "completed": 3,
+                                                   "failed": 0, "type": "job", "model": MODEL, "at": None, "id": None}

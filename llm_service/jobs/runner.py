@@ -252,6 +252,7 @@ class JobRunner:
                     {"code": "model_not_found" if isinstance(exc, ModelNotFound) else "model_unavailable",
                      "message": exc.message, "param": "body.model", "line": first}])
         job = await self.call(store.begin_job, job_id, model, parsed.requests, parsed.errors)
+        self._job_event(job, "in_progress")
         self.wake()
         return job
 
@@ -321,11 +322,15 @@ class JobRunner:
             if answer is not None and not (self._stopping and not 200 <= answer[0] < 300):
                 status, request_id, body = answer
                 if await self.call(store.record_response, item.job_id, item.line, status, request_id, body):
+                    outcome = "completed" if 200 <= status < 300 else "failed"
                     if metrics is not None:
-                        metrics.job_item_finished("completed" if 200 <= status < 300 else "failed")
+                        metrics.job_item_finished(outcome)
+                    self._item_event(item, outcome)
             elif failure is not None and not self._stopping:
-                if await self.call(store.record_error, item.job_id, item.line, *failure) and metrics is not None:
-                    metrics.job_item_finished("failed")
+                if await self.call(store.record_error, item.job_id, item.line, *failure):
+                    if metrics is not None:
+                        metrics.job_item_finished("failed")
+                    self._item_event(item, "failed")
             elif interrupted:
                 # Cancelled or expired while it ran: its generation was closed.
                 job = await self.call(store.get_job, item.job_id)
@@ -340,6 +345,15 @@ class JobRunner:
         except JobsError as exc:
             log.error("jobs: recording item %d of %s failed: %s", item.line, item.job_id, exc.message)
         self.wake()
+
+    def _job_event(self, job: Job, status: str) -> None:
+        """A batch's progress on the live events (/api/events, type `job`)."""
+        counts = job.counts
+        self.manager.events.publish("job", job.model, job_id=job.id, status=status, total=counts.total,
+                                    completed=counts.completed, failed=counts.failed)
+
+    def _item_event(self, item: ClaimedItem, outcome: str) -> None:
+        self.manager.events.publish("job", item.model, job_id=item.job_id, line=item.line, item=outcome)
 
     def _metrics(self, model: str) -> Any:
         for entry in self.manager.entries():
@@ -387,6 +401,7 @@ class JobRunner:
         output_id = await file_id(f"{job.id}_output.jsonl", files.output)
         error_id = await file_id(f"{job.id}_error.jsonl", files.errors)
         finished = await self.call(store.finish_job, job.id, output_id, error_id)
+        self._job_event(finished, finished.status)
         event = self._finished_events.pop(job.id, None)
         if event is not None:
             event.set()
