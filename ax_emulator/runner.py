@@ -149,6 +149,10 @@ class Runner:
             return self.fail_init("run", 48, f"Set AXCL device failed{{0x{SET_DEVICE_BUSY:8x}}}.")
         if self.faults.init_fail == "get_device":
             return self.fail_init("run", 42, "Get AXCL device failed{0x       0}, find total 0 device.")
+        # The box's cards: AX_EMU_CARDS of them (default one); --devices names one of them.
+        cards = int(os.environ.get("AX_EMU_CARDS", "1"))
+        if not self.device.isdigit() or int(self.device) >= cards:
+            return self.fail_init("run", 42, f"Get AXCL device failed{{0x       0}}, find total {cards} device.")
         if self.faults.init_fail == "axcl_timeout":
             time.sleep(5)  # the real runner waits 5 s for its worker thread
             return self.fail_init("Run", 322, "AXCLWorker initialization timeout")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ax_emulator.scripted import reply_text
+from bench.throughput import jobs_bench, replicas_bench, throughput_table
 from bench.figures import fmt, ms, pct, render_table, summary
 from bench.harness import (
     BENCH_DAEMON, RawRunner, cpu_seconds, daemon_package_file, daemon_source_env, heavy_libraries, probed_model,
@@ -445,7 +446,7 @@ def scripted_runner(root: Path, daemon_env: dict[str, str]) -> dict[str, Any]:
     return results
 
 
-PARTS = ("runner", "http", "managed", "worker", "real")
+PARTS = ("runner", "http", "managed", "worker", "real", "replicas", "jobs")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -478,6 +479,11 @@ def main(argv: list[str] | None = None) -> int:
         if "real" in parts:
             print("real model (SmolLM2, transformers engine) ...", file=sys.stderr, flush=True)
             results["real_model"] = real_model(root / "real", daemon_env)
+        if "replicas" in parts:
+            results["replicas"] = replicas_bench(root / "replicas", daemon_env)
+        if "jobs" in parts:
+            print("jobs ...", file=sys.stderr, flush=True)
+            results["jobs"] = jobs_bench(root / "jobs", daemon_env)
         finished = True
     finally:
         if finished:
@@ -491,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
         tables.append(worker_table(results["worker"]))
     if "managed_http_path" in results:
         tables.append("managed upstream (launched by the daemon)\n" + http_path_table(results["managed_http_path"]))
+    if "replicas" in results or "jobs" in results:
+        tables.append(throughput_table(results))
     print("\n\n".join(tables))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")

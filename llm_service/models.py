@@ -310,7 +310,11 @@ class ModelManager:
         spec = entry.spec
         budgets: list[tuple[str, int, int, Callable[[ModelSpec], int]]] = []
         if spec.npu_memory_mb:
-            budgets.append(("the card", spec.npu_memory_mb, self.settings.npu_memory_mb, lambda s: s.npu_memory_mb or 0))
+            # Each card has its own memory: a model on cards 0 and 1 (replicas) claims on both.
+            for card in cards_of(spec):
+                label = f"card {card}" if getattr(spec.config, "devices", ()) else "the card"
+                budgets.append((label, spec.npu_memory_mb, self.settings.npu_memory_mb,
+                                lambda s, card=card: (s.npu_memory_mb or 0) if card in cards_of(s) else 0))
         if spec.gpu_memory_mb and self.settings.gpu_memory_mb:
             device = spec.gpu_device
             budgets.append((f"GPU {device}", spec.gpu_memory_mb, self.settings.gpu_memory_mb,
@@ -679,6 +683,11 @@ class ModelManager:
             elif entry.spec.run_on_startup and state not in SERVING_STATES:
                 problems.append(f"{name}: {state}")
         return not problems, problems, self.metrics.problems()
+
+
+def cards_of(spec: ModelSpec) -> tuple[int, ...]:
+    """The cards a model's runners use: its `devices` (replicas), else the first card."""
+    return tuple(getattr(spec.config, "devices", ())) or (0,)
 
 
 def tokenizer_port_of(spec: ModelSpec) -> tuple[str, int] | None:

@@ -23,4 +23,8 @@ ENGINE_CONFIGS: dict[str, type[EngineConfig]] = {kind: engine.config_class for k
 
 
 def create_engine(spec: ModelSpec, context: EngineContext) -> Engine:
+    if len(getattr(spec.config, "devices", ())) > 1:
+        from .replicas import ReplicaEngine  # one card model on several cards
+
+        return ReplicaEngine(spec, context)
     return ENGINES[spec.engine](spec, context)

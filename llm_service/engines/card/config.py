@@ -29,6 +29,9 @@ class CardConfig(EngineConfig):
     # Which server answers the runner: the folder's script as it is, ours on the tokenizer files
     # the script loads, or ours where those files load and render (tokenizer_service.stock_script).
     tokenizer_server: Literal["auto", "builtin", "stock"] = "auto"
+    # Replicas: the cards (`--devices` ids) this model runs on, one runner each behind one queue;
+    # empty = the card its run script names.
+    devices: tuple[int, ...] = ()
     load_timeout_s: float = Field(default=300.0, gt=0)
     hang_timeout_s: float = Field(default=120.0, gt=0)
     # Computed from run_cmd: the resolved run script (None when the dialect starts a program such
@@ -62,6 +65,11 @@ class CardConfig(EngineConfig):
                 raise FieldError("tokenizer_py", "resolves outside tokenizer_path")
             if not tokenizer_script.is_file():
                 raise FieldError("tokenizer_py", f"not found in {script_dir}")
+        if self.devices:
+            if len(set(self.devices)) != len(self.devices) or min(self.devices) < 0:
+                raise FieldError("devices", "a list of distinct card ids (0, 1, …)")
+            if script_path is None or "--devices" not in script_path.read_text(encoding="utf-8", errors="replace"):
+                raise FieldError("devices", "the run script has no --devices flag to pick a card with")
         return self.model_copy(update={
             "model_path": model_dir, "tokenizer_path": tokenizer_dir, "script_path": script_path, "command": command,
         })

@@ -512,6 +512,18 @@ class CardEngine(Engine):
     def _tokenizer_host(self) -> str:
         return self.config.tokenizer_ip or "127.0.0.1"
 
+    def holds_conversation_of(self, request: GenerationRequest) -> bool:
+        """The runner's context holds this request's conversation: it would continue it (the
+        replica a follow-up request should go to)."""
+        if self._held is None:
+            return False
+        remaining = self._context[1] if self._context else self.spec.context_size
+        held = Held(self._held, self._held_system, remaining, raw=self._held_raw, tools=self._held_tools)
+        try:
+            return continues(read_turn(request, self.spec.system_prompt, self._runner_facts()), held)
+        except BadRequest:
+            return False
+
     def _runner_facts(self) -> Runner:
         """The runner and its tokenizer server as the planner sees them."""
         caps = self._tokenizer_caps or {}
