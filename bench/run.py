@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ax_emulator.scripted import reply_text
+from bench.services_demo import services_demo, services_table
 from bench.throughput import jobs_bench, replicas_bench, throughput_table
 from bench.figures import fmt, ms, pct, render_table, summary
 from bench.harness import (
@@ -446,7 +447,7 @@ def scripted_runner(root: Path, daemon_env: dict[str, str]) -> dict[str, Any]:
     return results
 
 
-PARTS = ("runner", "http", "managed", "worker", "real", "replicas", "jobs")
+PARTS = ("runner", "http", "managed", "worker", "real", "replicas", "jobs", "services")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -484,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
         if "jobs" in parts:
             print("jobs ...", file=sys.stderr, flush=True)
             results["jobs"] = jobs_bench(root / "jobs", daemon_env)
+        if "services" in parts:
+            results["services"] = services_demo(root / "services", daemon_env)
         finished = True
     finally:
         if finished:
@@ -499,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
         tables.append("managed upstream (launched by the daemon)\n" + http_path_table(results["managed_http_path"]))
     if "replicas" in results or "jobs" in results:
         tables.append(throughput_table(results))
+    if "services" in results:
+        tables.append(services_table(results["services"]))
     print("\n\n".join(tables))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")

@@ -107,13 +107,12 @@ def jobs_bench(root: Path, daemon_env: dict[str, str], items: int = 40) -> dict[
 
 def _first_token(url: str, model: str, prompt: str) -> float:
     started = time.monotonic()
+    first = None
     with httpx.stream("POST", f"{url}/api/generate", json={"model": model, "prompt": prompt}, timeout=120) as reply:
-        for line in reply.iter_lines():
-            if line.strip() and json.loads(line).get("response"):
+        for line in reply.iter_lines():  # read to the end: the answer finishes before the next
+            if first is None and line.strip() and json.loads(line).get("response"):
                 first = time.monotonic() - started
-                break
-        for _ in reply.iter_lines():
-            pass
+    assert first is not None, "no text in the answer"
     return first
 
 

@@ -87,7 +87,7 @@ def create_app(settings: Any) -> FastAPI:
         while True:
             await anyio.sleep(settings.metrics_heartbeat_s)
             hub.write_all_soon()
-    jobs = JobRunner(settings, manager, hub)
+    jobs = JobRunner(settings, manager, hub, service_folder)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -496,3 +496,28 @@ def test_a_runner_crash_mid_run_ends_the_stream_with_an_error_line_and_runs_noth
     # The model recovers, and the service with it.
     assert post(daemon, "mini", {"fields": {"text": "After the crash."}}).json()["response"] == \
         echo_of("Part 1 of 1:\nAfter the crash.")
+
+
+def test_a_service_run_as_a_job_keeps_its_result(daemon, tmp_path) -> None:
+    text = transcript(3000)
+    with daemon.client() as client:
+        submitted = client.post("/api/services/transcript-cleanup",
+                                json={"fields": {"transcript": text}, "flavor": "scripted", "job": True})
+        assert submitted.status_code == 202, submitted.text
+        job = submitted.json()
+        assert job["status"] in ("in_progress", "validating") and job["service"] == "transcript-cleanup"
+        deadline = time.monotonic() + 120
+        while job["status"] not in ("completed", "failed") and time.monotonic() < deadline:
+            time.sleep(0.2)
+            job = client.get(f"/api/services/jobs/{job['id']}").json()
+        assert job["status"] == "completed", job
+        # The same answer a synchronous call gives.
+        sync = client.post("/api/services/transcript-cleanup",
+                           json={"fields": {"transcript": text}, "flavor": "scripted"}).json()
+        assert job["result"]["response"] == sync["response"]
+        assert len(job["result"]["chunks"]) == len(sync["chunks"]) > 1
+        # Bad requests are refused at once, not as a failed job; a job id is not a batch.
+        bad = client.post("/api/services/transcript-cleanup", json={"fields": {}, "job": True})
+        assert bad.status_code == 400
+        assert client.get(f"/v1/batches/{job['id']}").status_code == 404
+        assert client.get("/api/services/jobs/batch_nope").status_code == 404

@@ -17,10 +17,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..engines.base import EngineError
+from ..engines.base import BadRequest, EngineError
 from ..services.folder import ServiceFolder
 from ..services.manifest import Service
-from ..services.run import ServiceNotFound, run_service
+from ..services.run import SERVICE_ENDPOINT, SERVICE_JOB_KEY, ServiceNotFound, resolve_request, run_service
 from ..timestamps import rfc3339
 from .ollama.wire import error_line
 from .streaming import CLIENT_GONE, PrefetchedStream, StreamingAnswer, new_request_id, until_disconnect
@@ -74,6 +74,8 @@ class ServiceBody(BaseModel):
                                    "(GET /api/services/{name} lists them)")
     flavor: str | None = Field(None, description="which of the service's flavors (models) runs it; default: its first")
     stream: bool = Field(False, description="true: NDJSON events per chunk, then the answer with done: true")
+    job: bool = Field(False, description="true: run it as a job behind interactive requests; the answer is "
+                      "an id at once, the result is kept (GET /api/services/jobs/{id})")
 
 
 class StepInfo(BaseModel):
@@ -144,6 +146,8 @@ async def show_service(request: Request, name: str) -> ServiceInfo:
                               "description": "the answer; with stream: NDJSON events, the answer last"}})
 async def run(request: Request, name: str, body: ServiceBody) -> Response:
     manager = request.app.state.manager
+    if body.job:
+        return await _submit_job(request, name, body)
     request_id = new_request_id()
     headers = {"X-Request-Id": request_id}
     events = run_service(manager, _folder(request), name, body.fields, body.flavor, request_id)
@@ -164,6 +168,51 @@ async def run(request: Request, name: str, body: ServiceBody) -> Response:
     # Each step has the request deadline of its own (services.run): none for the whole stream.
     return StreamingAnswer(events, _ndjson, deadline=math.inf, error_item=lambda exc: error_line(exc.message),
                            media_type="application/x-ndjson", headers=headers)
+
+
+async def _submit_job(request: Request, name: str, body: ServiceBody) -> Response:
+    """The service as a job of the job store (its result kept there): checked now, so that a bad
+    request is a 4xx at once, then run by the job runner at job priority."""
+    from ..jobs.batch_input import BatchRequest
+
+    if body.stream:
+        raise BadRequest("a service run as a job is not streamed: send stream false, then poll its job")
+    manager = request.app.state.manager
+    manifest, flavor, _, _, _ = resolve_request(_folder(request), name, body.fields, body.flavor)
+    model = manager.resolve(manifest.flavors[flavor].model)
+    runner = request.app.state.jobs
+    job = await runner.call("create_job", SERVICE_ENDPOINT, None, "24h", 86400.0, {SERVICE_JOB_KEY: name})
+    item = {"service": name, "fields": body.fields, "flavor": flavor}
+    job = await runner.call("begin_job", job.id, model, [BatchRequest(1, name, item)], ())
+    runner.wake()
+    return JSONResponse(await _job_object(runner, job), status_code=202)
+
+
+async def _job_object(runner: Any, job: Any) -> dict[str, Any]:
+    answer: dict[str, Any] = {"id": job.id, "service": (job.metadata or {}).get(SERVICE_JOB_KEY), "model": job.model,
+                              "status": job.status, "created_at": rfc3339(job.created_at)}
+    if job.status in ("completed", "failed", "cancelled", "expired"):
+        items = await runner.call("job_items", job.id)
+        result = items[0].result if items else None
+        if result is not None and 200 <= result["status_code"] < 300:
+            answer["result"] = result["body"]
+        elif result is not None:
+            answer["status"] = "failed"
+            answer["error"] = result["body"].get("error") if isinstance(result["body"], dict) else str(result["body"])
+        elif items and items[0].error:
+            answer["error"] = items[0].error.get("message")
+    return answer
+
+
+@router.get("/api/services/jobs/{job_id}")
+async def service_job(request: Request, job_id: str) -> JSONResponse:
+    """A service run as a job: its status, and once done its result (the answer a synchronous
+    call gives) or its error."""
+    runner = request.app.state.jobs
+    job = await runner.call("get_job", job_id)
+    if SERVICE_JOB_KEY not in (job.metadata or {}):
+        raise EngineError(f"no service job {job_id!r}", status_code=404)
+    return JSONResponse(await _job_object(runner, job))
 
 
 async def _ndjson(answer: PrefetchedStream) -> AsyncIterator[bytes]:

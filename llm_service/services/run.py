@@ -174,10 +174,33 @@ class _Run:
     request_id: str
     warnings: list[str] = field(default_factory=list)
     steps: int = 0
+    priority: str = "interactive"  # "job": a service run as a job, behind interactive requests
+    deadline: float | None = None  # a job's: its completion window; else each step has its own
 
     def warn(self, message: str) -> None:
         if message not in self.warnings:
             self.warnings.append(message)
+
+
+SERVICE_JOB_KEY = "service"  # the metadata key of a job that runs a service (its value: the name)
+SERVICE_ENDPOINT = "/api/services"  # the endpoint such a job records
+
+
+async def service_answer(manager: Any, folder: ServiceFolder, body: Mapping[str, Any], request_id: str,
+                         deadline: float | None) -> tuple[int, str, dict[str, Any]]:
+    """(status code, request id, body) of a service run as a job item: the final answer, or
+    the error a client would have seen."""
+    final: dict[str, Any] = {}
+    events = run_service(manager, folder, str(body.get("service")), body.get("fields") or {}, body.get("flavor"),
+                         request_id, priority="job", deadline=deadline)
+    try:
+        async for event in events:
+            final = event
+    except EngineError as exc:
+        return exc.status_code, request_id, {"error": exc.message}
+    finally:
+        await events.aclose()
+    return 200, request_id, final
 
 
 def resolve_request(folder: ServiceFolder, name: str, fields: Mapping[str, Any],
@@ -212,7 +235,8 @@ def resolve_request(folder: ServiceFolder, name: str, fields: Mapping[str, Any],
 
 
 async def run_service(manager: Any, folder: ServiceFolder, name: str, fields: Mapping[str, Any],
-                      flavor: str | None, request_id: str) -> AsyncIterator[dict[str, Any]]:
+                      flavor: str | None, request_id: str, *, priority: str = "interactive",
+                      deadline: float | None = None) -> AsyncIterator[dict[str, Any]]:
     """The events of one service request (see the module's docstring)."""
     started = time.monotonic()
     manifest, flavor_name, values, template, source = resolve_request(folder, name, fields, flavor)
@@ -223,7 +247,8 @@ async def run_service(manager: Any, folder: ServiceFolder, name: str, fields: Ma
         raise EngineError(f'service "{name}", flavor "{flavor_name}": {exc.message}',
                           status_code=exc.status_code) from None
     counter = await token_counter(manager, model)
-    run = _Run(manager, name, manifest, flavor_name, chosen, model, values, template, source, counter, request_id)
+    run = _Run(manager, name, manifest, flavor_name, chosen, model, values, template, source, counter, request_id,
+               priority=priority, deadline=deadline)
     for warning in counter.warnings:
         run.warn(warning)
     chunks = await counter.in_thread(lambda: _plan(run))
@@ -338,9 +363,9 @@ async def _generate(run: _Run, prompt: Prompt, record: dict[str, Any], label: st
         messages=[ChatMessage("user", prompt.text)],
         options=SamplingOptions(temperature=flavor.temperature, top_p=flavor.top_p,
                                 num_predict=flavor.max_generation_length),
-        kind="generate", think=False,
+        kind="generate", think=False, priority=run.priority,
     )
-    request.deadline = request.arrived_at + run.manager.settings.request_deadline_s
+    request.deadline = run.deadline or request.arrived_at + run.manager.settings.request_deadline_s
     started = time.monotonic()
     completion = await run.manager.complete(run.model, request)
     result = completion.result

@@ -201,7 +201,11 @@ SERVERLESS_KEY = "serverless"
 
 
 def _is_batch(job: Any) -> bool:
-    return SERVERLESS_KEY not in (job.metadata or {})
+    """Serverless jobs and prompt services run as jobs are kept in the same store, not batches."""
+    from ...services.run import SERVICE_JOB_KEY
+
+    metadata = job.metadata or {}
+    return SERVERLESS_KEY not in metadata and SERVICE_JOB_KEY not in metadata
 
 
 async def _batch(runner: JobRunner, batch_id: str) -> Any:
