@@ -253,8 +253,8 @@ class PostgresJobStore:
         def __exit__(self, kind, error, traceback) -> bool:
             if error is None or isinstance(error, (JobStoreError, _Retry)):
                 return False
-            if not isinstance(error, (psycopg.Error, OSError)):
-                return False
+            if not isinstance(error, psycopg.Error):
+                return False  # the caller's own (an upload stream that broke off, say)
             store, doing = self.store, self.doing
             sqlstate = getattr(error, "sqlstate", None)
             if sqlstate == "53100":  # disk_full
@@ -271,7 +271,7 @@ class PostgresJobStore:
             raise StoreUnavailable(f"the job store {store.where} failed ({doing}): {error}") from None
 
     def _translated(self, doing: str) -> PostgresJobStore._Translated:
-        """psycopg and OS errors as the store's own."""
+        """psycopg's errors as the store's own."""
         return PostgresJobStore._Translated(self, doing)
 
     def _run(self, doing: str, work: Callable[[psycopg.Connection], Any]) -> Any:
