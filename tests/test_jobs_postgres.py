@@ -33,19 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 LEASE_S = 1.0  # short leases: a dead box's items come back within a second or so
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    one = PostgresCluster()
-    try:
-        one.start()
-        yield one
-    finally:
-        one.remove()
-
-
 @pytest.fixture
-def url(cluster) -> str:
-    return cluster.create_database()
+def url(postgres_cluster) -> str:
+    return postgres_cluster.create_database()
 
 
 @pytest.fixture

@@ -19,8 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from postgres_support import PostgresCluster
-
 from llm_service.jobs import store as store_module
 from llm_service.jobs.batch_input import BatchRequest, LineError
 from llm_service.jobs.store import (
@@ -62,20 +60,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("backend", ["sqlite"] if only else BACKENDS, indirect=True)
 
 
-@pytest.fixture(scope="module")
-def postgres_cluster():
-    cluster = PostgresCluster()
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.remove()
-
-
 @pytest.fixture
 def backend(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock):
     """Opens a store (another connection to the same data at each call): SQLite in tmp_path,
-    or PostgreSQL in a database of its own on the module's server."""
+    or PostgreSQL in a database of its own on the test process's server."""
     opened = []
     if request.param == "sqlite":
         def open_store(**options):
