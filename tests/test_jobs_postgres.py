@@ -157,6 +157,28 @@ def test_an_upload_that_breaks_off_leaves_nothing(url, boxes):
     assert store.add_file("batch", "next.jsonl", b"ok").bytes == 2  # the connection still works
 
 
+def test_a_slow_upload_does_not_hold_up_the_box_s_claims(boxes):
+    store = boxes()
+    started_job(store, "a")
+    reading = threading.Event()
+
+    def slow_chunks():
+        yield b"first part\n"
+        reading.set()
+        time.sleep(2)  # a client on a slow link
+        yield b"second part\n"
+
+    uploaded = []
+    upload = threading.Thread(target=lambda: uploaded.append(store.add_file("batch", "in", slow_chunks())))
+    upload.start()
+    assert reading.wait(timeout=10)
+    began = time.monotonic()
+    item = store.claim_next_item("m")
+    assert item.custom_id == "a" and time.monotonic() - began < 1.0
+    upload.join(timeout=30)
+    assert store.file_bytes(uploaded[0].id) == b"first part\nsecond part\n"
+
+
 # -- several boxes, one queue ----------------------------------------------------------------
 
 

@@ -29,9 +29,12 @@ psycopg is imported here only: the daemon imports this module only when a Postgr
 """
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -316,36 +319,58 @@ class PostgresJobStore:
     def add_file(self, purpose: str, filename: str, content: bytes | Iterable[bytes],
                  expires_at: float | None = None) -> StoredFile:
         """Store a file: its row and its bytes (in chunks) in one transaction, so a row never
-        names bytes that are not all there."""
+        names bytes that are not all there. A stream is read whole first, into a local spool
+        (memory, then a temporary file), outside the transaction: a slow upload neither holds
+        this box's connection nor idles in a transaction the server would end."""
         file_id = _new_id("file-")
-        chunks = [content] if isinstance(content, (bytes, bytearray, memoryview)) else content
         created_at = self._clock()
+        if isinstance(content, (bytes, bytearray, memoryview)):
+            if len(content) > self.max_file_bytes:
+                raise FileTooLarge(self.max_file_bytes)
+            spool: Any = io.BytesIO(bytes(content))
+            size = len(content)
+        else:
+            spool, size = self._spool(content)
 
         def work(db: psycopg.Connection) -> StoredFile:
-            db.execute("INSERT INTO files VALUES (%s, %s, %s, 0, %s, %s)",
-                       (file_id, purpose, filename, created_at, expires_at))
-            size = 0
+            spool.seek(0)  # again when the transaction is run again
+            db.execute("INSERT INTO files VALUES (%s, %s, %s, %s, %s, %s)",
+                       (file_id, purpose, filename, size, created_at, expires_at))
             number = 0
-            pending = bytearray()
-            for chunk in chunks:
+            while True:
+                chunk = spool.read(CHUNK_BYTES)
+                if not chunk and number:
+                    break
+                db.execute("INSERT INTO file_chunks VALUES (%s, %s, %s)", (file_id, number, chunk))
+                number += 1
+                if not chunk:
+                    break  # an empty file: one empty chunk
+            return StoredFile(file_id, purpose, filename, size, created_at, expires_at)
+
+        try:
+            return self._run("adding a file", work)
+        finally:
+            spool.close()
+
+    def _spool(self, chunks: Iterable[bytes]) -> tuple[Any, int]:
+        spool = tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024, prefix="axm1-upload-")
+        size = 0
+        try:
+            for chunk in chunks:  # the caller's errors (a client gone) pass through as they are
                 size += len(chunk)
                 if size > self.max_file_bytes:
                     raise FileTooLarge(self.max_file_bytes)
-                pending += chunk
-                while len(pending) >= CHUNK_BYTES:
-                    db.execute("INSERT INTO file_chunks VALUES (%s, %s, %s)",
-                               (file_id, number, bytes(pending[:CHUNK_BYTES])))
-                    del pending[:CHUNK_BYTES]
-                    number += 1
-            if pending or number == 0:
-                db.execute("INSERT INTO file_chunks VALUES (%s, %s, %s)",
-                           (file_id, number, bytes(pending)))
-            db.execute("UPDATE files SET bytes = %s WHERE id = %s", (size, file_id))
-            return StoredFile(file_id, purpose, filename, size, created_at, expires_at)
-
-        if not isinstance(chunks, (list, tuple)):
-            chunks = _once(chunks)  # a stream cannot be read again by a retried transaction
-        return self._run("adding a file", work)
+                try:
+                    spool.write(chunk)
+                except OSError as error:
+                    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                        raise StoreFull(
+                            f"no space left for an upload's temporary file: {error}") from None
+                    raise StoreUnavailable(f"an upload's temporary file failed: {error}") from None
+        except BaseException:
+            spool.close()
+            raise
+        return spool, size
 
     def get_file(self, file_id: str) -> StoredFile:
         row = self._run("reading a file", lambda db: db.execute(
@@ -756,19 +781,6 @@ class PostgresJobStore:
         if left is None:
             db.execute("UPDATE jobs SET status = %s, finalizing_at = %s WHERE id = %s AND status = %s",
                        (FINALIZING, now, job_id, IN_PROGRESS))
-
-
-class _once:
-    """An iterable read at most once; reading it again (a retried transaction) is an error."""
-
-    def __init__(self, chunks: Iterable[bytes]) -> None:
-        self._chunks: Iterable[bytes] | None = chunks
-
-    def __iter__(self):
-        chunks, self._chunks = self._chunks, None
-        if chunks is None:
-            raise StoreUnavailable("the upload was interrupted by a database conflict; send it again")
-        return iter(chunks)
 
 
 __all__ = ["CANCELLED", "MIGRATIONS", "PostgresJobStore", "describe_url", "schema_version"]
