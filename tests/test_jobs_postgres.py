@@ -501,7 +501,7 @@ def test_a_frozen_server_is_store_unavailable_after_the_timeouts_not_a_hang(own_
     with psycopg.connect(url, connect_timeout=10) as blocker:
         blocker.execute("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
         began = time.monotonic()
-        with pytest.raises(StoreUnavailable):
+        with pytest.raises(StoreUnavailable, match="timed out"):
             store.claim_next_item("m")
         assert 1.5 < time.monotonic() - began < 10
     assert store.claim_next_item("m").custom_id == "a"

@@ -264,6 +264,11 @@ class PostgresJobStore:
                 raise StoreFull(f"the job store {store.where} is full ({doing}): {error}") from None
             if sqlstate in ("40P01", "40001"):
                 raise _Retry() from error
+            if sqlstate in ("57014", "55P03"):  # statement or lock timeout: the session is fine
+                raise StoreUnavailable(
+                    f"the job store {store.where} timed out ({doing}) after "
+                    f"{store.statement_timeout_s:g} s: the server is overloaded or another "
+                    f"session holds the rows") from None
             connection = store._connection
             if (isinstance(error, psycopg.OperationalError) or connection is None
                     or connection.closed or connection.broken):
