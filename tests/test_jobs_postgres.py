@@ -16,7 +16,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from postgres_support import PostgresCluster
-from test_jobs_store import drain, started_job
+from test_jobs_store import Clock, drain, started_job
 
 from llm_service.jobs import postgres as postgres_module
 from llm_service.jobs.postgres import PostgresJobStore
@@ -331,6 +331,44 @@ def test_recover_running_fails_expired_items_at_its_max_attempts(boxes):
     assert store.recover_running(max_attempts=1) == 0  # both had their one run
     assert [i.state for i in store.job_items(job.id)] == ["failed", "failed"]
     assert store.get_job(job.id).status == "finalizing"
+
+
+def test_a_cancelled_job_whose_box_died_mid_item_still_finishes(boxes):
+    dying, other = boxes(), boxes()
+    job = started_job(dying, "a", "b")
+    dying.claim_next_item("m")
+    assert other.cancel_job(job.id).status == "cancelling"
+    assert other.jobs_to_finish() == []  # its item runs, on a box that then dies
+    wait_past_lease()
+    assert other.claim_next_item("m") is None  # the claim reaps the item: cancelled, not pending
+    assert [i.state for i in other.job_items(job.id)] == ["cancelled", "cancelled"]
+    assert [j.id for j in other.jobs_to_finish()] == [job.id]
+    assert other.finish_job(job.id, None, "file-err").status == "cancelled"
+
+
+def test_an_expiring_job_whose_box_died_mid_item_still_finalizes(boxes):
+    clock = Clock()
+    dying, other = boxes(clock=clock), boxes(clock=clock)
+    job = started_job(dying, "a", "b", window_s=3600)
+    dying.claim_next_item("m")
+    clock.now += 3600
+    assert other.expire_due() == [job.id]
+    assert other.get_job(job.id).status == "in_progress"  # until its running item settles
+    wait_past_lease()
+    assert other.recover_running() == 0
+    assert [i.state for i in other.job_items(job.id)] == ["expired", "expired"]
+    assert other.get_job(job.id).status == "finalizing"
+    assert other.finish_job(job.id, None, "file-err").status == "expired"
+
+
+def test_an_item_given_back_in_a_cancelling_job_is_cancelled(boxes):
+    store = boxes()
+    job = started_job(store, "a", "b")
+    item = store.claim_next_item("m")
+    store.cancel_job(job.id)
+    assert store.requeue_item(job.id, item.line) is True
+    assert [i.state for i in store.job_items(job.id)] == ["cancelled", "cancelled"]
+    assert [j.id for j in store.jobs_to_finish()] == [job.id]
 
 
 def test_the_last_items_recorded_at_once_by_two_boxes_finalize_the_job(boxes):

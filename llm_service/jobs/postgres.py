@@ -633,10 +633,16 @@ class PostgresJobStore:
     def requeue_item(self, job_id: str, line: int) -> bool:
         """A running item this box gives back unfinished (its model was stopped): pending
         again, for any box, and its job keeps its turn."""
-        return self._run("requeueing an item", lambda db: db.execute(
-            "UPDATE items SET state = %s, started_at = NULL, box = NULL, leased_until = NULL "
-            "WHERE job_id = %s AND line = %s AND state = %s AND box = %s",
-            (PENDING, job_id, line, RUNNING, self.box_id)).rowcount > 0)
+        def work(db: psycopg.Connection) -> bool:
+            changed = db.execute(
+                "UPDATE items SET state = %s, started_at = NULL, box = NULL, leased_until = NULL "
+                "WHERE job_id = %s AND line = %s AND state = %s AND box = %s",
+                (PENDING, job_id, line, RUNNING, self.box_id)).rowcount > 0
+            if changed:
+                self._sweep(db)  # its job may be cancelling or expiring meanwhile
+            return changed
+
+        return self._run("requeueing an item", work)
 
     def model_progress(self) -> dict[str, ModelProgress]:
         """Pending and running items per model, over every box."""
@@ -685,6 +691,7 @@ class PostgresJobStore:
                               "AND outcome IS NULL", (EXPIRED, job_id, IN_PROGRESS)).rowcount:
                     expired.append(job_id)
                     self._settle(db, job_id, now)
+            self._sweep(db)
             return expired
 
         return self._run("expiring jobs", work)
@@ -714,39 +721,62 @@ class PostgresJobStore:
 
     def _reap(self, db: psycopg.Connection, max_attempts: int, model: str | None = None) -> int:
         """Running items whose lease expired (of `model`, or all): pending again, or failed at
-        `max_attempts`. Items another transaction is reaping or recording are skipped."""
+        `max_attempts`, or cancelled or expired with their job. Returns how many are pending
+        again. Items another transaction is reaping or recording are skipped."""
         now = self._clock()
-        if model is None:
-            rows = db.execute(
-                "SELECT job_id, line, attempts FROM items WHERE state = %s "
-                "AND leased_until < statement_timestamp() ORDER BY job_id, line "
-                "FOR UPDATE SKIP LOCKED", (RUNNING,)).fetchall()
-        else:
-            rows = db.execute(
-                "SELECT i.job_id, i.line, i.attempts FROM items i JOIN jobs j ON j.id = i.job_id "
-                "WHERE j.model = %s AND i.state = %s AND i.leased_until < statement_timestamp() "
-                "ORDER BY i.job_id, i.line FOR UPDATE OF i SKIP LOCKED", (model, RUNNING)).fetchall()
-        if not rows:
-            return 0
-        given_up = [(job_id, line) for job_id, line, attempts in rows if attempts >= max_attempts]
-        back = [(job_id, line) for job_id, line, attempts in rows if attempts < max_attempts]
+        rows = db.execute(
+            "SELECT i.job_id, i.line, i.attempts, j.status, j.outcome FROM items i "
+            "JOIN jobs j ON j.id = i.job_id WHERE i.state = %s "
+            "AND i.leased_until < statement_timestamp()"
+            + (" AND j.model = %s" if model is not None else "")
+            + " ORDER BY i.job_id, i.line FOR UPDATE OF i SKIP LOCKED",
+            (RUNNING, model) if model is not None else (RUNNING,)).fetchall()
         error = json.dumps({"code": "internal_error", "message":
                             f"the daemon running this request stopped {max_attempts} times "
                             "(its lease expired each time)"})
+        settled: list[tuple] = []
+        back: list[tuple] = []
+        for job_id, line, attempts, status, outcome in rows:
+            if status == CANCELLING:
+                settled.append((ITEM_CANCELLED, None, now, job_id, line))
+            elif outcome == EXPIRED:
+                settled.append((ITEM_EXPIRED, None, now, job_id, line))
+            elif attempts >= max_attempts:
+                settled.append((ITEM_FAILED, error, now, job_id, line))
+            else:
+                back.append((PENDING, job_id, line))
         with db.cursor() as cursor:
-            if given_up:
+            if settled:
                 cursor.executemany(
                     "UPDATE items SET state = %s, error = %s, finished_at = %s, leased_until = NULL "
-                    "WHERE job_id = %s AND line = %s",
-                    [(ITEM_FAILED, error, now, job_id, line) for job_id, line in given_up])
+                    "WHERE job_id = %s AND line = %s", settled)
             if back:
                 cursor.executemany(
                     "UPDATE items SET state = %s, started_at = NULL, box = NULL, leased_until = NULL "
-                    "WHERE job_id = %s AND line = %s",
-                    [(PENDING, job_id, line) for job_id, line in back])
-        for job_id in sorted({job_id for job_id, _ in given_up}):
+                    "WHERE job_id = %s AND line = %s", back)
+        for job_id in sorted({row[3] for row in settled}):
             self._settle(db, job_id, now)
+        self._sweep(db)
         return len(back)
+
+    def _sweep(self, db: psycopg.Connection) -> None:
+        """Pending items of a job that is cancelling, or expiring, are cancelled or expired,
+        and the job settled. Only a running item given back (requeued, or its lease expired)
+        while its job was being cancelled or expired on another box leaves one, and nothing
+        would ever claim it: the job would never finish. Run at each claim, recovery, requeue
+        and expiry, it is a cheap no-op otherwise."""
+        now = self._clock()
+        rows = db.execute(
+            "UPDATE items SET state = s.target, finished_at = %s FROM ("
+            "SELECT i.job_id, i.line, CASE WHEN j.status = %s THEN %s ELSE %s END AS target "
+            "FROM items i JOIN jobs j ON j.id = i.job_id WHERE i.state = %s AND (j.status = %s "
+            "OR (j.status = %s AND j.outcome = %s)) ORDER BY i.job_id, i.line "
+            "FOR UPDATE OF i SKIP LOCKED) s "
+            "WHERE items.job_id = s.job_id AND items.line = s.line RETURNING items.job_id",
+            (now, CANCELLING, ITEM_CANCELLED, ITEM_EXPIRED, PENDING, CANCELLING, IN_PROGRESS,
+             EXPIRED)).fetchall()
+        for job_id in sorted({job_id for (job_id,) in rows}):
+            self._settle(db, job_id, now)
 
     def _job(self, db: psycopg.Connection, job_id: str, lock: bool = False) -> Job:
         row = db.execute(
