@@ -191,6 +191,11 @@ class DaemonSettings(FileConfiguredSettings):
         description="job store shared by several daemons, a postgresql://user:password@host/db URL "
         "(needs the postgres extra); unset = SQLite in data_dir, for this daemon alone",
     )
+    jobs_lease_s: float = Field(
+        60, gt=0,
+        description="with jobs_url: a batch item a daemon claimed is run again elsewhere when the "
+        "daemon has not renewed its lease for this long (it died or lost the database)",
+    )
     child_env: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="more environment variables runners and workers get (names or globs, "

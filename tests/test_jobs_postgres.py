@@ -601,10 +601,19 @@ def test_open_job_store_is_sqlite_by_default_and_postgres_for_a_postgresql_url(t
     sqlite = open_job_store(tmp_path)
     assert isinstance(sqlite, SqliteJobStore) and sqlite.directory == tmp_path / "jobs"
     sqlite.close()
-    settings = DaemonSettings(data_dir=tmp_path, jobs_url=url)
-    shared = open_job_store(settings, lease_s=5)
-    assert isinstance(shared, PostgresJobStore) and shared.lease_s == 5
+    settings = DaemonSettings(data_dir=tmp_path, jobs_url=url, jobs_lease_s=7)
+    shared = open_job_store(settings)
+    assert isinstance(shared, PostgresJobStore) and shared.lease_s == 7
     shared.close()
+    shared = open_job_store(settings, lease_s=5)
+    assert shared.lease_s == 5
+    shared.close()
+    shared = open_job_store(tmp_path, url)
+    assert shared.lease_s == 60  # the default lease
+    shared.close()
+    sqlite_lease = open_job_store(settings, jobs_url="")
+    assert isinstance(sqlite_lease, SqliteJobStore) and sqlite_lease.lease_s is None
+    sqlite_lease.close()
     from_settings = open_job_store(DaemonSettings(data_dir=tmp_path))
     assert isinstance(from_settings, SqliteJobStore)
     from_settings.close()

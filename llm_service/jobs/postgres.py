@@ -42,7 +42,6 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import psycopg
-from psycopg import errors as pg_errors
 
 from .batch_input import BatchRequest, LineError
 from .store import (
@@ -818,4 +817,4 @@ class PostgresJobStore:
                        (FINALIZING, now, job_id, IN_PROGRESS))
 
 
-__all__ = ["CANCELLED", "MIGRATIONS", "PostgresJobStore", "describe_url", "schema_version"]
+__all__ = ["MIGRATIONS", "PostgresJobStore", "default_box_id", "describe_url", "schema_version"]

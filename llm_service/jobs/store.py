@@ -286,20 +286,25 @@ POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 def open_job_store(where: Any, jobs_url: str | None = None, **options: Any) -> JobStore:
     """The daemon's job store: SQLite in `<data_dir>/jobs/` by default, PostgreSQL when
     `jobs_url` is a postgresql:// URL. `where` is the daemon's settings (their `data_dir` and
-    `jobs_url`; an explicit `jobs_url` wins) or a data folder. psycopg is imported only then.
+    `jobs_url`, `jobs_lease_s`; an explicit `jobs_url` wins) or a data folder. psycopg is
+    imported only for PostgreSQL.
     `options` go to the store's constructor (max_file_bytes, clock; for PostgreSQL also
     box_id, lease_s, max_attempts, connect_timeout_s, statement_timeout_s)."""
+    lease_s = None
     if isinstance(where, (str, os.PathLike)):
         data_dir = Path(where)
     else:
         data_dir = Path(where.data_dir)
         if jobs_url is None:
             jobs_url = getattr(where, "jobs_url", None)
+        lease_s = getattr(where, "jobs_lease_s", None)
     if jobs_url:
         if not jobs_url.startswith(POSTGRES_SCHEMES):
             raise ValueError(f"jobs_url must be a postgresql:// URL, not {jobs_url.split(':', 1)[0]}:")
         from .postgres import PostgresJobStore
 
+        if lease_s is not None:
+            options.setdefault("lease_s", lease_s)
         return PostgresJobStore(jobs_url, **options)
     return SqliteJobStore(data_dir / JOBS_FOLDER, **options)
 
