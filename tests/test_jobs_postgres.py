@@ -22,6 +22,7 @@ from llm_service.jobs import postgres as postgres_module
 from llm_service.jobs.postgres import PostgresJobStore
 from llm_service.jobs.store import (
     FileTooLarge,
+    JobStateError,
     NotFound,
     SqliteJobStore,
     StoreFull,
@@ -392,6 +393,32 @@ def test_the_last_items_recorded_at_once_by_two_boxes_finalize_the_job(boxes):
         assert first.get_job(job.id).status == "finalizing"
         first.close()
         second.close()
+
+
+def test_two_boxes_finishing_one_job_at_once_finish_it_once(boxes):
+    first, second = boxes(), boxes()
+    job = started_job(first, "a")
+    drain(first)
+    assert [j.id for j in second.jobs_to_finish()] == [job.id]  # both boxes see it to finish
+    outcomes: dict[str, str] = {}
+    barrier = threading.Barrier(2)
+
+    def finish(box, output):
+        barrier.wait()
+        try:
+            outcomes[output] = box.finish_job(job.id, output, None).status
+        except JobStateError:
+            outcomes[output] = "refused"
+
+    threads = [threading.Thread(target=finish, args=pair) for pair in ((first, "out-1"), (second, "out-2"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sorted(outcomes.values()) == ["completed", "refused"]
+    (winner,) = [output for output, status in outcomes.items() if status == "completed"]
+    assert first.get_job(job.id).output_file_id == winner
+    assert first.jobs_to_finish() == []
 
 
 _BOX = """

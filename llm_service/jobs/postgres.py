@@ -25,6 +25,22 @@ Connection failures are `StoreUnavailable` (503) and the next call connects agai
 (SQLSTATE 53100) is `StoreFull` (507). Connecting gives up after `connect_timeout_s`, and each
 statement after `statement_timeout_s`, so a dead server is an error, not a hang.
 
+What a runner on each box does with it:
+- `recover_running()` at start and every `lease_s` or so (claims reap only their own model).
+- `claim_next_item(model)` for the models this box serves only; on None, ask again after a
+  short pause (a second): other boxes' jobs and expired leases come without notice.
+- `renew_lease(job_id, line)` every `lease_s / 3` while the item runs; False means the item is
+  no longer this box's (taken over after a lapse, or settled): stop it, record nothing. A cancel
+  made on another box shows in `get_job(job_id).status == "cancelling"`: check it then too.
+- `record_*` once the item ran; on StoreUnavailable try again (still renewing) until it returns
+  True or False: False means another run's result stands, or the item was settled meanwhile.
+- `requeue_item` for an item given back unfinished (its model stopped; also at shutdown, so
+  another box takes it at once instead of after the lease).
+- `expire_due`, `purge` and finishing (`jobs_to_finish`, `add_file`, `finish_job`) may run on
+  every box at once: `finish_job` lets one box finish a job, the others get JobStateError and
+  should delete the output files they made.
+- Every call blocks (one connection per store, behind a lock): run them in worker threads.
+
 psycopg is imported here only: the daemon imports this module only when a PostgreSQL URL is set.
 """
 from __future__ import annotations
