@@ -188,8 +188,9 @@ class DaemonSettings(FileConfiguredSettings):
     )
     jobs_url: str | None = Field(
         None,
-        description="job store shared by several daemons, a postgresql://user:password@host/db URL "
-        "(needs the postgres extra); unset = SQLite in data_dir, for this daemon alone",
+        description="job store shared by several daemons, a postgresql://user@host/db URL (needs "
+        "the postgres extra; its password best in PGPASSWORD or ~/.pgpass, not on a command line); "
+        "unset = SQLite in data_dir, for this daemon alone",
     )
     jobs_lease_s: float = Field(
         60, gt=0,
