@@ -558,6 +558,22 @@ def test_a_stopped_server_is_store_unavailable_at_once_and_a_restarted_one_serve
     store.close()
 
 
+def test_a_session_the_server_ended_while_idle_is_replaced_without_an_error(url, boxes):
+    store = boxes()
+    job = started_job(store, "a")
+    for _ in range(2):
+        (ended,) = sql(url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                            "WHERE application_name = %s", (f"axm1-llm jobs {store.box_id}"[:63],))
+        assert ended == (True,)
+        time.sleep(0.2)
+        assert store.get_job(job.id).counts.pending == 1
+    item = store.claim_next_item("m")
+    sql(url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+        (f"axm1-llm jobs {store.box_id}"[:63],))
+    time.sleep(0.2)
+    assert store.record_response(job.id, item.line, 200, "r", {}) is True
+
+
 def test_a_frozen_server_is_store_unavailable_after_the_timeouts_not_a_hang(own_cluster):
     url = own_cluster.create_database()
     store = PostgresJobStore(url, connect_timeout_s=2, statement_timeout_s=2)

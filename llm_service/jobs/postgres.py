@@ -299,18 +299,34 @@ class PostgresJobStore:
 
     def _run(self, doing: str, work: Callable[[psycopg.Connection], Any]) -> Any:
         """`work` in one transaction, run again (up to a few times) when it met a deadlock,
-        a serialization failure, or rows that moved under it."""
+        a serialization failure, or rows that moved under it; and once on a new connection when
+        the old one was found dead before the work began (the server restarted, or ended the
+        idle session): nothing was done on it, so nothing can be done twice."""
+        reconnected = False
         for attempt in range(_RETRIES):
             with self._lock:
+                had_connection = self._connection is not None
                 connection = self._connect(doing)
+                began = False
+
+                def working(db: psycopg.Connection) -> Any:
+                    nonlocal began
+                    began = True
+                    return work(db)
+
                 try:
                     with self._translated(doing), connection.transaction():
-                        return work(connection)
+                        return working(connection)
                 except _Retry:
                     if attempt == _RETRIES - 1:
                         raise StoreUnavailable(
                             f"the job store {self.where} is too busy ({doing}): the same rows kept "
                             f"changing under {_RETRIES} tries") from None
+                except StoreUnavailable:
+                    if began or reconnected or not had_connection or self._connection is not None:
+                        raise
+                    reconnected = True  # the old connection died idle: once more on a new one
+                    continue
             time.sleep(0.01 * (attempt + 1))
         raise AssertionError("unreachable")
 
