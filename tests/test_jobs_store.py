@@ -354,6 +354,21 @@ def test_a_requeued_item_runs_again_with_its_attempts_counted(store):
     assert (again.custom_id, again.attempt) == ("a", 2)
 
 
+def test_a_lease_is_renewable_only_while_its_item_runs(store):
+    job = started_job(store, "a", "b")
+    assert store.renew_lease(job.id, 1) is False  # pending
+    item = store.claim_next_item("m")
+    assert store.renew_lease(job.id, item.line) is True
+    assert store.renew_lease(job.id, item.line) is True
+    assert store.requeue_item(job.id, item.line) is True
+    assert store.renew_lease(job.id, item.line) is False
+    again = store.claim_next_item("m")
+    assert store.record_response(job.id, again.line, 200, "r", {})
+    assert store.renew_lease(job.id, again.line) is False  # recorded
+    assert store.renew_lease("batch_nope", 1) is False
+    assert (store.lease_s is None) == isinstance(store, SqliteJobStore)
+
+
 # -- restart ---------------------------------------------------------------------------------
 
 
