@@ -77,7 +77,6 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock):
         def open_store(**options):
             opened.append(PostgresJobStore(url, **{"clock": clock, **options}))
             return opened[-1]
-    open_store.name = request.param
     yield open_store
     for one in opened:
         one.close()
