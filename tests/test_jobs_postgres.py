@@ -219,6 +219,18 @@ def test_two_boxes_claiming_from_threads_take_every_item_exactly_once(boxes):
             assert item.result["request_id"] == recorded_by[item.custom_id] and item.attempts == 1
 
 
+def test_jobs_take_turns_across_boxes_as_on_one(boxes):
+    first, second = boxes(), boxes()
+    a = started_job(first, "a1", "a2", "a3")
+    b = started_job(second, "b1", "b2")
+    order = []
+    for box in (first, second, first, second, first):
+        item = box.claim_next_item("m")
+        order.append((item.job_id, item.custom_id))
+        assert box.record_response(item.job_id, item.line, 200, "r", {})
+    assert order == [(a.id, "a1"), (b.id, "b1"), (a.id, "a2"), (b.id, "b2"), (a.id, "a3")]
+
+
 def test_each_box_claims_only_the_models_it_serves(boxes):
     box_a, box_b = boxes(), boxes()
     started_job(box_a, "a1", "a2", model="model-a")
