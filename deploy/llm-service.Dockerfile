@@ -9,8 +9,9 @@ COPY pyproject.toml README.md ./
 COPY llm_service ./llm_service
 COPY tokenizer_service ./tokenizer_service
 COPY ax_emulator ./ax_emulator
-# Wheels for the project and its dependencies, so the final stage installs without a compiler.
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# Wheels for the project and its dependencies, so the final stage installs without a compiler;
+# with the postgres extra (psycopg, a few MB), so that jobs_url can name a shared job store.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[postgres]"
 
 FROM python:3.11-slim
 COPY --from=build /wheels /wheels

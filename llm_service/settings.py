@@ -198,6 +198,17 @@ class DaemonSettings(FileConfiguredSettings):
         Path("data"),
         description="folder of the daemon's own state; its children carry it as their owner tag",
     )
+    jobs_url: str | None = Field(
+        None,
+        description="job store shared by several daemons, a postgresql://user@host/db URL (needs "
+        "the postgres extra; its password best in PGPASSWORD or ~/.pgpass, not on a command line); "
+        "unset = SQLite in data_dir, for this daemon alone",
+    )
+    jobs_lease_s: float = Field(
+        60, gt=0,
+        description="with jobs_url: a batch item a daemon claimed is run again elsewhere when the "
+        "daemon has not renewed its lease for this long (it died or lost the database)",
+    )
     child_env: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="more environment variables runners and workers get (names or globs, "
@@ -237,9 +248,15 @@ class DaemonSettings(FileConfiguredSettings):
         20, gt=0, description="on SIGTERM, answers still streaming after this long are cut off"
     )
 
-    _empty_paths_are_none = field_validator("metrics_dir", "tokenizer_service_url", mode="before")(
-        _empty_is_none
-    )
+    _empty_paths_are_none = field_validator(
+        "metrics_dir", "tokenizer_service_url", "jobs_url", mode="before")(_empty_is_none)
+
+    @field_validator("jobs_url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL (or empty for SQLite in data_dir)")
+        return value
 
     @field_validator("api_keys", "child_env", mode="before")
     @classmethod

@@ -15,6 +15,20 @@ from harness.paths import BIN
 os.environ["PATH"] = str(BIN) + os.pathsep + os.environ.get("PATH", "")
 
 
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """A throw-away PostgreSQL server (tests/postgres_support.py), one per test process; each
+    test that uses it makes a database of its own."""
+    from postgres_support import PostgresCluster
+
+    cluster = PostgresCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.remove()
+
+
 @pytest.fixture(scope="module")
 def emulator_tokenizer():
     """Our tokenizer server on the SmolLM2 tokenizer, for runner emulator tests."""

@@ -1,6 +1,11 @@
-"""The SQLite job store on a real file: schema versions, claims and their fairness, results
-recorded exactly once, recovery after a killed daemon, cancel, expiry, retention, and the errors
-an operator sees when the disk or the file refuses."""
+"""The job store's contract, run against both stores: SQLite on a real file and PostgreSQL on a
+real throw-away server (tests/postgres_support.py). Claims and their fairness, results recorded
+exactly once, cancel, expiry, retention, progress, concurrent claims.
+
+Tests marked `sqlite_only` are about the embedded store itself: its schema versions in
+PRAGMA user_version, its files folder, recovery after a killed daemon (PostgreSQL's recovery is
+by lease expiry instead: tests/test_jobs_postgres.py), and the errors an operator sees when the
+disk or the file refuses."""
 from __future__ import annotations
 
 import json
@@ -44,11 +49,51 @@ def clock() -> Clock:
     return Clock()
 
 
+BACKENDS = ("sqlite", "postgres")
+# A test about the embedded store only: it runs once, on SQLite.
+sqlite_only = pytest.mark.sqlite_only
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames:
+        only = metafunc.definition.get_closest_marker("sqlite_only") is not None
+        metafunc.parametrize("backend", ["sqlite"] if only else BACKENDS, indirect=True)
+
+
 @pytest.fixture
-def store(tmp_path: Path, clock: Clock):
-    opened = SqliteJobStore(tmp_path, max_file_bytes=1000, clock=clock)
-    yield opened
-    opened.close()
+def backend(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock):
+    """Opens a store (another connection to the same data at each call): SQLite in tmp_path,
+    or PostgreSQL in a database of its own on the test process's server."""
+    opened = []
+    if request.param == "sqlite":
+        def open_store(**options):
+            opened.append(SqliteJobStore(tmp_path, **{"clock": clock, **options}))
+            return opened[-1]
+    else:
+        from llm_service.jobs.postgres import PostgresJobStore
+
+        url = request.getfixturevalue("postgres_cluster").create_database()
+
+        def open_store(**options):
+            opened.append(PostgresJobStore(url, **{"clock": clock, **options}))
+            return opened[-1]
+    yield open_store
+    for one in opened:
+        one.close()
+
+
+@pytest.fixture
+def store(backend):
+    return backend(max_file_bytes=1000)
+
+
+def stored_byte_files(store) -> int:
+    """How many files' bytes the store keeps: SQLite's byte files, PostgreSQL's chunked files."""
+    if isinstance(store, SqliteJobStore):
+        return len(list(store.files_dir.iterdir()))
+    with store._lock:
+        connection = store._connect("counting")
+        return connection.execute("SELECT COUNT(DISTINCT file_id) FROM file_chunks").fetchone()[0]
 
 
 def requests(*custom_ids: str, model: str = "m") -> list[BatchRequest]:
@@ -70,21 +115,27 @@ def drain(store: SqliteJobStore, model: str = "m") -> list[tuple[str, str]]:
     return order
 
 
-def test_sqlite_store_offers_every_call_of_the_interface():
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_each_store_offers_every_call_of_the_interface(backend_name):
     import inspect
 
     from llm_service.jobs.store import JobStore
 
+    if backend_name == "sqlite":
+        implementation = SqliteJobStore
+    else:
+        from llm_service.jobs.postgres import PostgresJobStore as implementation
     calls = [name for name, value in vars(JobStore).items()
              if callable(value) and not name.startswith("_")]
-    assert len(calls) >= 20
+    assert len(calls) >= 21 and "renew_lease" in calls
     for name in calls:
-        assert inspect.signature(getattr(SqliteJobStore, name)) == inspect.signature(getattr(JobStore, name)), name
+        assert inspect.signature(getattr(implementation, name)) == inspect.signature(getattr(JobStore, name)), name
 
 
 # -- schema ----------------------------------------------------------------------------------
 
 
+@sqlite_only
 def test_a_new_store_has_the_current_schema_in_wal_mode(tmp_path, store):
     db = sqlite3.connect(tmp_path / DATABASE_NAME)
     assert db.execute("PRAGMA user_version").fetchone()[0] == schema_version() >= 1
@@ -94,14 +145,14 @@ def test_a_new_store_has_the_current_schema_in_wal_mode(tmp_path, store):
     db.close()
 
 
-def test_reopening_keeps_the_data_and_applies_no_migration_twice(tmp_path, store):
+def test_reopening_keeps_the_data_and_applies_no_migration_twice(backend, store):
     job = started_job(store, "a")
     store.close()
-    again = SqliteJobStore(tmp_path)
+    again = backend()
     assert again.get_job(job.id).counts.pending == 1
-    again.close()
 
 
+@sqlite_only
 def test_a_later_migration_is_applied_once_over_an_older_file(tmp_path, store, monkeypatch):
     job = started_job(store, "a")
     store.close()
@@ -117,6 +168,7 @@ def test_a_later_migration_is_applied_once_over_an_older_file(tmp_path, store, m
     db.close()
 
 
+@sqlite_only
 def test_a_failed_migration_leaves_the_file_at_its_old_version(tmp_path, store, monkeypatch):
     store.close()
     monkeypatch.setattr(store_module, "MIGRATIONS",
@@ -129,6 +181,7 @@ def test_a_failed_migration_leaves_the_file_at_its_old_version(tmp_path, store, 
     db.close()
 
 
+@sqlite_only
 def test_a_file_from_a_newer_daemon_is_refused(tmp_path, store):
     store.close()
     db = sqlite3.connect(tmp_path / DATABASE_NAME)
@@ -138,6 +191,7 @@ def test_a_file_from_a_newer_daemon_is_refused(tmp_path, store):
         SqliteJobStore(tmp_path)
 
 
+@sqlite_only
 def test_a_file_that_is_no_database_is_a_clear_error(tmp_path):
     (tmp_path / DATABASE_NAME).write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(StoreUnavailable, match="damaged"):
@@ -157,9 +211,10 @@ def test_files_keep_their_bytes_and_metadata(store, clock):
     assert store.delete_file(stored.id) is False
     with pytest.raises(NotFound):
         store.get_file(stored.id)
-    assert list(store.files_dir.iterdir()) == []
+    assert stored_byte_files(store) == 0
 
 
+@sqlite_only
 def test_no_space_for_a_file_is_store_full_and_leaves_nothing(store):
     import errno
 
@@ -176,7 +231,7 @@ def test_a_file_over_the_limit_is_refused_and_leaves_nothing(store):
     store.add_file("batch", "ok", b"x" * 1000)
     with pytest.raises(FileTooLarge):
         store.add_file("batch", "big", [b"x" * 600, b"x" * 401])
-    assert len(list(store.files_dir.iterdir())) == 1
+    assert stored_byte_files(store) == 1
 
 
 # -- claims ----------------------------------------------------------------------------------
@@ -298,9 +353,25 @@ def test_a_requeued_item_runs_again_with_its_attempts_counted(store):
     assert (again.custom_id, again.attempt) == ("a", 2)
 
 
+def test_a_lease_is_renewable_only_while_its_item_runs(store):
+    job = started_job(store, "a", "b")
+    assert store.renew_lease(job.id, 1) is False  # pending
+    item = store.claim_next_item("m")
+    assert store.renew_lease(job.id, item.line) is True
+    assert store.renew_lease(job.id, item.line) is True
+    assert store.requeue_item(job.id, item.line) is True
+    assert store.renew_lease(job.id, item.line) is False
+    again = store.claim_next_item("m")
+    assert store.record_response(job.id, again.line, 200, "r", {})
+    assert store.renew_lease(job.id, again.line) is False  # recorded
+    assert store.renew_lease("batch_nope", 1) is False
+    assert (store.lease_s is None) == isinstance(store, SqliteJobStore)
+
+
 # -- restart ---------------------------------------------------------------------------------
 
 
+@sqlite_only
 def test_items_running_when_the_daemon_died_run_again_after_restart(tmp_path, clock):
     before = SqliteJobStore(tmp_path, clock=clock)
     job = started_job(before, "a", "b", "c")
@@ -326,6 +397,7 @@ def test_items_running_when_the_daemon_died_run_again_after_restart(tmp_path, cl
     after.close()
 
 
+@sqlite_only
 def test_an_item_running_at_every_death_fails_after_max_attempts(tmp_path, clock):
     first = SqliteJobStore(tmp_path, clock=clock)
     job = started_job(first, "poison", "fine")
@@ -345,6 +417,7 @@ def test_an_item_running_at_every_death_fails_after_max_attempts(tmp_path, clock
     last.close()
 
 
+@sqlite_only
 def test_a_write_refused_for_space_leaves_no_transaction_open(store):
     job = started_job(store, "a")
     store._connection.execute("PRAGMA max_page_count = 1")  # SQLite keeps it at the current size
@@ -356,13 +429,11 @@ def test_a_write_refused_for_space_leaves_no_transaction_open(store):
     assert store.get_job(job.id).counts.running == 1
 
 
-def test_a_job_accepted_before_a_kill_is_there_after_it(tmp_path, clock):
-    before = SqliteJobStore(tmp_path, clock=clock)
+def test_a_job_accepted_before_a_kill_is_there_after_it(backend):
+    before = backend()
     validating = before.create_job(CHAT, "file-x", "24h", DAY)
-    after = SqliteJobStore(tmp_path, clock=clock)
+    after = backend()
     assert [j.id for j in after.jobs_in_status("validating")] == [validating.id]
-    before.close()
-    after.close()
 
 
 # -- cancel ----------------------------------------------------------------------------------
@@ -459,9 +530,12 @@ def test_retention_purges_old_finished_jobs_and_files_only(store, clock):
     assert store.get_file(short_lived.id)
     clock.now += 60
     assert store.purge(DAY) == store_module.PurgeCounts(jobs=0, files=1)
-    assert sorted(p.name for p in store.files_dir.iterdir()) == [busy_input.id]
+    assert stored_byte_files(store) == 1
+    if isinstance(store, SqliteJobStore):
+        assert sorted(p.name for p in store.files_dir.iterdir()) == [busy_input.id]
 
 
+@sqlite_only
 def test_purge_sweeps_old_bytes_without_a_row(store):
     orphan = store.files_dir / "file-orphan.partial"
     orphan.write_bytes(b"left by a crash")
@@ -483,6 +557,7 @@ def test_listing_is_newest_first_and_paged(store):
 # -- when the disk refuses -------------------------------------------------------------------
 
 
+@sqlite_only
 def test_a_full_database_is_store_full_and_keeps_what_was_stored(store):
     job = started_job(store, "a")
     pages = store._connection.execute("PRAGMA page_count").fetchone()[0]
@@ -513,6 +588,7 @@ else:
 """
 
 
+@sqlite_only
 @pytest.mark.parametrize("folder_writable", [False, True])
 def test_a_read_only_database_is_a_clear_store_error(folder_writable):
     # Outside pytest's own temporary folder, which only its owner may enter.
@@ -559,18 +635,18 @@ def test_model_progress_counts_pending_and_running_items(store, clock):
     assert store.model_progress() == {}
 
 
-def test_concurrent_claims_from_threads_and_a_second_store_take_each_item_once(tmp_path, store):
+def test_concurrent_claims_from_threads_and_a_second_store_take_each_item_once(backend, store):
     import threading
 
     ids = [f"c{n}" for n in range(120)]
     started_job(store, *ids[:60])
     started_job(store, *ids[60:])
-    other = SqliteJobStore(tmp_path)  # another connection to the same file
+    other = backend()  # another connection to the same data
     claimed: list[str] = []
     recorded: list[bool] = []
     lock = threading.Lock()
 
-    def work(on: SqliteJobStore) -> None:
+    def work(on) -> None:
         while (item := on.claim_next_item("m")) is not None:
             ok = on.record_response(item.job_id, item.line, 200, "r", {})
             with lock:
@@ -582,7 +658,7 @@ def test_concurrent_claims_from_threads_and_a_second_store_take_each_item_once(t
         thread.start()
     for thread in threads:
         thread.join(timeout=60)
-    other.close()
+    assert not any(thread.is_alive() for thread in threads)
     assert sorted(claimed) == sorted(ids) and all(recorded)
 
 
@@ -599,6 +675,7 @@ while (item := store.claim_next_item("m")) is not None:
 """
 
 
+@sqlite_only
 def test_a_store_killed_again_and_again_ends_with_each_result_once(tmp_path):
     import signal
     import time

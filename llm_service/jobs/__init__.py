@@ -8,6 +8,8 @@
   runner.py       the `JobRunner`: the store opened lazily, items fed to the models at job
                   priority (after interactive requests) through the /v1 routes' code, settled
                   jobs finished, cancel and completion windows; progress for status and metrics
+  postgres.py     the same interface in PostgreSQL (`jobs_url`), so several boxes drain one
+                  queue: claims per model with SKIP LOCKED, leases, recovery by lease expiry
 
 The routes are `api/openai/batches.py` (`/v1/files`, `/v1/batches`). Importing this package
 imports neither the store nor sqlite3.

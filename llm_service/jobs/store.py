@@ -1,8 +1,9 @@
 """The job store: uploaded files, batch jobs and their items, kept across restarts.
 
 `JobStore` is the interface the rest of the daemon uses; `SqliteJobStore` is the embedded one
-(one SQLite file in WAL mode, the files' bytes in a folder beside it). Another database can take
-its place by implementing the same calls.
+(one SQLite file in WAL mode, the files' bytes in a folder beside it), the default;
+`postgres.PostgresJobStore` is the shared one several daemons drain (`jobs_url`).
+`open_job_store` picks between them.
 
 Crash safety rests on three rules: an item is `running` only between `claim_next_item` and the
 recording of its result; a result is recorded only over a `running` item, so a second record of
@@ -177,6 +178,10 @@ class PurgeCounts:
 class JobStore(Protocol):
     """What the daemon asks of a job store."""
 
+    # How long a claimed item stays this store's without `renew_lease`; None: no leases (one
+    # daemon owns the store, `recover_running` at its start takes back what it was running).
+    lease_s: float | None
+
     # Files.
     def add_file(self, purpose: str, filename: str, content: bytes | Iterable[bytes],
                  expires_at: float | None = None) -> StoredFile: ...
@@ -207,6 +212,9 @@ class JobStore(Protocol):
                         body: Any) -> bool: ...
     def record_error(self, job_id: str, line: int, code: str, message: str) -> bool: ...
     def requeue_item(self, job_id: str, line: int) -> bool: ...
+    # True while this store still holds the running item; the runner calls it every
+    # `lease_s / 3` seconds or so for each item it runs (a store without leases: lease_s None).
+    def renew_lease(self, job_id: str, line: int) -> bool: ...
     def model_progress(self) -> dict[str, ModelProgress]: ...
 
     # Upkeep.
@@ -273,12 +281,44 @@ def schema_version() -> int:
     return len(MIGRATIONS)
 
 
+JOBS_FOLDER = "jobs"  # the SQLite store's folder in the daemon's data_dir
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def open_job_store(where: Any, jobs_url: str | None = None, **options: Any) -> JobStore:
+    """The daemon's job store: SQLite in `<data_dir>/jobs/` by default, PostgreSQL when
+    `jobs_url` is a postgresql:// URL. `where` is the daemon's settings (their `data_dir` and
+    `jobs_url`, `jobs_lease_s`; an explicit `jobs_url` wins) or a data folder. psycopg is
+    imported only for PostgreSQL.
+    `options` go to the store's constructor (max_file_bytes, clock; for PostgreSQL also
+    box_id, lease_s, max_attempts, connect_timeout_s, statement_timeout_s)."""
+    lease_s = None
+    if isinstance(where, (str, os.PathLike)):
+        data_dir = Path(where)
+    else:
+        data_dir = Path(where.data_dir)
+        if jobs_url is None:
+            jobs_url = getattr(where, "jobs_url", None)
+        lease_s = getattr(where, "jobs_lease_s", None)
+    if jobs_url:
+        if not jobs_url.startswith(POSTGRES_SCHEMES):
+            raise ValueError(f"jobs_url must be a postgresql:// URL, not {jobs_url.split(':', 1)[0]}:")
+        from .postgres import PostgresJobStore
+
+        if lease_s is not None:
+            options.setdefault("lease_s", lease_s)
+        return PostgresJobStore(jobs_url, **options)
+    return SqliteJobStore(data_dir / JOBS_FOLDER, **options)
+
+
 def _new_id(prefix: str) -> str:
     return prefix + uuid.uuid4().hex
 
 
 class SqliteJobStore:
     """The job store in `<directory>/jobs.sqlite3`, the files' bytes in `<directory>/files/`."""
+
+    lease_s: float | None = None  # one daemon per file: no leases
 
     def __init__(self, directory: Path, max_file_bytes: int = 200 * 1024 * 1024,
                  clock: Callable[[], float] = time.time) -> None:
@@ -636,6 +676,13 @@ class SqliteJobStore:
             return db.execute(
                 "UPDATE items SET state = ?, started_at = NULL WHERE job_id = ? AND line = ? "
                 "AND state = ?", (PENDING, job_id, line, RUNNING)).rowcount > 0
+
+    def renew_lease(self, job_id: str, line: int) -> bool:
+        """Whether the item still runs: an embedded store has no leases to renew (one daemon
+        owns it), but the answer tells the runner as PostgreSQL's does whether to go on."""
+        with self._reading("reading an item") as db:
+            return db.execute("SELECT 1 FROM items WHERE job_id = ? AND line = ? AND state = ?",
+                              (job_id, line, RUNNING)).fetchone() is not None
 
     def model_progress(self) -> dict[str, ModelProgress]:
         """Pending and running items per model, over the jobs that run."""
