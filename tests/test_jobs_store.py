@@ -265,6 +265,20 @@ def test_claims_are_per_model(store):
     assert store.claim_next_item("none") is None
 
 
+def test_files_are_listed_and_items_timed(store):
+    first = store.add_file("batch", "a.jsonl", b"{}")
+    second = store.add_file("batch_output", "b.jsonl", b"{}")
+    assert [f.id for f in store.list_files()] == [first.id, second.id]
+    assert [f.id for f in store.list_files("batch")] == [first.id]
+    job = started_job(store, "a", "b")
+    assert store.item_times(job.id) == {1: (None, None), 2: (None, None)}
+    item = store.claim_next_item("m")
+    store.record_response(item.job_id, item.line, 200, "r", {})
+    started, finished = store.item_times(job.id)[item.line]
+    assert started is not None and finished is not None and finished >= started
+    assert store.item_times(job.id)[3 - item.line] == (None, None)
+
+
 def test_jobs_of_one_model_take_turns(store):
     first = started_job(store, "a1", "a2", "a3")
     second = started_job(store, "b1", "b2")

@@ -416,6 +416,14 @@ class PostgresJobStore:
             raise NotFound(f"no file {file_id!r}")
         return StoredFile(*row)
 
+    def list_files(self, purpose: str | None = None) -> list[StoredFile]:
+        """Every file (of `purpose`), oldest first."""
+        columns = "SELECT id, purpose, filename, bytes, created_at, expires_at FROM files"
+        rows = self._run("listing files", lambda db: db.execute(
+            f"{columns} ORDER BY created_at, id" if purpose is None else f"{columns} WHERE purpose = %s "
+            "ORDER BY created_at, id", () if purpose is None else (purpose,)).fetchall())
+        return [StoredFile(*row) for row in rows]
+
     def file_bytes(self, file_id: str) -> bytes:
         def work(db: psycopg.Connection) -> bytes | None:
             if db.execute("SELECT 1 FROM files WHERE id = %s", (file_id,)).fetchone() is None:
@@ -583,6 +591,15 @@ class PostgresJobStore:
 
         rows = self._run("reading items", work)
         return [Item(j, line, c, s, _loads(r), _loads(e), a) for j, line, c, s, r, e, a in rows]
+
+    def item_times(self, job_id: str) -> dict[int, tuple[float | None, float | None]]:
+        """line -> (when its last run started, when it was settled); None where it did not."""
+        def work(db: psycopg.Connection) -> list[tuple]:
+            self._job(db, job_id)
+            return db.execute("SELECT line, started_at, finished_at FROM items WHERE job_id = %s",
+                              (job_id,)).fetchall()
+
+        return {line: (started, finished) for line, started, finished in self._run("reading items", work)}
 
     # -- items --------------------------------------------------------------------------------
 
