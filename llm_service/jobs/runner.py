@@ -94,6 +94,7 @@ class JobRunner:
         self.progress: dict[str, Any] = {}  # model -> ModelProgress, refreshed by the loop
         self._finished_events: dict[str, anyio.Event] = {}  # job id -> set when it finishes
         self._expiry: dict[str, float] = {}  # job id -> its expires_at (wall clock)
+        self._last_recovery = time.monotonic()
 
     # ---- the store ---------------------------------------------------------------------------
 
@@ -102,7 +103,9 @@ class JobRunner:
         return self._store is not None
 
     def database_exists(self) -> bool:
-        return (self.directory / DATABASE_NAME).exists()
+        """A store to open at start: a shared one (PostgreSQL: other boxes' jobs), or a SQLite
+        file an earlier run left."""
+        return bool(getattr(self.settings, "jobs_url", None)) or (self.directory / DATABASE_NAME).exists()
 
     async def store(self) -> SqliteJobStore:
         """The store, opened at the first call; its errors as JobsError (503, 507)."""
@@ -110,11 +113,13 @@ class JobRunner:
             return self._store
         async with self._open_lock:
             if self._store is None:
-                from .store import JobStoreError, SqliteJobStore
+                from .store import JobStoreError, open_job_store
 
+                options: dict[str, Any] = {"max_file_bytes": self.settings.job_file_max_bytes}
+                if getattr(self.settings, "jobs_url", None):
+                    options["max_attempts"] = self.settings.job_max_attempts
                 try:
-                    store = await anyio.to_thread.run_sync(
-                        lambda: SqliteJobStore(self.directory, self.settings.job_file_max_bytes))
+                    store = await anyio.to_thread.run_sync(lambda: open_job_store(self.settings, **options))
                     recovered = await anyio.to_thread.run_sync(store.recover_running, self.settings.job_max_attempts)
                 except JobStoreError as exc:
                     raise translated(exc) from None
@@ -181,6 +186,13 @@ class JobRunner:
 
     async def _round(self) -> None:
         store = await self.store()
+        lease_s = getattr(store, "lease_s", None)
+        if lease_s is not None and time.monotonic() - self._last_recovery > lease_s:
+            # A shared store: items of boxes that died come back once their lease is over.
+            self._last_recovery = time.monotonic()
+            recovered = await self.call(store.recover_running, self.settings.job_max_attempts)
+            if recovered:
+                log.info("jobs: %d item(s) whose box stopped renewing them will run again", recovered)
         expired = await self.call(store.expire_due)
         for job_id in expired:
             self._interrupt(job_id)
@@ -284,6 +296,8 @@ class JobRunner:
         failure: tuple[str, str] | None = None
         try:
             with scope:
+                if getattr(store, "lease_s", None) is not None:
+                    self._tg.start_soon(self._keep_lease, store, item, scope)
                 deadline = await self._item_deadline(item)
                 for attempt in range(_UNAVAILABLE_RETRIES + 1):
                     try:
@@ -304,6 +318,26 @@ class JobRunner:
             self._current.pop(item.job_id, None)
             with anyio.CancelScope(shield=True):
                 await self._settle_item(store, item, answer, failure)
+
+    async def _keep_lease(self, store: Any, item: ClaimedItem, scope: anyio.CancelScope) -> None:
+        """While the item runs, renew its lease (a shared store hands it to another box when a
+        lease runs out) and notice a cancel made on another box."""
+        from .store import CANCELLING, JobStoreError
+
+        while not scope.cancel_called:
+            await anyio.sleep(store.lease_s / 3)
+            if self._current.get(item.job_id, (None,))[0] is not item:
+                return
+            try:
+                held = await anyio.to_thread.run_sync(store.renew_lease, item.job_id, item.line)
+                job = await anyio.to_thread.run_sync(store.get_job, item.job_id)
+            except JobStoreError as exc:  # the database is away: the lease may run out; go on
+                log.warning("jobs: renewing the lease of item %d of %s failed: %s", item.line, item.job_id, exc)
+                continue
+            if not held or job.status == CANCELLING:
+                self._cancelled_running.add((item.job_id, item.line))
+                scope.cancel()
+                return
 
     async def _item_deadline(self, item: ClaimedItem) -> float:
         """A job item waits behind interactive requests for as long as they come: its deadline
