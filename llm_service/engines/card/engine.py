@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import os
 import signal
 import sys
@@ -26,6 +27,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
 from ...children import child_environment, owner_tag
+from ...image_files import TurnImages, write_turn_images
 from ...states import RunnerState
 from ...stop_sequences import StopScanner
 from ...thinking import ThinkSplitter
@@ -53,6 +55,7 @@ from .dialects import DIALECTS, Dialect
 from .output import (
     Banner,
     ContextUsed,
+    ImageMarker,
     InputTokens,
     KvCache,
     LogLine,
@@ -82,6 +85,7 @@ from .planner import (
     line_texts,
     plan_turn,
     read_turn,
+    turn_start,
     token_bound,
     token_guess,
 )
@@ -96,6 +100,8 @@ _RESET_TIMEOUT_S = 30.0
 # Tokens the runner's context count may differ from the tokenizer's by (an end token or two).
 _CONTEXT_SLACK = 2
 _TOKENIZER_CALL_TIMEOUT_S = 5.0
+# A vision runner's word that it could not read the image it was given (docs/vlm-runners.md §3).
+_IMAGE_NOT_READ = re.compile(r"image prompt\(.*\) not found")
 # /api/show waits at most this long for a model's tokenizer server to start and say what it knows.
 _DESCRIBE_TIMEOUT_S = 20.0
 
@@ -202,6 +208,8 @@ class _TurnJob:
     markers_while_counting: int = 0
     # After an imitated end: the rest of the answer is taken from the tokenizer's account.
     text_from_tokenizer: bool = False
+    # The turn's images as files a vision runner reads (written and removed by the request).
+    images: TurnImages | None = None
 
     def deliver(self, item: Any) -> None:
         if self.delivered:
@@ -212,6 +220,11 @@ class _TurnJob:
             self.send.send_nowait(item)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             self.delivered = True  # the consumer is gone
+
+
+def _images_described(job: _TurnJob) -> str:
+    images = job.plan.images if job.plan is not None else ()
+    return "; ".join(image.describe() for image in images) or "none"
 
 
 class CardEngine(Engine):
@@ -322,8 +335,14 @@ class CardEngine(Engine):
     async def generate(self, request: GenerationRequest):
         send, receive = anyio.create_memory_object_stream(math.inf)
         job = _TurnJob(request=request, send=send, splitter=ThinkSplitter(), stops=StopScanner(request.options.stop))
-        self._post(job)
+        messages = [m for m in request.messages if m.role != "system"]
+        images = tuple(image for m in messages[turn_start(messages):] for image in m.images) if messages else ()
+        if images:
+            # Written before the owner sees the job and removed when the request ends, however
+            # it ends: the owner only passes the path (llm_service/image_files.py).
+            job.images = await anyio.to_thread.run_sync(write_turn_images, self.settings.data_dir, images, request.id)
         try:
+            self._post(job)
             async with receive:
                 async for item in receive:
                     if isinstance(item, BaseException):
@@ -334,6 +353,14 @@ class CardEngine(Engine):
         finally:
             if not job.delivered:
                 self._post(_Cancel(job))
+            if job.images is not None:
+                job.images.remove()
+
+    def accepts_images(self) -> bool:
+        dialect = self._dialect
+        if dialect is not None and dialect.image_marker is not None:
+            return True
+        return bool(self.model_facts().get("vision")) or self.config.dialect in ("vl", "vl_qwen")
 
     async def prompt_format(self) -> PromptFormat:
         """What the model's tokenizer server says (our server only): the one the runner talks
@@ -745,6 +772,11 @@ class CardEngine(Engine):
                 job.context_after = None
         elif isinstance(event, RunnerError):
             self.logs.append(f"[error:{event.kind}] {event.message}")
+            if job is not None and job.images is not None and _IMAGE_NOT_READ.search(event.message):
+                job.error = BadRequest(
+                    f"the runner of {self.spec.name} could not read the image ({_images_described(job)}): it said "
+                    f"\"{event.message}\" and would have answered the text alone; send it as JPEG or PNG"
+                )
             if job is not None and event.kind in ("context_overflow", "prompt_too_long"):
                 job.error = BadRequest(
                     f"the prompt does not fit the model's context of {self.spec.context_size} tokens (the runner "
@@ -753,11 +785,15 @@ class CardEngine(Engine):
                 self._held = None  # what the runner holds now is not reliable
         elif isinstance(event, Marker):
             await self._on_marker()
+        elif isinstance(event, ImageMarker):
+            self._on_image_marker()
 
     async def _on_marker(self) -> None:
         state = self._machine.state
         if self._parser is not None and self._dialect_name is None:
             self._dialect_name = self._parser.dialect
+            if self._dialect_name == "vl" and self.model_facts().get("image_directories"):
+                self._dialect_name = "vl_qwen"  # a Qwen-VL build: its script sets the encoder's size
         if state is S.INITIALIZING:
             self.last_load_duration = time.monotonic() - (self._load_started or time.monotonic())
             self._load_stall_at = self._load_cap_at = None
@@ -780,6 +816,14 @@ class CardEngine(Engine):
             self._job.markers_while_counting += 1  # the end its count is checking may not be the last
         # Otherwise a marker at READY is the runner re-printing it (after an empty line): nothing to do.
 
+    def _on_image_marker(self) -> None:
+        """A vision runner reads the turn's image path now: the file's, or an empty line."""
+        job = self._job
+        if self._runner is None:
+            return
+        path = job.images.path if job is not None and job.phase == "prompting" and job.images is not None else ""
+        self._runner.write_line(path)
+
     async def _on_text(self, text: str) -> None:
         job = self._job
         if job is None or job.phase != "prompting":
@@ -794,8 +838,8 @@ class CardEngine(Engine):
         if job.text_from_tokenizer:
             return  # the runner's copy of text the tokenizer's account already holds
         job.answer.append(text)
-        if job.interrupted:
-            return  # draining after SIGINT: nothing more reaches the client
+        if job.interrupted or job.error is not None:
+            return  # draining after SIGINT, or a failed turn: nothing more reaches the client
         await self._relay(job, text)
 
     async def _relay(self, job: _TurnJob, text: str) -> None:
@@ -1027,11 +1071,15 @@ class CardEngine(Engine):
     def _write_prompt(self, job: _TurnJob) -> None:
         assert job.plan is not None and self._parser is not None and self._runner is not None
         job.phase = "prompting"
-        self._parser.begin_turn()
         if self._our_tokenizer:
             self._tokenizer_config["history"] = []  # the runner's /encode for this line consumes it
             self._tokenizer_config["turn"] = []  # … and a tool round's messages
         self._set_state(S.PROCESSING, "prompt sent", request=job.request.id)
+        if job.images is not None and job.plan.images == ():
+            job.images.remove()  # not for this turn (the planner said why)
+            job.images = None
+        dialect = self._dialect
+        self._parser.begin_turn(dialect.image_marker if dialect is not None else None)
         job.context_before = self._context[0] if self._context else None
         job.prompt_written_at = time.monotonic()
         self._hang_at = job.prompt_written_at + self._hang_s

@@ -55,6 +55,13 @@ class Marker:
 
 
 @dataclass(frozen=True, slots=True)
+class ImageMarker:
+    """A vision runner's second marker (`image >> `): it reads the image's path now."""
+
+    marker: str
+
+
+@dataclass(frozen=True, slots=True)
 class Text:
     text: str
 
@@ -113,7 +120,7 @@ class RunnerError:
     message: str
 
 
-Event = (LogLine | Progress | InitOk | Marker | Text | Ttft | TurnEnd | KvCache | ContextUsed | InputTokens
+Event = (LogLine | Progress | InitOk | Marker | ImageMarker | Text | Ttft | TurnEnd | KvCache | ContextUsed | InputTokens
          | BosEos | Uid | Banner | PlainLine | RunnerError)
 
 # ---------------------------------------------------------------------------------------------
@@ -290,6 +297,9 @@ class RunnerOutputParser:
         # The turn's text has begun: from then on the runner prints no log line but its end
         # (`hit eos`), so any other "log line" is the model's text.
         self._text_seen = False
+        # A vision runner's second marker, expected at the start of the turn, and its bytes seen so far.
+        self._image_marker: bytes | None = None
+        self._image_marker_seen = 0
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     @property
@@ -304,10 +314,13 @@ class RunnerOutputParser:
         self._strip_ansi(data)
         return self._take_events()
 
-    def begin_turn(self) -> None:
-        """The daemon wrote a prompt line: from now until TurnEnd, non-log bytes are answer text."""
+    def begin_turn(self, image_marker: bytes | None = None) -> None:
+        """The daemon wrote a prompt line: from now until TurnEnd, non-log bytes are answer text.
+        `image_marker`: a vision runner's second marker, which comes first (an ImageMarker event)."""
         if self._turn_open:
             return
+        self._image_marker = image_marker
+        self._image_marker_seen = 0
         if self._line:  # not expected after a marker; keep it rather than mix it into the answer
             self._complete_line(self._take_line())
         self._flush_banner()
@@ -427,7 +440,9 @@ class RunnerOutputParser:
     def _plain(self, segment: bytes) -> None:
         position = 0
         while position < len(segment):
-            if self._turn_open:
+            if self._turn_open and self._image_marker is not None:
+                position = self._image_marker_bytes(segment, position)
+            elif self._turn_open:
                 position = self._turn_bytes(segment, position)
             else:
                 position = self._outside_bytes(segment, position)
@@ -464,6 +479,24 @@ class RunnerOutputParser:
             if self._dialect not in candidates:  # keep what earlier lines showed, if the marker agrees
                 self._dialect = candidates[0]
         self._emit(Marker(marker.decode()))
+
+    def _image_marker_bytes(self, segment: bytes, position: int) -> int:
+        """The turn's first bytes, while they may still be the second marker."""
+        marker = self._image_marker
+        assert marker is not None
+        seen = self._image_marker_seen
+        take = segment[position:position + len(marker) - seen]
+        if marker[seen:seen + len(take)] == take:
+            self._image_marker_seen += len(take)
+            if self._image_marker_seen == len(marker):
+                self._image_marker = None
+                self._emit(ImageMarker(marker.decode()))
+            return position + len(take)
+        # Not the marker after all: what was held is the turn's output.
+        self._image_marker = None
+        if seen:
+            self._turn_bytes(marker[:seen], 0)
+        return position
 
     def _turn_bytes(self, segment: bytes, position: int) -> int:
         newline = segment.find(b"\n", position)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokenizer_service.prompt_escape import escape_prompt_line
 from tokenizer_service.tool_prompt import as_text_messages, assistant_text, responses_text, tools_block, with_tools
@@ -32,6 +32,9 @@ from ...tool_calls import split_calls
 from ...tools import call_key, choice_instruction, template_message, tools_for_model
 from ..base import BadRequest, ChatMessage, GenerationRequest, Infill
 from .dialects import Dialect
+
+if TYPE_CHECKING:
+    from ...images import ImageInput
 
 # Options the card fixes at launch (post_config.json); accepted per request but not applied.
 FIXED_AT_LAUNCH = ("temperature", "top_p", "top_k", "seed", "repeat_penalty")
@@ -56,6 +59,7 @@ class Turn:
     messages: tuple[ChatMessage, ...] = ()
     tools: list[dict[str, Any]] | None = None  # the definitions given to the model
     instruction: str | None = None  # what a required tool_choice adds (system prompt or line)
+    images: tuple[ImageInput, ...] = ()  # what the runner reads at its image marker this turn
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,7 @@ class Plan:
     warnings: tuple[str, ...]
     raw: bool = False  # a raw turn: what the runner holds after it is no conversation to continue
     tools: list[dict[str, Any]] | None = None  # the definitions the conversation holds after the turn
+    images: tuple[ImageInput, ...] = ()  # the turn's images (a vision runner's image marker)
 
 
 def read_turn(request: GenerationRequest, default_system: str | None, runner: Runner) -> Turn:
@@ -124,10 +129,10 @@ def read_turn(request: GenerationRequest, default_system: str | None, runner: Ru
             f"num_ctx {num_ctx}: the model's context on the card is {runner.context_size} tokens, fixed when "
             f"the model was converted; the request runs with {runner.context_size}"
         )
-    start = len(messages) - 1
-    while messages[-1].role == "tool" and start > 0 and messages[start - 1].role == "tool":
-        start -= 1
+    start = turn_start(messages)
     turn_messages = tuple(messages[start:])
+    images, image_warnings = turn_images(messages, start, runner)
+    warnings.extend(image_warnings)
     line = responses_text(m.content for m in turn_messages) if messages[-1].role == "tool" else messages[-1].content
     tools = tools_for_model(request)
     if tools:
@@ -171,7 +176,38 @@ def read_turn(request: GenerationRequest, default_system: str | None, runner: Ru
         messages=turn_messages,
         tools=tools,
         instruction=instruction,
+        images=images,
     )
+
+
+def turn_start(messages: list[ChatMessage]) -> int:
+    """Where the turn's new messages begin (system messages left out): the last user message,
+    or a tool round's results."""
+    start = len(messages) - 1
+    while messages[-1].role == "tool" and start > 0 and messages[start - 1].role == "tool":
+        start -= 1
+    return start
+
+
+def turn_images(messages: list[ChatMessage], start: int, runner: Runner) -> tuple[tuple[ImageInput, ...], list[str]]:
+    """The images the runner reads this turn: the new messages' (one image a turn, or several
+    as frames where the runner takes a directory). An earlier message's image cannot reach it
+    (it keeps nothing between turns and reads one path a turn): said in a warning."""
+    new = tuple(image for m in messages[start:] for image in m.images)
+    earlier = sum(len(m.images) for m in messages[:start])
+    if not new and not earlier:
+        return (), []
+    if runner.dialect.image_marker is None:
+        raise BadRequest(f"{runner.model} does not support images: its runner takes text only (send the "
+                         "images to a vision-language model, one whose run script names an image encoder)")
+    if len(new) > 1 and not runner.dialect.image_directories:
+        raise BadRequest(f"{len(new)} images in the last message: {runner.model}'s runner reads one image a "
+                         "turn; send one image (or one request per image)")
+    warnings = []
+    if earlier:
+        warnings.append(f"images of earlier messages not sent ({earlier}): the runner reads the images of the "
+                        "last message only and keeps nothing between turns; their messages' text was sent")
+    return new, warnings
 
 
 def _tools_warnings(runner: Runner) -> list[str]:
@@ -383,6 +419,7 @@ def _plan(
         warnings=tuple(warnings),
         raw=turn.raw,
         tools=turn.tools,
+        images=turn.images,
     )
 
 
