@@ -56,6 +56,7 @@ class TurnImages:
 
     path: str
     _remove: Path
+    frames: bool = False  # `path` is a folder of frames (the runner lists them as it reads them)
 
     def remove(self) -> None:
         try:
@@ -81,7 +82,7 @@ def write_turn_images(data_dir: Path, images: tuple[ImageInput, ...], request_id
         target.mkdir(mode=0o700)
         for index, image in enumerate(images):
             _write(target / f"frame{index:03d}{image.extension}", image.data)
-        result = TurnImages(str(target), target)
+        result = TurnImages(str(target), target, frames=True)
     if "\n" in result.path or "\r" in result.path:  # the runner reads the path as one line
         result.remove()
         raise ValueError(f"image path with a line break: {result.path!r}")

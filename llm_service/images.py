@@ -153,7 +153,7 @@ def check_image(data: bytes, where: str, limits: ImageLimits) -> ImageInput:
     if not data:
         raise BadRequest(f"{where}: the image is empty")
     if len(data) > limits.max_bytes:
-        raise BadRequest(f"{where}: the image has {len(data)} bytes, more than the {limits.max_bytes} this "
+        raise BadRequest(f"{where}: the image has {len(data)} bytes, larger than the {limits.max_bytes} bytes this "
                          "server takes (setting image_max_bytes): send a smaller or more compressed picture")
     kind = sniff_format(data)
     if kind is None:

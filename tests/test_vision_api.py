@@ -22,6 +22,9 @@ from harness.models import scripted_model, scripted_vision_model
 from test_structured_output import REVIEW, ReviewMetadata, directive, frigate_review_format, review_prompt
 
 WORDS = 4
+MAX_BYTES = 200_000  # the module's daemon takes images up to this size
+MAX_COUNT = 4  # … and this many in one request
+FROM_PROSE = "structured output: the JSON was taken out of the text around it in the answer"
 
 
 def jpeg_bytes(width: int, height: int, seed: int = 0) -> bytes:
@@ -49,8 +52,10 @@ def daemon(tmp_path_factory):
         scripted_vision_model(root, "internvl", family="internvl", reply_words=WORDS),
         scripted_vision_model(root, "qwen-vl", family="qwen", reply_words=WORDS),
         scripted_model(root, "text", reply_words=WORDS),
+        # Slow enough to leave in the middle of its answer.
+        scripted_vision_model(root, "slow-vl", family="internvl", reply_words=40, tokens_per_second=8),
     ]
-    with running_daemon(root, entries) as d:
+    with running_daemon(root, entries, "--image-max-bytes", str(MAX_BYTES), "--image-max-count", str(MAX_COUNT)) as d:
         yield d
 
 
@@ -72,3 +77,180 @@ def test_generate_with_one_image_reaches_the_runner(daemon):
     expected = tag(1, picture, 640, 480, "JPEG") + " " + reply_text("What is in this picture?", WORDS, think=False)
     assert result.response == expected
     assert image_files(daemon) == []  # the file the runner read is gone with the answer
+
+
+def test_show_lists_vision_for_vision_models_only(daemon):
+    client = ollama.Client(host=daemon.url, timeout=120)
+    assert "vision" in client.show("internvl").capabilities
+    assert "vision" in client.show("qwen-vl").capabilities
+    assert "vision" not in client.show("text").capabilities
+
+
+@pytest.mark.parametrize(("model", "frames"), [("internvl", 1), ("qwen-vl", 1)])
+def test_frigates_review_call_with_its_images(daemon, model, frames):
+    """frigate/genai/ollama.py: `generate(model, prompt, images=[<base64 JPEG>, …], format=<its
+    schema>, options={...})`, the answer's fences stripped and `ReviewMetadata.model_validate_json`.
+    Frigate sends the review's frames in order: a Qwen-VL runner reads several (a folder of
+    frames), an InternVL one reads one image a turn; with Frigate's prompt and schema one frame
+    is what fits a Qwen2.5-VL build's 1023-token context (below)."""
+    pictures = [jpeg_bytes(1280, 720, seed=10 + i) for i in range(frames)]
+    client = ollama.Client(host=daemon.url, timeout=120)
+    assert client.show(model).modelfile is not None
+    options = {"temperature": 0.5, "repeat_penalty": 1.05, "presence_penalty": 0.3}
+    prompt = review_prompt(directive("valid", REVIEW)).replace("Total frames: 0", f"Total frames: {frames}")
+    result = client.generate(model, prompt, images=[b64(p) for p in pictures], options=options,
+                             format=frigate_review_format())
+    text = str(result["response"]).strip()
+    clean = re.sub(r"\n?```$", "", re.sub(r"^```[a-zA-Z0-9]*\n?", "", text))
+    assert ReviewMetadata.model_validate_json(clean) == ReviewMetadata(**REVIEW)
+    # The raw answer: the JSON was taken out of the text around it, which named the images.
+    body = post(daemon, "/api/generate", {"model": model, "prompt": prompt, "images": [b64(p) for p in pictures],
+                                          "format": frigate_review_format(), "stream": False}).json()
+    assert json.loads(body["response"]) == REVIEW and FROM_PROSE in body["warnings"]
+    # The runner encoded every frame (256 tokens x the embedding width each) and no frame list
+    # reached the answer (the daemon logs the runner's list of the frames it read).
+    embed = 2048 if model == "qwen-vl" else 1536
+    with daemon.client() as http:
+        logs = http.get(f"/api/logs/{model}").text
+    assert f"size : {256 * embed * frames}" in logs
+    assert logs.count("[frame] ") == (2 * frames if frames > 1 else 0)
+    assert image_files(daemon) == []
+
+
+def test_frigates_frames_beyond_the_context_are_a_clear_400(daemon):
+    """Three frames (3 x 260 tokens) and Frigate's prompt with its schema do not fit the 1023
+    tokens the Qwen-VL runner says at start-up (`max_token_len`): a 400 that says so, not the
+    empty answer the runner would give."""
+    pictures = [b64(jpeg_bytes(1280, 720, seed=20 + i)) for i in range(3)]
+    prompt = review_prompt(directive("valid", REVIEW)).replace("Total frames: 0", "Total frames: 3")
+    answer = post(daemon, "/api/generate", {"model": "qwen-vl", "prompt": prompt, "images": pictures,
+                                            "format": frigate_review_format(), "stream": False})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert "more than the model's context of 1023 tokens" in error and "the 3 image(s) take 780 of these tokens" in error
+    assert image_files(daemon) == []
+
+
+def test_frames_reach_a_qwen_runner_in_order(daemon):
+    pictures = [png_bytes(30 + i, 20, seed=i) for i in range(3)]
+    client = ollama.Client(host=daemon.url, timeout=120)
+    result = client.generate("qwen-vl", "Follow the frames.", images=[b64(p) for p in pictures])
+    tags = " ".join(tag(i + 1, p, 30 + i, 20, "PNG") for i, p in enumerate(pictures))
+    assert result.response == tags + " " + reply_text("Follow the frames.", WORDS, think=False)
+
+
+def test_openai_image_url_chat(daemon):
+    import openai
+
+    picture = png_bytes(33, 21, seed=5)
+    oai = openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    answer = oai.chat.completions.create(model="internvl", messages=[{"role": "user", "content": [
+        {"type": "text", "text": "Describe the picture."},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(picture), "detail": "auto"}},
+    ]}])
+    assert answer.choices[0].message.content == (tag(1, picture, 33, 21, "PNG") + " "
+                                                 + reply_text("Describe the picture.", WORDS, think=False))
+    # Streamed the same.
+    stream = oai.chat.completions.create(model="internvl", stream=True, messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(picture)}},
+        {"type": "text", "text": "Describe the picture."},
+    ]}])
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == answer.choices[0].message.content
+    assert image_files(daemon) == []
+
+
+def test_chat_with_images_sends_the_last_messages_image(daemon):
+    first, second = png_bytes(16, 16, seed=1), jpeg_bytes(800, 600, seed=2)
+    client = ollama.Client(host=daemon.url, timeout=120)
+    one = client.chat("internvl", messages=[{"role": "user", "content": "What is this?", "images": [b64(first)]}])
+    assert one.message.content == tag(1, first, 16, 16, "PNG") + " " + reply_text("What is this?", WORDS, think=False)
+    # The second turn: the whole conversation goes again (the runner keeps nothing), with the
+    # new message's image; the earlier image cannot reach the runner, and the answer says so.
+    messages = [{"role": "user", "content": "What is this?", "images": [b64(first)]},
+                {"role": "assistant", "content": one.message.content},
+                {"role": "user", "content": "And this one?", "images": [b64(second)]}]
+    body = post(daemon, "/api/chat", {"model": "internvl", "messages": messages, "stream": False}).json()
+    assert body["message"]["content"] == (tag(1, second, 800, 600, "JPEG") + " "
+                                          + reply_text("And this one?", WORDS, think=False))
+    assert any("images of earlier messages not sent (1)" in w for w in body["warnings"])
+    # A text turn after an image turn: no image at the runner's image prompt.
+    text = client.chat("internvl", messages=[{"role": "user", "content": "Only text now."}])
+    assert text.message.content == reply_text("Only text now.", WORDS, think=False)
+    assert image_files(daemon) == []
+
+
+def tiff_bytes() -> bytes:
+    return b"II*\x00\x08\x00\x00\x00" + b"\x00" * 64
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims `width`×`height`: a valid IHDR, a one-row IDAT, IEND (not decodable as a
+    whole, but the header is what the size check reads)."""
+    good = png_bytes(1, 1)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    import zlib
+    chunk = struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return good[:8] + chunk + good[8 + 25:]
+
+
+BAD_IMAGES = {
+    "corrupt": (lambda: b64(png_bytes(20, 20)[:-30]), "corrupt or truncated"),
+    "garbage": (lambda: b64(bytes(range(256)) * 4), "unsupported or unrecognised image type"),
+    "unsupported type": (lambda: b64(tiff_bytes()), "unsupported or unrecognised image type"),
+    "not base64": (lambda: "this is not base64!", "not valid base64"),
+    "huge in bytes": (lambda: b64(png_bytes(400, 400, seed=3) + b"\x00" * MAX_BYTES), "setting image_max_bytes"),
+    "huge in pixels": (lambda: b64(png_header_only(20000, 20000)), "20000x20000 pixels"),
+    "empty": (lambda: "", "the image is empty"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_IMAGES))
+def test_bad_images_are_clear_400s(daemon, case):
+    make, message = BAD_IMAGES[case]
+    image = make()
+    for path, body in (("/api/generate", {"model": "internvl", "prompt": "Look.", "images": [image]}),
+                       ("/api/chat", {"model": "internvl", "messages": [{"role": "user", "content": "Look.", "images": [image]}]})):
+        answer = post(daemon, path, {**body, "stream": False})
+        assert answer.status_code == 400, answer.text
+        assert message in answer.json()["error"], answer.json()
+    url = "data:image/png;base64," + image
+    answer = post(daemon, "/v1/chat/completions", {"model": "internvl", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Look."}, {"type": "image_url", "image_url": {"url": url}}]}]})
+    assert answer.status_code == 400, answer.text
+    assert message in answer.json()["error"]["message"]
+    assert image_files(daemon) == []
+
+
+def test_too_many_images(daemon):
+    pictures = [b64(png_bytes(8, 8, seed=i)) for i in range(MAX_COUNT + 1)]
+    answer = post(daemon, "/api/generate", {"model": "qwen-vl", "prompt": "Look.", "images": pictures, "stream": False})
+    assert answer.status_code == 400 and f"{MAX_COUNT + 1} images in one request, more than the {MAX_COUNT}" in answer.json()["error"]
+    # Spread over the messages of a chat, the same limit.
+    messages = [{"role": "user", "content": f"Look {i}.", "images": [p]} for i, p in enumerate(pictures)]
+    answer = post(daemon, "/api/chat", {"model": "qwen-vl", "messages": messages, "stream": False})
+    assert answer.status_code == 400 and "more than the 4 this server takes" in answer.json()["error"]
+    # An InternVL runner reads one image a turn.
+    answer = post(daemon, "/api/generate", {"model": "internvl", "prompt": "Look.", "images": pictures[:2], "stream": False})
+    assert answer.status_code == 400 and "reads one image a turn" in answer.json()["error"], answer.text
+
+
+def test_openai_http_image_urls_are_refused_unless_fetching_is_on(daemon):
+    answer = post(daemon, "/v1/chat/completions", {"model": "internvl", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Look."}, {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]})
+    assert answer.status_code == 400 and "setting image_url_fetch is off" in answer.json()["error"]["message"]
+    picture = png_bytes(8, 8)
+    answer = post(daemon, "/v1/chat/completions", {"model": "internvl", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + b64(picture)}}]}]})
+    assert answer.status_code == 400 and "says image/jpeg but the bytes are PNG" in answer.json()["error"]["message"]
+
+
+def test_a_text_model_keeps_the_clear_400_for_images(daemon):
+    picture = b64(png_bytes(8, 8))
+    for path, body in (("/api/generate", {"model": "text", "prompt": "Look.", "images": [picture]}),
+                       ("/api/chat", {"model": "text", "messages": [{"role": "user", "content": "Look.", "images": [picture]}]})):
+        answer = post(daemon, path, {**body, "stream": False})
+        assert answer.status_code == 400
+        assert answer.json()["error"].startswith('images are not supported by "text": its runner takes text only')
+    answer = post(daemon, "/v1/chat/completions", {"model": "text", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + picture}}]}]})
+    assert answer.status_code == 400 and "its runner takes text only" in answer.json()["error"]["message"]

@@ -17,13 +17,14 @@ from ... import __version__
 from ...engines.base import (
     BadRequest, ChatMessage, Chunk, EmbedOptions, EngineError, GenerationRequest, ModelNotFound, StatusNote,
 )
-from ...images import limits_of, require_vision
+from ...images import limits_of
 from ...models import ModelEntry, requested_keep_alive
 from ...names import ollama_name
 from ...tools import parse_tools
 from ...timestamps import now_rfc3339, rfc3339_in
 from ...structured import attempts as structured_attempts
 from ...structured.requests import from_ollama_format
+from ..images import check_request_images
 from ..streaming import CLIENT_GONE, PrefetchedStream, StreamingAnswer, new_request_id, until_disconnect
 from . import wire
 from .show import ShowInput, show_answer
@@ -34,12 +35,7 @@ router = APIRouter()
 
 
 def _check_images(request: Request, model: str, messages: list[ChatMessage]) -> None:
-    """Images only for a model that reads them, and not more than the settings allow."""
-    if not any(m.images for m in messages):
-        return
-    manager = request.app.state.manager
-    require_vision(model, manager.engine(model).accepts_images(), sum(len(m.images) for m in messages),
-                   limits_of(request.app.state.settings))
+    check_request_images(request.app.state, model, messages)
 
 
 async def _answer(

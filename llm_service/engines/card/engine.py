@@ -55,6 +55,7 @@ from .dialects import DIALECTS, Dialect
 from .output import (
     Banner,
     ContextUsed,
+    FrameLine,
     ImageMarker,
     InputTokens,
     KvCache,
@@ -82,6 +83,7 @@ from .planner import (
     continues,
     conversation_texts,
     fits,
+    image_tokens,
     line_texts,
     plan_turn,
     read_turn,
@@ -102,6 +104,8 @@ _CONTEXT_SLACK = 2
 _TOKENIZER_CALL_TIMEOUT_S = 5.0
 # A vision runner's word that it could not read the image it was given (docs/vlm-runners.md §3).
 _IMAGE_NOT_READ = re.compile(r"image prompt\(.*\) not found")
+# The context a runner was built with, at start-up (a vision runner's is smaller than the card's 2048 default).
+_MAX_TOKEN_LEN = re.compile(r"max_token_len : (\d+)")
 # /api/show waits at most this long for a model's tokenizer server to start and say what it knows.
 _DESCRIBE_TIMEOUT_S = 20.0
 
@@ -262,6 +266,7 @@ class CardEngine(Engine):
         self._load_started: float | None = None
         self.last_load_duration: float | None = None
         self._context: tuple[int, int] | None = None  # (precompute_len, remaining)
+        self._runner_max_tokens: int | None = None  # its `max_token_len` at start-up
         self._held: tuple[ChatMessage, ...] | None = None  # the conversation the runner's context holds
         self._held_system: str | None = None
         self._held_raw = False  # the context was opened for raw prompts (empty)
@@ -545,8 +550,12 @@ class CardEngine(Engine):
         form = prompt_format_of(caps)
         controls = caps.get("controls") or ()
         tools = caps.get("tools") if isinstance(caps.get("tools"), dict) else {}
+        dialect = self._dialect or DIALECTS["b"]
+        context_size = self.spec.context_size
+        if dialect.image_marker is not None and self._runner_max_tokens:
+            context_size = min(context_size, self._runner_max_tokens)  # a VLM build's own, smaller context
         return Runner(
-            self._dialect or DIALECTS["b"], self._supports_reset, self._our_tokenizer, self.spec.context_size,
+            dialect, self._supports_reset, self._our_tokenizer, context_size,
             raw=form.raw, infill=form.infill, model=self.spec.name,
             tools=("template" if tools.get("definitions") == "template" else "system_prompt") if "tools" in controls else None,
             turn_control="turn" in controls,
@@ -734,6 +743,8 @@ class CardEngine(Engine):
             await self._on_text(event.text)
         elif isinstance(event, LogLine):
             self.logs.append(f"[{event.level}][{event.function}][{event.line}]: {event.message}")
+            if state is S.INITIALIZING and (match := _MAX_TOKEN_LEN.fullmatch(event.message.strip())):
+                self._runner_max_tokens = int(match.group(1))
         elif isinstance(event, ContextUsed):
             if state in (S.INITIALIZING, S.RESETTING):
                 # The system prompt prefilled at start-up already occupies the context.
@@ -787,6 +798,8 @@ class CardEngine(Engine):
             await self._on_marker()
         elif isinstance(event, ImageMarker):
             self._on_image_marker()
+        elif isinstance(event, FrameLine):
+            self.logs.append(f"[frame] {event.path}")
 
     async def _on_marker(self) -> None:
         state = self._machine.state
@@ -902,7 +915,12 @@ class CardEngine(Engine):
         """The plan when no count needs the tokenizer (bytes prove a fit, or there is no
         tokenizer to ask), else None. Raises BadRequest when the turn cannot fit."""
         line_tokens = conversation_tokens = None
-        if runner.dialect.keeps_context:
+        if not runner.dialect.keeps_context and turn.images:  # a vision turn: does it fit with its images?
+            conversation_tokens = self._count_without_tokenizer(
+                conversation_texts(turn), runner.context_size - CONTEXT_MARGIN - image_tokens(turn), runner)
+            if conversation_tokens is None:
+                return None
+        elif runner.dialect.keeps_context:
             if continues(turn, held):
                 line_tokens = self._count_without_tokenizer(line_texts(turn), held.remaining - CONTEXT_MARGIN, runner)
                 if line_tokens is None:
@@ -936,7 +954,12 @@ class CardEngine(Engine):
         """Child task: count with the tokenizer what bytes could not prove, then install the
         tokenizer settings the plan needs."""
         try:
-            if plan is None:
+            if plan is None and not runner.dialect.keeps_context:  # a vision turn (see _plan_without_tokenizer)
+                conversation_tokens = await self._count_tokens(
+                    conversation_texts(turn), runner.context_size - CONTEXT_MARGIN - image_tokens(turn))
+                plan = plan_turn(turn, held, runner, conversation_tokens=conversation_tokens)
+                changes = self._settings_to_install(plan)
+            elif plan is None:
                 line_tokens = conversation_tokens = None
                 if continues(turn, held):
                     line_tokens = await self._count_tokens(line_texts(turn), held.remaining - CONTEXT_MARGIN)
@@ -1079,7 +1102,8 @@ class CardEngine(Engine):
             job.images.remove()  # not for this turn (the planner said why)
             job.images = None
         dialect = self._dialect
-        self._parser.begin_turn(dialect.image_marker if dialect is not None else None)
+        frames = (job.images.path + "/").encode() if job.images is not None and job.images.frames else None
+        self._parser.begin_turn(dialect.image_marker if dialect is not None else None, frames)
         job.context_before = self._context[0] if self._context else None
         job.prompt_written_at = time.monotonic()
         self._hang_at = job.prompt_written_at + self._hang_s

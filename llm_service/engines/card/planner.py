@@ -42,6 +42,10 @@ FIXED_AT_LAUNCH = ("temperature", "top_p", "top_k", "seed", "repeat_penalty")
 CONTEXT_MARGIN = 32
 # Template tokens a message costs beyond its text, at most.
 TOKENS_PER_MESSAGE = 8
+# The prompt tokens of one image on the card's VLM runners: 256 placeholders for a 448x448
+# encoder, whatever the picture's own size (docs/vlm-runners.md §5; 144 on a 384x384 Qwen3-VL
+# build: 256 is the most), plus the tokens around them.
+TOKENS_PER_IMAGE = 256 + 4
 
 
 @dataclass(frozen=True)
@@ -313,6 +317,10 @@ def token_guess(texts: list[str]) -> int:
     return sum(len(t.encode("utf-8", "surrogatepass")) for t in texts) // 3 + TOKENS_PER_MESSAGE * len(texts)
 
 
+def image_tokens(turn: Turn) -> int:
+    return TOKENS_PER_IMAGE * len(turn.images)
+
+
 def fits(tokens: int, room: int | None) -> bool:
     return room is None or tokens + CONTEXT_MARGIN <= room
 
@@ -330,6 +338,12 @@ def plan_turn(
     system = turn.system
     if not runner.dialect.keeps_context:
         # Legacy runners start every turn from a clean context: nothing to reset.
+        if turn.images:  # a vision runner: the whole conversation and the images, every turn
+            needed = _given(conversation_tokens, "conversation_tokens") + image_tokens(turn)
+            if not fits(needed, runner.context_size):
+                raise BadRequest(too_long_message(needed, runner.context_size, bool(turn.history))
+                                 + f"; the {len(turn.images)} image(s) take {image_tokens(turn)} of these tokens, "
+                                 "whatever their size: send fewer images")
         if history and not ours:
             warnings.append("history not sent: the stock tokenizer script cannot take it")
             history = ()
