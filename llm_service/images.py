@@ -83,8 +83,8 @@ def require_vision(model: str, accepts_images: bool, count: int, limits: ImageLi
     if not count:
         return
     if not accepts_images:
-        raise BadRequest(f'images are not supported by "{model}": its runner takes text only (a vision-language '
-                         "model is one whose run script names an image encoder)")
+        raise BadRequest(f'images are not supported by "{model}": the model takes text only (on the card, a '
+                         "vision-language model is one whose run script names an image encoder)")
     check_count(count, limits)
 
 

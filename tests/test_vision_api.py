@@ -250,7 +250,77 @@ def test_a_text_model_keeps_the_clear_400_for_images(daemon):
                        ("/api/chat", {"model": "text", "messages": [{"role": "user", "content": "Look.", "images": [picture]}]})):
         answer = post(daemon, path, {**body, "stream": False})
         assert answer.status_code == 400
-        assert answer.json()["error"].startswith('images are not supported by "text": its runner takes text only')
+        assert answer.json()["error"].startswith('images are not supported by "text": the model takes text only')
     answer = post(daemon, "/v1/chat/completions", {"model": "text", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64," + picture}}]}]})
-    assert answer.status_code == 400 and "its runner takes text only" in answer.json()["error"]["message"]
+    assert answer.status_code == 400 and "the model takes text only" in answer.json()["error"]["message"]
+
+
+def webp_bytes(width: int, height: int) -> bytes:
+    """A lossless WebP header (RIFF, VP8L signature and size) with a few bytes of stream: what the
+    daemon's checks take, and what the emulator's reader (like an OpenCV without WebP) cannot."""
+    bits = (width - 1) | ((height - 1) << 14)
+    body = b"VP8L" + struct.pack("<I", 9) + b"\x2f" + bits.to_bytes(4, "little") + b"\x00\x00\x00\x00" + b"\x00"
+    return b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WEBP" + body
+
+
+def test_an_image_the_runner_cannot_read_is_an_error_not_a_text_answer(daemon):
+    """The runner logs `image prompt(PATH) not found` and would answer the text alone: the
+    request fails and says so, rather than answering as if the image had been seen."""
+    answer = post(daemon, "/api/generate", {"model": "internvl", "prompt": "Look.", "images": [b64(webp_bytes(64, 32))],
+                                            "stream": False})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert "could not read the image (WEBP 64x32" in error and "not found" in error and "You said" not in error
+    assert image_files(daemon) == []
+    # The runner is fine: the next image turn is answered.
+    picture = png_bytes(9, 9, seed=9)
+    result = ollama.Client(host=daemon.url, timeout=120).generate("internvl", "Again.", images=[b64(picture)])
+    assert result.response.startswith(tag(1, picture, 9, 9, "PNG"))
+
+
+def test_image_files_are_removed_after_a_runner_crash_mid_turn(daemon):
+    picture = b64(png_bytes(12, 12, seed=4))
+    daemon.set_faults(crash_after_tokens=3)
+    try:
+        answer = post(daemon, "/api/generate", {"model": "internvl", "prompt": "Crash now.", "images": [picture],
+                                                "stream": False})
+    finally:
+        daemon.set_faults()
+    assert answer.status_code >= 500, answer.text
+    assert "crash" in answer.json()["error"] or "signal" in answer.json()["error"], answer.text
+    assert image_files(daemon) == []
+    # Restarted, it answers the same image.
+    result = ollama.Client(host=daemon.url, timeout=120).generate("internvl", "After the crash.", images=[picture])
+    assert result.response.startswith(tag(1, base64.b64decode(picture), 12, 12, "PNG"))
+    assert image_files(daemon) == []
+
+
+def test_image_files_are_removed_when_the_client_leaves(daemon):
+    import time
+
+    picture = b64(png_bytes(10, 10, seed=6))
+    with daemon.client(timeout=60) as http:
+        with http.stream("POST", "/api/generate", json={"model": "slow-vl", "prompt": "Tell me slowly.",
+                                                        "images": [picture]}) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            first = json.loads(next(lines))
+            assert first["response"].startswith("[image")
+            assert len(image_files(daemon)) == 1  # the file is there while the runner answers
+    deadline = time.monotonic() + 15
+    while image_files(daemon) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert image_files(daemon) == []
+    daemon.wait_state("slow-vl", "ready", timeout=30)
+
+
+def test_image_files_left_by_a_killed_daemon_are_swept_at_start(tmp_path):
+    left = tmp_path / "data" / "images"
+    left.mkdir(parents=True)
+    (left / "old-request.png").write_bytes(png_bytes(4, 4))
+    (left / "old-frames").mkdir()
+    (left / "old-frames" / "frame000.png").write_bytes(png_bytes(4, 4))
+    with running_daemon(tmp_path, [scripted_model(tmp_path, "text", reply_words=WORDS)]):
+        assert list(left.iterdir()) == []
+        assert oct(left.stat().st_mode & 0o777) == "0o700"
