@@ -35,7 +35,7 @@ _BASE64_CHARS = re.compile(rb"[A-Za-z0-9+/=_-]*")
 
 @dataclass(frozen=True)
 class ImageLimits:
-    max_bytes: int = 20 * 1024 * 1024
+    max_bytes: int = 5 * 1024 * 1024
     max_side: int = 8192  # pixels, width or height
     max_pixels: int = 40_000_000
     max_count: int = 8  # images in one request, all messages together

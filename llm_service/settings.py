@@ -190,7 +190,8 @@ class DaemonSettings(FileConfiguredSettings):
         15, gt=0, description="seconds between keep-alive comments on an idle /api/events stream"
     )
     image_max_bytes: int = Field(
-        20 * 1024 * 1024, ge=1, description="largest image a request may carry, in bytes (decoded)"
+        5 * 1024 * 1024, ge=1, description="largest image a request may carry, in bytes (decoded; in base64 "
+        "it takes a third more of max_body_bytes)"
     )
     image_max_side: int = Field(8192, ge=1, description="largest width or height of an image, in pixels")
     image_max_pixels: int = Field(40_000_000, ge=1, description="largest width x height of an image")
