@@ -324,3 +324,77 @@ def test_image_files_left_by_a_killed_daemon_are_swept_at_start(tmp_path):
     with running_daemon(tmp_path, [scripted_model(tmp_path, "text", reply_words=WORDS)]):
         assert list(left.iterdir()) == []
         assert oct(left.stat().st_mode & 0o777) == "0o700"
+
+
+def test_frigates_review_call_through_its_openai_provider_with_images(daemon):
+    """frigate/genai/openai.py: one user message of a text part and the frames as image_url data
+    URLs, response_format json_schema "review_metadata", strict; content stripped, fences
+    removed, validated."""
+    import openai
+
+    from test_structured_output import frigate_review_schema
+
+    picture = jpeg_bytes(1280, 720, seed=30)
+    oai = openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    response_format = {"type": "json_schema", "json_schema": {"name": "review_metadata", "strict": True,
+                                                              "schema": frigate_review_schema()}}
+    content = [{"type": "text", "text": review_prompt(directive("fenced", REVIEW))},
+               {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{b64(picture)}"}}]
+    result = oai.chat.completions.create(model="internvl", messages=[{"role": "user", "content": content}],
+                                         response_format=response_format)
+    text = result.choices[0].message.content.strip()
+    clean = re.sub(r"\n?```$", "", re.sub(r"^```[a-zA-Z0-9]*\n?", "", text))
+    assert ReviewMetadata.model_validate_json(clean) == ReviewMetadata(**REVIEW)
+    assert image_files(daemon) == []
+
+
+class ImageServer:
+    """A local http server with one picture at /picture.png and a large file at /large.png."""
+
+    def __init__(self, picture: bytes, large: bytes):
+        import http.server
+        import threading
+
+        files = {"/picture.png": picture, "/large.png": large}
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (the stdlib's name)
+                body = files.get(self.path)
+                self.send_response(200 if body is not None else 404)
+                self.send_header("Content-Length", str(len(body or b"")))
+                self.end_headers()
+                self.wfile.write(body or b"")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_http_image_urls_are_fetched_where_the_setting_allows(tmp_path):
+    import openai
+
+    picture = png_bytes(24, 12, seed=8)
+    server = ImageServer(picture, png_bytes(300, 300, seed=1) + b"\x00" * 300_000)
+    try:
+        entries = [scripted_vision_model(tmp_path, "internvl", family="internvl", reply_words=WORDS)]
+        with running_daemon(tmp_path, entries, "--image-url-fetch", "true", "--image-max-bytes", str(MAX_BYTES)) as d:
+            oai = openai.OpenAI(base_url=d.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+            answer = oai.chat.completions.create(model="internvl", messages=[{"role": "user", "content": [
+                {"type": "text", "text": "What is at this URL?"},
+                {"type": "image_url", "image_url": {"url": server.url + "/picture.png"}}]}])
+            assert answer.choices[0].message.content == (tag(1, picture, 24, 12, "PNG") + " "
+                                                         + reply_text("What is at this URL?", WORDS, think=False))
+            for path, message in (("/missing.png", "answered HTTP 404"), ("/large.png", f"larger than {MAX_BYTES} bytes")):
+                refused = post(d, "/v1/chat/completions", {"model": "internvl", "messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": server.url + path}}]}]})
+                assert refused.status_code == 400 and message in refused.json()["error"]["message"], refused.text
+    finally:
+        server.stop()
