@@ -54,6 +54,7 @@ def daemon(tmp_path_factory):
         scripted_model(root, "text", reply_words=WORDS),
         # Slow enough to leave in the middle of its answer.
         scripted_vision_model(root, "slow-vl", family="internvl", reply_words=40, tokens_per_second=8),
+        scripted_vision_model(root, "qwen-video", family="qwen", reply_words=WORDS, video=True),
     ]
     with running_daemon(root, entries, "--image-max-bytes", str(MAX_BYTES), "--image-max-count", str(MAX_COUNT)) as d:
         yield d
@@ -137,6 +138,15 @@ def test_frames_reach_a_qwen_runner_in_order(daemon):
     result = client.generate("qwen-vl", "Follow the frames.", images=[b64(p) for p in pictures])
     tags = " ".join(tag(i + 1, p, 30 + i, 20, "PNG") for i, p in enumerate(pictures))
     assert result.response == tags + " " + reply_text("Follow the frames.", WORDS, think=False)
+
+
+def test_a_video_build_takes_the_frames_at_its_video_marker(daemon):
+    pictures = [png_bytes(12, 10, seed=40 + i) for i in range(2)]
+    client = ollama.Client(host=daemon.url, timeout=120)
+    result = client.generate("qwen-video", "What happens?", images=[b64(p) for p in pictures])
+    tags = " ".join(tag(i + 1, p, 12, 10, "PNG") for i, p in enumerate(pictures))
+    assert result.response == tags + " " + reply_text("What happens?", WORDS, think=False)
+    assert image_files(daemon) == []
 
 
 def test_openai_image_url_chat(daemon):
@@ -272,6 +282,9 @@ def test_an_image_the_runner_cannot_read_is_an_error_not_a_text_answer(daemon):
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]
     assert "could not read the image (WEBP 64x32" in error and "not found" in error and "You said" not in error
+    # Streamed: the same error before any text (the error comes before the answer's first byte).
+    streamed = post(daemon, "/api/generate", {"model": "internvl", "prompt": "Look.", "images": [b64(webp_bytes(64, 32))]})
+    assert streamed.status_code == 400 and "could not read the image" in streamed.json()["error"], streamed.text
     assert image_files(daemon) == []
     # The runner is fine: the next image turn is answered.
     picture = png_bytes(9, 9, seed=9)

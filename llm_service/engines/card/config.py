@@ -152,4 +152,6 @@ def model_facts_from_flags(flags: dict[str, str]) -> dict[str, object]:
         facts["vision"] = True
         if flags.get("img_width"):  # the Qwen-VL builds: a directory of frames at the image marker
             facts["image_directories"] = True
+        if flags.get("video") == "1":  # a Qwen-VL build for video: its second marker is `video >> `
+            facts["video"] = True
     return facts

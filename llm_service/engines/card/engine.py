@@ -1103,7 +1103,10 @@ class CardEngine(Engine):
             job.images = None
         dialect = self._dialect
         frames = (job.images.path + "/").encode() if job.images is not None and job.images.frames else None
-        self._parser.begin_turn(dialect.image_marker if dialect is not None else None, frames)
+        marker = dialect.image_marker if dialect is not None else None
+        if marker is not None and self.model_facts().get("video"):
+            marker = b"video >> "  # a Qwen-VL build started with --video 1 (docs/vlm-runners.md §3)
+        self._parser.begin_turn(marker, frames)
         job.context_before = self._context[0] if self._context else None
         job.prompt_written_at = time.monotonic()
         self._hang_at = job.prompt_written_at + self._hang_s
