@@ -183,7 +183,15 @@ def test_chat_with_images_sends_the_last_messages_image(daemon):
     assert body["message"]["content"] == (tag(1, second, 800, 600, "JPEG") + " "
                                           + reply_text("And this one?", WORDS, think=False))
     assert any("images of earlier messages not sent (1)" in w for w in body["warnings"])
-    # A text turn after an image turn: no image at the runner's image prompt.
+    # A follow-up question without an image: the latest image goes again (nothing is kept).
+    messages += [{"role": "assistant", "content": body["message"]["content"]},
+                 {"role": "user", "content": "What colour is it?"}]
+    body = post(daemon, "/api/chat", {"model": "internvl", "messages": messages, "stream": False}).json()
+    assert body["message"]["content"] == (tag(1, second, 800, 600, "JPEG") + " "
+                                          + reply_text("What colour is it?", WORDS, think=False))
+    assert any("the image(s) of an earlier message (1) went with this turn again" in w for w in body["warnings"])
+    assert any("images of earlier messages not sent (1)" in w for w in body["warnings"])
+    # A conversation of text only: no image at the runner's image prompt.
     text = client.chat("internvl", messages=[{"role": "user", "content": "Only text now."}])
     assert text.message.content == reply_text("Only text now.", WORDS, think=False)
     assert image_files(daemon) == []

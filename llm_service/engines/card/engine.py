@@ -86,8 +86,8 @@ from .planner import (
     image_tokens,
     line_texts,
     plan_turn,
+    images_for_turn,
     read_turn,
-    turn_start,
     token_bound,
     token_guess,
 )
@@ -341,7 +341,7 @@ class CardEngine(Engine):
         send, receive = anyio.create_memory_object_stream(math.inf)
         job = _TurnJob(request=request, send=send, splitter=ThinkSplitter(), stops=StopScanner(request.options.stop))
         messages = [m for m in request.messages if m.role != "system"]
-        images = tuple(image for m in messages[turn_start(messages):] for image in m.images) if messages else ()
+        images = images_for_turn(messages)[0] if messages else ()
         if images:
             # Written before the owner sees the job and removed when the request ends, however
             # it ends: the owner only passes the path (llm_service/image_files.py).

@@ -193,25 +193,44 @@ def turn_start(messages: list[ChatMessage]) -> int:
     return start
 
 
-def turn_images(messages: list[ChatMessage], start: int, runner: Runner) -> tuple[tuple[ImageInput, ...], list[str]]:
-    """The images the runner reads this turn: the new messages' (one image a turn, or several
-    as frames where the runner takes a directory). An earlier message's image cannot reach it
-    (it keeps nothing between turns and reads one path a turn): said in a warning."""
+def images_for_turn(messages: list[ChatMessage]) -> tuple[tuple[ImageInput, ...], int | None]:
+    """The images the runner reads this turn (`messages` without system messages): the new
+    messages' own; where they have none, the latest earlier message's that has some (the runner
+    keeps nothing between turns, so a follow-up question about a picture needs it again), with
+    that message's index; None: the new messages' own (or no image at all)."""
+    start = turn_start(messages)
     new = tuple(image for m in messages[start:] for image in m.images)
-    earlier = sum(len(m.images) for m in messages[:start])
-    if not new and not earlier:
+    if new:
+        return new, None
+    for index in range(start - 1, -1, -1):
+        if messages[index].images:
+            return messages[index].images, index
+    return (), None
+
+
+def turn_images(messages: list[ChatMessage], start: int, runner: Runner) -> tuple[tuple[ImageInput, ...], list[str]]:
+    """The images the runner reads this turn (`images_for_turn`: one image a turn, or several as
+    frames where the runner takes a folder), and warnings for the others: an earlier message's
+    images cannot reach it beside the turn's (it reads one path a turn, and keeps nothing)."""
+    total = sum(len(m.images) for m in messages)
+    if not total:
         return (), []
     if runner.dialect.image_marker is None:
         raise BadRequest(f"{runner.model} does not support images: its runner takes text only (send the "
                          "images to a vision-language model, one whose run script names an image encoder)")
-    if len(new) > 1 and not runner.dialect.image_directories:
-        raise BadRequest(f"{len(new)} images in the last message: {runner.model}'s runner reads one image a "
-                         "turn; send one image (or one request per image)")
+    images, carried = images_for_turn(messages)
+    where = "the last message" if carried is None else f"messages[{carried}]"
+    if len(images) > 1 and not runner.dialect.image_directories:
+        raise BadRequest(f"{len(images)} images in {where}: {runner.model}'s runner reads one image a turn; send "
+                         "one image (or one request per image)")
     warnings = []
-    if earlier:
-        warnings.append(f"images of earlier messages not sent ({earlier}): the runner reads the images of the "
-                        "last message only and keeps nothing between turns; their messages' text was sent")
-    return new, warnings
+    if carried is not None:
+        warnings.append(f"images: the runner keeps nothing between turns, so the image(s) of an earlier message "
+                        f"({len(images)}) went with this turn again")
+    if total > len(images):
+        warnings.append(f"images of earlier messages not sent ({total - len(images)}): the runner reads one "
+                        "message's images a turn and keeps nothing between turns; their messages' text was sent")
+    return images, warnings
 
 
 def _tools_warnings(runner: Runner) -> list[str]:
