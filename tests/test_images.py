@@ -8,7 +8,10 @@ import struct
 import pytest
 
 from ax_emulator.images import png_bytes
-from llm_service.engines.base import BadRequest
+from llm_service.api.ollama.show import capabilities
+from llm_service.engines.base import BadRequest, ChatMessage, GenerationRequest
+from llm_service.engines.card.dialects import DIALECTS
+from llm_service.engines.card.planner import Runner, images_for_turn, read_turn
 from llm_service.engines.card.output import FrameLine, ImageMarker, LogLine, RunnerOutputParser, Text, TurnEnd
 from llm_service.images import ImageLimits, check_image, decode_base64_image, decode_data_url, sniff_format
 from test_vision_api import jpeg_bytes, webp_bytes
@@ -137,3 +140,44 @@ def test_a_turn_without_the_image_marker_is_text_as_before():
     parser.begin_turn(b"image >> ")
     found = events(parser, b"ima", b"gine that.\n\n")
     assert "".join(e.text for e in found if isinstance(e, Text)) == "imagine that."
+
+
+# ---- which images a turn carries (engines/card/planner.py) -------------------------------------
+
+
+def picture(seed: int):
+    return check_image(png_bytes(4, 4, seed=seed), "i", LIMITS)
+
+
+def runner(dialect: str) -> Runner:
+    return Runner(DIALECTS[dialect], supports_reset=False, our_tokenizer=True, context_size=2048, model="m")
+
+
+def test_images_for_turn():
+    a, b, c = picture(1), picture(2), picture(3)
+    assert images_for_turn([ChatMessage("user", "x")]) == ((), None)
+    assert images_for_turn([ChatMessage("user", "x", images=(a,))]) == ((a,), None)
+    history = [ChatMessage("user", "1", images=(a,)), ChatMessage("assistant", "ok"),
+               ChatMessage("user", "2", images=(b, c)), ChatMessage("assistant", "ok")]
+    assert images_for_turn(history + [ChatMessage("user", "3")]) == ((b, c), 2)  # the latest, again
+    assert images_for_turn(history + [ChatMessage("user", "3", images=(a,))]) == ((a,), None)
+
+
+def test_read_turn_refuses_what_the_runner_cannot_take():
+    a, b = picture(1), picture(2)
+    two = GenerationRequest(id="r", messages=[ChatMessage("user", "x", images=(a, b))])
+    with pytest.raises(BadRequest, match="does not support images: its runner takes text only"):
+        read_turn(GenerationRequest(id="r", messages=[ChatMessage("user", "x", images=(a,))]), None, runner("b"))
+    with pytest.raises(BadRequest, match="2 images in the last message: m's runner reads one image a turn"):
+        read_turn(two, None, runner("vl"))
+    assert read_turn(two, None, runner("vl_qwen")).images == (a, b)  # frames
+    turn = read_turn(GenerationRequest(id="r", messages=[
+        ChatMessage("user", "1", images=(a,)), ChatMessage("assistant", "ok"), ChatMessage("user", "2", images=(b,))]),
+        None, runner("vl"))
+    assert turn.images == (b,) and any("images of earlier messages not sent (1)" in w for w in turn.warnings)
+
+
+def test_show_capabilities_name_vision_in_ollamas_order():
+    assert capabilities(thinking=True, insert=True, tools=True, vision=True) == [
+        "completion", "tools", "insert", "vision", "thinking"]
+    assert "vision" not in capabilities(thinking=False, insert=False)
