@@ -6,13 +6,13 @@ from typing import Any
 
 import httpx
 
-from ..engines.base import BadRequest, ChatMessage
+from ..engines.base import BadRequest
 from ..images import limits_of, require_vision
 
 
-def check_request_images(app_state: Any, model: str, messages: list[ChatMessage]) -> None:
-    """Images only for a model that reads them (the clear 400 otherwise), and not too many."""
-    count = sum(len(m.images) for m in messages)
+def check_image_count(app_state: Any, model: str, count: int) -> None:
+    """Images only for a model that reads them (the clear 400 otherwise), and not too many:
+    asked before the images are decoded or fetched."""
     if count:
         require_vision(model, app_state.manager.engine(model).accepts_images(), count, limits_of(app_state.settings))
 

@@ -24,7 +24,7 @@ from ...tools import parse_tools
 from ...timestamps import now_rfc3339, rfc3339_in
 from ...structured import attempts as structured_attempts
 from ...structured.requests import from_ollama_format
-from ..images import check_request_images
+from ..images import check_image_count
 from ..streaming import CLIENT_GONE, PrefetchedStream, StreamingAnswer, new_request_id, until_disconnect
 from . import wire
 from .show import ShowInput, show_answer
@@ -32,10 +32,6 @@ from .wire import ChatBody, ChatShapes, GenerateBody, GenerateShapes, ModelBody,
 
 router = APIRouter()
 
-
-
-def _check_images(request: Request, model: str, messages: list[ChatMessage]) -> None:
-    check_request_images(request.app.state, model, messages)
 
 
 async def _answer(
@@ -121,6 +117,7 @@ async def _load_or_unload(request: Request, model: str, keep_alive: Any, kind: s
 async def generate(request: Request, body: GenerateBody) -> Response:
     if body.raw and (body.template or body.system or body.context):
         raise BadRequest("raw mode does not support template, system, or context")
+    check_image_count(request.app.state, body.model, len(body.images or ()))
     images = wire.message_images(body.images, "images", limits_of(request.app.state.settings))
     if not body.prompt and not images:
         return await _load_or_unload(request, body.model, body.keep_alive, "generate")
@@ -128,7 +125,6 @@ async def generate(request: Request, body: GenerateBody) -> Response:
     if body.system:
         messages.append(ChatMessage("system", body.system))
     messages.append(ChatMessage("user", body.prompt, images=images))
-    _check_images(request, body.model, messages)
     gen_request = _new_request(messages, body, "generate", request.app.state.settings.request_deadline_s)
     gen_request.raw, gen_request.suffix = body.raw, body.suffix or None
     gen_request.structured = from_ollama_format(body.format)
@@ -141,8 +137,8 @@ async def chat(request: Request, body: ChatBody) -> Response:
         return await _load_or_unload(request, body.model, body.keep_alive, "chat")
     if body.messages[-1].role not in ("user", "tool"):
         raise BadRequest('the last message must have the role "user" or "tool"')
+    check_image_count(request.app.state, body.model, sum(len(m.images or ()) for m in body.messages))
     messages = wire.chat_messages(body.messages, limits_of(request.app.state.settings))
-    _check_images(request, body.model, messages)
     gen_request = _new_request(messages, body, "chat", request.app.state.settings.request_deadline_s)
     gen_request.tools = parse_tools(body.tools)
     gen_request.structured = from_ollama_format(body.format)

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ...engines.base import ChatMessage, Chunk, Embeddings, GenerationResult, SamplingOptions, StatusNote, ToolCall
 from ...timestamps import now_rfc3339
-from ...images import ImageInput, ImageLimits, check_count, decode_base64_image
+from ...images import ImageInput, ImageLimits, decode_base64_image
 from ..tool_wire import ollama_tool_calls, wire_tool_calls
 
 # The Ollama API version whose wire format this daemon speaks (clients gate features on it).
@@ -87,8 +87,6 @@ class ChatBody(_Common):
 
 def message_images(images: list[str] | None, where: str, limits: ImageLimits) -> tuple[ImageInput, ...]:
     """Ollama's `images`: base64 strings, each checked (llm_service/images.py)."""
-    if images and len(images) > limits.max_count:
-        check_count(len(images), limits)
     return tuple(decode_base64_image(value, f"{where}[{j}]", limits) for j, value in enumerate(images or ()))
 
 

@@ -20,9 +20,9 @@ from ...models import Completion, ModelEntry
 from ...tools import parse_tool_choice, parse_tools
 from ...structured import attempts as structured_attempts
 from ...structured.requests import from_openai_response_format
-from ...images import check_count, limits_of
+from ...images import limits_of
 from ..errors import openai_error_body
-from ..images import check_request_images, fetch_image_urls
+from ..images import check_image_count, fetch_image_urls
 from ..streaming import CLIENT_GONE, PrefetchedStream, StreamingAnswer, new_request_id, until_disconnect
 from . import wire
 
@@ -90,11 +90,9 @@ async def _sse_stream(events: AsyncIterator[dict[str, Any]], opening: dict[str, 
 async def chat_completions(request: Request, body: wire.ChatCompletionBody) -> Response:
     settings = request.app.state.settings
     urls = wire.image_urls(body)
-    if urls:
-        check_count(len(urls), limits_of(settings))
+    check_image_count(request.app.state, body.model, len(urls))
     fetched = await fetch_image_urls(settings, urls)
     messages = wire.chat_messages(body, limits_of(settings), fetched)
-    check_request_images(request.app.state, body.model, messages)
     gen_request = _new_request(
         request,
         messages,

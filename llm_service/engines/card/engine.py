@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import os
+import re
 import signal
 import sys
 import time
@@ -84,9 +84,9 @@ from .planner import (
     conversation_texts,
     fits,
     image_tokens,
+    images_for_turn,
     line_texts,
     plan_turn,
-    images_for_turn,
     read_turn,
     token_bound,
     token_guess,
@@ -1098,9 +1098,6 @@ class CardEngine(Engine):
             self._tokenizer_config["history"] = []  # the runner's /encode for this line consumes it
             self._tokenizer_config["turn"] = []  # … and a tool round's messages
         self._set_state(S.PROCESSING, "prompt sent", request=job.request.id)
-        if job.images is not None and job.plan.images == ():
-            job.images.remove()  # not for this turn (the planner said why)
-            job.images = None
         dialect = self._dialect
         frames = (job.images.path + "/").encode() if job.images is not None and job.images.frames else None
         marker = dialect.image_marker if dialect is not None else None
