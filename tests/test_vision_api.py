@@ -183,6 +183,9 @@ def test_chat_with_images_sends_the_last_messages_image(daemon):
     assert body["message"]["content"] == (tag(1, second, 800, 600, "JPEG") + " "
                                           + reply_text("And this one?", WORDS, think=False))
     assert any("images of earlier messages not sent (1)" in w for w in body["warnings"])
+    # The runner read the whole conversation (its own count of the prompt it prefilled): more
+    # than the first turn's, which had the same one image.
+    assert body["prompt_eval_count"] > one.prompt_eval_count + 10
     # A follow-up question without an image: the latest image goes again (nothing is kept).
     messages += [{"role": "assistant", "content": body["message"]["content"]},
                  {"role": "user", "content": "What colour is it?"}]
