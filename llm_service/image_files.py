@@ -57,6 +57,7 @@ class TurnImages:
     path: str
     _remove: Path
     frames: bool = False  # `path` is a folder of frames (the runner lists them as it reads them)
+    count: int = 1  # the images written
 
     def remove(self) -> None:
         try:
@@ -82,7 +83,7 @@ def write_turn_images(data_dir: Path, images: tuple[ImageInput, ...], request_id
         target.mkdir(mode=0o700)
         for index, image in enumerate(images):
             _write(target / f"frame{index:03d}{image.extension}", image.data)
-        result = TurnImages(str(target), target, frames=True)
+        result = TurnImages(str(target), target, frames=True, count=len(images))
     if "\n" in result.path or "\r" in result.path:  # the runner reads the path as one line
         result.remove()
         raise ValueError(f"image path with a line break: {result.path!r}")

@@ -140,6 +140,17 @@ def test_frames_reach_a_qwen_runner_in_order(daemon):
     assert result.response == tags + " " + reply_text("Follow the frames.", WORDS, think=False)
 
 
+def test_frames_the_runner_skips_fail_the_request(daemon):
+    """A Qwen-VL runner lists the frames it read from the folder: one it skipped (here a WebP,
+    which the emulator's reader, like some OpenCV builds, does not take) fails the request
+    instead of an answer about fewer pictures than were sent."""
+    images = [b64(png_bytes(8, 8, seed=50)), b64(webp_bytes(16, 16))]
+    answer = post(daemon, "/api/generate", {"model": "qwen-vl", "prompt": "Both?", "images": images, "stream": False})
+    assert answer.status_code == 400, answer.text
+    assert "read 1 of the 2 images (PNG 8x8" in answer.json()["error"] and "WEBP 16x16" in answer.json()["error"]
+    assert image_files(daemon) == []
+
+
 def test_a_video_build_takes_the_frames_at_its_video_marker(daemon):
     pictures = [png_bytes(12, 10, seed=40 + i) for i in range(2)]
     client = ollama.Client(host=daemon.url, timeout=120)

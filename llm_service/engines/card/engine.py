@@ -214,6 +214,7 @@ class _TurnJob:
     text_from_tokenizer: bool = False
     # The turn's images as files a vision runner reads (written and removed by the request).
     images: TurnImages | None = None
+    frames_listed: int = 0  # the frames the runner said it read (a folder of frames)
 
     def deliver(self, item: Any) -> None:
         if self.delivered:
@@ -745,6 +746,8 @@ class CardEngine(Engine):
             self.logs.append(f"[{event.level}][{event.function}][{event.line}]: {event.message}")
             if state is S.INITIALIZING and (match := _MAX_TOKEN_LEN.fullmatch(event.message.strip())):
                 self._runner_max_tokens = int(match.group(1))
+            elif job is not None and job.images is not None and job.images.frames and event.function == "Encode":
+                self._check_frames(job)
         elif isinstance(event, ContextUsed):
             if state in (S.INITIALIZING, S.RESETTING):
                 # The system prompt prefilled at start-up already occupies the context.
@@ -800,6 +803,8 @@ class CardEngine(Engine):
             self._on_image_marker()
         elif isinstance(event, FrameLine):
             self.logs.append(f"[frame] {event.path}")
+            if job is not None:
+                job.frames_listed += 1
 
     async def _on_marker(self) -> None:
         state = self._machine.state
@@ -828,6 +833,15 @@ class CardEngine(Engine):
         elif self._job is not None and self._job.phase == "counting":
             self._job.markers_while_counting += 1  # the end its count is checking may not be the last
         # Otherwise a marker at READY is the runner re-printing it (after an empty line): nothing to do.
+
+    def _check_frames(self, job: _TurnJob) -> None:
+        """At the encoder's line: did the runner read every frame of the folder it was given?"""
+        assert job.images is not None
+        if job.frames_listed != job.images.count and job.error is None:
+            job.error = BadRequest(
+                f"the runner of {self.spec.name} read {job.frames_listed} of the {job.images.count} images "
+                f"({_images_described(job)}); it would have answered without the others: send them as JPEG or PNG"
+            )
 
     def _on_image_marker(self) -> None:
         """A vision runner reads the turn's image path now: the file's, or an empty line."""
