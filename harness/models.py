@@ -277,6 +277,7 @@ def scripted_vision_model(
     reply_words: int = 8,
     vision_ms: float = 20,
     port_from_dollar1: bool = True,
+    video: bool = False,
 ) -> dict[str, Any]:
     """A vision-language model folder shaped like the card's (docs/vlm-runners.md): a run
     script without shebang naming the image encoder and a stateless tokenizer URL, served by the
@@ -288,6 +289,8 @@ def scripted_vision_model(
     emulator = ["--emu_engine scripted", f"--emu_dialect {dialect}", f"--emu_tokens_per_second {tokens_per_second}",
                 f"--emu_reply_words {reply_words}", f"--emu_vision_ms {vision_ms}"]
     body = emulator + [line.format(name=name, url=url) for line in lines]
+    if video:  # a Qwen-VL build for video (`video >> `, a folder of frames)
+        body.append("--video 1")
     folder = root / name
     entry = write_model_folder(
         folder, name, "ax-emulator \\\n" + " \\\n".join(body) + "\n",

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import __version__
+from . import __version__, image_files
 from .api import models, ollama, openai, serverless, services, status
 from .api.errors import install_error_handlers
 from .api.hot_routes import HotRoutesMiddleware
@@ -91,6 +91,7 @@ def create_app(settings: Any) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        image_files.sweep(settings.data_dir)  # a killed daemon's image files (llm_service/image_files.py)
         async with anyio.create_task_group() as tg:
             await tg.start(manager.run)
             if (lines := progress_handler()) is not None:

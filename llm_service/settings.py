@@ -194,6 +194,17 @@ class DaemonSettings(FileConfiguredSettings):
     events_heartbeat_s: float = Field(
         15, gt=0, description="seconds between keep-alive comments on an idle /api/events stream"
     )
+    image_max_bytes: int = Field(
+        5 * 1024 * 1024, ge=1, description="largest image a request may carry, in bytes (decoded; in base64 "
+        "it takes a third more of max_body_bytes)"
+    )
+    image_max_side: int = Field(8192, ge=1, description="largest width or height of an image, in pixels")
+    image_max_pixels: int = Field(40_000_000, ge=1, description="largest width x height of an image")
+    image_max_count: int = Field(8, ge=1, description="most images in one request, all its messages together")
+    image_url_fetch: bool = Field(
+        False, description="fetch http(s) image URLs of OpenAI image_url parts (off: only data URLs)"
+    )
+    image_fetch_timeout_s: float = Field(10, gt=0, description="time to fetch one http(s) image URL")
     data_dir: Path = Field(
         Path("data"),
         description="folder of the daemon's own state; its children carry it as their owner tag",

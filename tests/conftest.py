@@ -156,6 +156,7 @@ SHARED_FIXTURE_MODULES = {
     "tests/test_ui.py",  # the daemon and the browser
     "tests/test_tokenizer_fidelity.py",  # stock-shaped scripts and our server side by side
     "tests/test_published_folders.py",  # the daemon with folders shaped like published ones
+    "tests/test_vision_api.py",  # the daemon with vision-language and text card models
 }
 # Modules that share one session fixture go on the same worker as one unit, so that it starts once.
 SHARED_UNITS = {

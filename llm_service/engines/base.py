@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # the metrics module imports this one
     from ..metrics import ModelMetrics
     from ..settings import DaemonSettings
     from ..structured.output import StructuredOutput
+    from ..images import ImageInput
     from ..tokenizer_client import TokenizerClient
     from .upstream_process import ManagedProcesses
 
@@ -66,6 +67,8 @@ class ChatMessage:
     tool_calls: tuple[ToolCall, ...] = ()  # an assistant's calls
     tool_name: str | None = None  # a tool message: the tool whose result it is, where known
     tool_call_id: str | None = None  # a tool message: the call it answers, where given
+    # Ollama's `images` of the message, OpenAI's `image_url` parts: checked (llm_service/images.py).
+    images: tuple[ImageInput, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,6 +370,10 @@ class Engine(abc.ABC):
         """What the engine knows of the model itself for /api/show's model_info, in Ollama's
         keys without the architecture prefix (`embedding_length`, …); default: nothing."""
         return {}
+
+    def accepts_images(self) -> bool:
+        """The model reads images with its prompt (a vision-language runner); default: no."""
+        return False
 
     def status(self) -> dict[str, Any]:
         """JSON-ready state for /api/status; engines add their own keys."""

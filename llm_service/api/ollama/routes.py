@@ -21,6 +21,7 @@ from ... import __version__
 from ...engines.base import (
     BadRequest, ChatMessage, Chunk, EmbedOptions, EngineError, GenerationRequest, ModelNotFound, StatusNote,
 )
+from ...images import limits_of
 from ...models import ModelEntry, requested_keep_alive
 from ...names import ollama_name
 from ...pull import PullError, delete_folder, hub_repo, pull_folder
@@ -28,6 +29,7 @@ from ...tools import parse_tools
 from ...timestamps import now_rfc3339, rfc3339_in
 from ...structured import attempts as structured_attempts
 from ...structured.requests import from_ollama_format
+from ..images import check_image_count
 from ..streaming import CLIENT_GONE, PrefetchedStream, StreamingAnswer, new_request_id, until_disconnect
 from . import wire
 from .show import ShowInput, show_answer
@@ -35,11 +37,6 @@ from .wire import ChatBody, ChatShapes, GenerateBody, GenerateShapes, ModelBody,
 
 router = APIRouter()
 
-
-
-def _check_unsupported(images: list[str] | None, messages: list[wire.OllamaMessage] = ()) -> None:
-    if images or any(m.images for m in messages):
-        raise BadRequest("images are not supported: the card's runners take text only")
 
 
 async def _answer(
@@ -125,13 +122,14 @@ async def _load_or_unload(request: Request, model: str, keep_alive: Any, kind: s
 async def generate(request: Request, body: GenerateBody) -> Response:
     if body.raw and (body.template or body.system or body.context):
         raise BadRequest("raw mode does not support template, system, or context")
-    _check_unsupported(body.images)
-    if not body.prompt:
+    check_image_count(request.app.state, body.model, len(body.images or ()))
+    images = wire.message_images(body.images, "images", limits_of(request.app.state.settings))
+    if not body.prompt and not images:
         return await _load_or_unload(request, body.model, body.keep_alive, "generate")
     messages = []
     if body.system:
         messages.append(ChatMessage("system", body.system))
-    messages.append(ChatMessage("user", body.prompt))
+    messages.append(ChatMessage("user", body.prompt, images=images))
     gen_request = _new_request(messages, body, "generate", request.app.state.settings.request_deadline_s)
     gen_request.raw, gen_request.suffix = body.raw, body.suffix or None
     gen_request.structured = from_ollama_format(body.format)
@@ -140,12 +138,12 @@ async def generate(request: Request, body: GenerateBody) -> Response:
 
 @router.post("/api/chat")
 async def chat(request: Request, body: ChatBody) -> Response:
-    _check_unsupported(None, body.messages)
     if not body.messages:
         return await _load_or_unload(request, body.model, body.keep_alive, "chat")
     if body.messages[-1].role not in ("user", "tool"):
         raise BadRequest('the last message must have the role "user" or "tool"')
-    messages = wire.chat_messages(body.messages)
+    check_image_count(request.app.state, body.model, sum(len(m.images or ()) for m in body.messages))
+    messages = wire.chat_messages(body.messages, limits_of(request.app.state.settings))
     gen_request = _new_request(messages, body, "chat", request.app.state.settings.request_deadline_s)
     gen_request.tools = parse_tools(body.tools)
     gen_request.structured = from_ollama_format(body.format)
@@ -219,6 +217,7 @@ async def show(request: Request, body: ModelBody) -> dict[str, Any]:
         facts=entry.engine.model_facts(),
         system=spec.system_prompt,
         embedding=spec.embedding_model,
+        vision=entry.engine.accepts_images(),
     ))
 
 

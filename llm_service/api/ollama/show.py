@@ -56,10 +56,11 @@ def template_text(form: PromptFormat) -> str:
     )
 
 
-def capabilities(*, thinking: bool, insert: bool, tools: bool = False, embedding: bool = False) -> list[str]:
+def capabilities(*, thinking: bool, insert: bool, tools: bool = False, embedding: bool = False,
+                 vision: bool = False) -> list[str]:
     """Ollama's capability names, in its order. `tools`: the model's template renders tool
     definitions itself (or its upstream takes them). An embedding model only embeds: no
-    `completion`."""
+    `completion`. `vision`: the model reads images (a vision-language runner)."""
     if embedding:
         return ["embedding"]
     found = ["completion"]
@@ -67,6 +68,8 @@ def capabilities(*, thinking: bool, insert: bool, tools: bool = False, embedding
         found.append("tools")
     if insert:
         found.append("insert")
+    if vision:
+        found.append("vision")
     if thinking:
         found.append("thinking")
     return found
@@ -99,6 +102,7 @@ class ShowInput:
     facts: dict[str, Any] = field(default_factory=dict)
     system: str | None = None
     embedding: bool = False  # an embedding model
+    vision: bool = False  # the model reads images
 
 
 def show_answer(given: ShowInput) -> dict[str, Any]:
@@ -123,6 +127,7 @@ def show_answer(given: ShowInput) -> dict[str, Any]:
             insert=form.infill is not None,
             tools=form.tools,
             embedding=given.embedding,
+            vision=given.vision,
         ),
         "modified_at": given.modified_at,
     }

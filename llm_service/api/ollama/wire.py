@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ...engines.base import ChatMessage, Chunk, Embeddings, GenerationResult, SamplingOptions, StatusNote, ToolCall
 from ...timestamps import now_rfc3339
+from ...images import ImageInput, ImageLimits, decode_base64_image
 from ..tool_wire import ollama_tool_calls, wire_tool_calls
 
 # The Ollama API version whose wire format this daemon speaks (clients gate features on it).
@@ -84,9 +85,14 @@ class ChatBody(_Common):
     tools: list[Any] | None = None
 
 
-def chat_messages(messages: list[OllamaMessage]) -> list[ChatMessage]:
+def message_images(images: list[str] | None, where: str, limits: ImageLimits) -> tuple[ImageInput, ...]:
+    """Ollama's `images`: base64 strings, each checked (llm_service/images.py)."""
+    return tuple(decode_base64_image(value, f"{where}[{j}]", limits) for j, value in enumerate(images or ()))
+
+
+def chat_messages(messages: list[OllamaMessage], limits: ImageLimits = ImageLimits()) -> list[ChatMessage]:
     """The request's messages, tool calls and tool results included (`name` and
-    `tool_call_id`, which some clients send on tool messages, are taken too)."""
+    `tool_call_id`, which some clients send on tool messages, are taken too), and their images."""
     out = []
     for i, m in enumerate(messages):
         extra = m.model_extra or {}
@@ -95,6 +101,7 @@ def chat_messages(messages: list[OllamaMessage]) -> list[ChatMessage]:
         out.append(ChatMessage(
             m.role, m.content or "", wire_tool_calls(m.tool_calls, f"messages[{i}]") if m.role == "assistant" else (),
             tool_name=name if m.role == "tool" else None, tool_call_id=call_id if m.role == "tool" else None,
+            images=message_images(m.images, f"messages[{i}].images", limits),
         ))
     return out
 

@@ -22,7 +22,9 @@ from ...models import Completion, ModelEntry
 from ...tools import parse_tool_choice, parse_tools
 from ...structured import attempts as structured_attempts
 from ...structured.requests import from_openai_response_format
+from ...images import limits_of
 from ..errors import engine_error_body, openai_error_body, readable_validation_error
+from ..images import check_image_count, fetch_image_urls
 from ..streaming import CLIENT_GONE, PrefetchedStream, StreamingAnswer, new_request_id, until_disconnect
 from . import wire
 
@@ -43,12 +45,13 @@ def _new_request(settings: Any, messages: list[ChatMessage], options, kind: str,
     return gen_request
 
 
-def chat_request(settings: Any, body: wire.ChatCompletionBody) -> tuple[GenerationRequest, wire.ChatShapes]:
+def chat_request(settings: Any, body: wire.ChatCompletionBody,
+                 fetched: dict[str, bytes] | None = None) -> tuple[GenerationRequest, wire.ChatShapes]:
     """The generation request of a chat completion body, and the shapes of its answer (the route
-    and the batch runner both build them here)."""
+    and the batch runner both build them here); `fetched`: the bytes of its http image URLs."""
     gen_request = _new_request(
         settings,
-        wire.chat_messages(body),
+        wire.chat_messages(body, limits_of(settings), fetched),
         wire.sampling_options(body, body.max_completion_tokens or body.max_tokens),
         "chat",
         wire.wants_thinking(body),
@@ -120,7 +123,11 @@ async def _sse_stream(events: AsyncIterator[dict[str, Any]], opening: dict[str, 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request, body: wire.ChatCompletionBody) -> Response:
-    gen_request, shapes = chat_request(request.app.state.settings, body)
+    settings = request.app.state.settings
+    urls = wire.image_urls(body)
+    check_image_count(request.app.state, body.model, len(urls))
+    fetched = await fetch_image_urls(settings, urls)
+    gen_request, shapes = chat_request(settings, body, fetched)
 
     async def events(answer: PrefetchedStream) -> AsyncIterator[dict[str, Any]]:
         async for item in answer.items():

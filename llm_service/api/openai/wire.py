@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...engines.base import BadRequest, ChatMessage, Chunk, GenerationResult, SamplingOptions, ToolCall
+from ...images import ImageInput, ImageLimits, check_image, decode_data_url
 from ..tool_wire import openai_tool_call_deltas, openai_tool_calls, tool_names_by_id, wire_tool_calls
 
 # Thinking goes out under both names: Ollama and vLLM clients read `reasoning`,
@@ -31,6 +32,7 @@ class StreamOptions(_Lenient):
 class ContentPart(_Lenient):
     type: str
     text: str | None = None
+    image_url: dict[str, Any] | str | None = None  # {"url": "data:image/...;base64,..." | "https://...", "detail"}
 
 
 class OpenAIMessage(_Lenient):
@@ -79,16 +81,63 @@ class EmbeddingBody(_Lenient):
     dimensions: int | None = Field(None, ge=1, le=65536)
 
 
+def part_url(part: ContentPart, where: str) -> str:
+    """The URL of an `image_url` part (the object form, or a bare string some clients send)."""
+    value = part.image_url
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str) or not url:
+        raise BadRequest(f"{where}: an image_url part needs image_url.url (a data URL or an http(s) URL)")
+    return url
+
+
+def image_urls(body: ChatCompletionBody) -> list[tuple[str, str]]:
+    """Every (where, url) of the request's image_url parts, in order."""
+    found = []
+    for i, m in enumerate(body.messages):
+        if isinstance(m.content, list):
+            for j, part in enumerate(m.content):
+                if part.type == "image_url":
+                    where = f"messages[{i}].content[{j}].image_url"
+                    found.append((where, part_url(part, where)))
+    return found
+
+
 def message_text(message: OpenAIMessage) -> str:
-    """A message's text: its string, or its text parts joined; any other part is a BadRequest."""
+    """A message's text: its string, or its text parts joined; an image part is taken by
+    `message_images`, any other part is a BadRequest."""
     if message.content is None or isinstance(message.content, str):
         return message.content or ""
     texts = []
     for part in message.content:
+        if part.type == "image_url":
+            continue
         if part.type != "text":
-            raise BadRequest(f'content parts of type "{part.type}" are not supported: the models take text only')
+            raise BadRequest(f'content parts of type "{part.type}" are not supported: the models take text and '
+                             "image_url parts")
         texts.append(part.text or "")
     return "".join(texts)
+
+
+def message_images(message: OpenAIMessage, i: int, limits: ImageLimits, fetched: dict[str, bytes]) -> tuple[ImageInput, ...]:
+    """The message's image_url parts, checked: data URLs decoded, http(s) URLs from `fetched`
+    (the route fetched them where the settings allow; else it refused them)."""
+    if not isinstance(message.content, list):
+        return ()
+    images = []
+    for j, part in enumerate(message.content):
+        if part.type != "image_url":
+            continue
+        where = f"messages[{i}].content[{j}].image_url"
+        url = part_url(part, where)
+        if url.startswith("data:"):
+            images.append(decode_data_url(url, where, limits))
+        elif url in fetched:
+            images.append(check_image(fetched[url], where, limits))
+        else:
+            raise BadRequest(f"{where}: only data URLs (data:image/<type>;base64,...) are taken here"
+                             + ("; http(s) image URLs are not fetched (setting image_url_fetch is off)"
+                                if url.startswith(("http://", "https://")) else ""))
+    return tuple(images)
 
 
 def sampling_options(body: _Sampling, max_tokens: int | None) -> SamplingOptions:
@@ -105,7 +154,8 @@ def sampling_options(body: _Sampling, max_tokens: int | None) -> SamplingOptions
     )
 
 
-def chat_messages(body: ChatCompletionBody) -> list[ChatMessage]:
+def chat_messages(body: ChatCompletionBody, limits: ImageLimits = ImageLimits(),
+                  fetched: dict[str, bytes] | None = None) -> list[ChatMessage]:
     messages = []
     names: dict[str, str] = {}  # call id -> function name, from the assistant messages so far
     for i, m in enumerate(body.messages):
@@ -116,7 +166,7 @@ def chat_messages(body: ChatCompletionBody) -> list[ChatMessage]:
             name = m.name or names.get(m.tool_call_id or "")
             messages.append(ChatMessage("tool", message_text(m), tool_name=name, tool_call_id=m.tool_call_id))
         else:
-            messages.append(ChatMessage(role, message_text(m), calls))
+            messages.append(ChatMessage(role, message_text(m), calls, images=message_images(m, i, limits, fetched or {})))
     if messages[-1].role not in ("user", "tool"):
         raise BadRequest('the last message must have the role "user" or "tool"')
     return messages

@@ -154,4 +154,12 @@ def model_facts_from_flags(flags: dict[str, str]) -> dict[str, object]:
     for flag, key in (("axmodel_num", "block_count"), ("tokens_embed_size", "embedding_length")):
         if flags.get(flag, "").isdigit():
             facts[key] = int(flags[flag])
+    # A vision-language runner names its image encoder (the card's flag is misspelt `axmodedl`;
+    # the later config key is spelt right): docs/vlm-runners.md §2.
+    if any(flags.get(name) for name in ("filename_image_encoder_axmodedl", "filename_image_encoder_axmodel")):
+        facts["vision"] = True
+        if flags.get("img_width"):  # the Qwen-VL builds: a directory of frames at the image marker
+            facts["image_directories"] = True
+        if flags.get("video") == "1":  # a Qwen-VL build for video: its second marker is `video >> `
+            facts["video"] = True
     return facts

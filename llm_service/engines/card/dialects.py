@@ -25,6 +25,11 @@ class Dialect:
     reserved_lines: frozenset[str]
     # Plain lines printed at start-up by this generation only (detection before the marker).
     startup_hints: tuple[str, ...] = ()
+    # Vision-language runners: the second marker they print after the text line, before reading
+    # the path of an image file (an empty line: no image); None for text-only runners.
+    image_marker: bytes | None = None
+    # A directory path at the image marker means all its images, as frames (the Qwen-VL builds).
+    image_directories: bool = False
 
     def supports_reset(self, banner_offers_reset: bool) -> bool:
         return self.reset_command is not None and (banner_offers_reset or not self.reset_needs_banner)
@@ -45,15 +50,29 @@ AXLLM_C = Dialect(
     keeps_context=True, builtin_tokenizer=True, launched_by_script=False,
     reserved_lines=frozenset({"q", "/q", "/exit", "/reset", "/dd", "/pp"}),
 )
+# The vision-language runners (docs/vlm-runners.md): a B runner's log and marker, then
+# `image >> ` for the image's path; a stateless tokenizer, no memory between turns, no reset.
+# `img_start_token: N` at start-up tells them apart; the Qwen-VL builds (their run script has
+# `--img_width`) also take a directory of frames: `vl_qwen`, else `vl`.
+VISION = Dialect(
+    name="vl", marker=b"prompt >> ", log_style="ab", quit_command="q", reset_command=None, reset_needs_banner=False,
+    keeps_context=False, builtin_tokenizer=False, launched_by_script=True,
+    reserved_lines=frozenset({"q"}), startup_hints=("img_start_token:",), image_marker=b"image >> ",
+)
+VISION_QWEN = Dialect(
+    name="vl_qwen", marker=b"prompt >> ", log_style="ab", quit_command="q", reset_command=None,
+    reset_needs_banner=False, keeps_context=False, builtin_tokenizer=False, launched_by_script=True,
+    reserved_lines=frozenset({"q"}), image_marker=b"image >> ", image_directories=True,
+)
 
-DIALECTS: dict[str, Dialect] = {d.name: d for d in (LEGACY_A, CTX_B, AXLLM_C)}
+DIALECTS: dict[str, Dialect] = {d.name: d for d in (LEGACY_A, CTX_B, AXLLM_C, VISION, VISION_QWEN)}
 # Markers longest first: a line is checked against each in turn.
 MARKERS: tuple[bytes, ...] = tuple(sorted({d.marker for d in DIALECTS.values()}, key=len, reverse=True))
 
 
 def dialects_with_marker(marker: bytes) -> tuple[Dialect, ...]:
     """The generations printing this marker, most common first (`prompt >> ` is B's or C's)."""
-    return tuple(d for d in (CTX_B, AXLLM_C, LEGACY_A) if d.marker == marker)
+    return tuple(d for d in (CTX_B, AXLLM_C, VISION, VISION_QWEN, LEGACY_A) if d.marker == marker)
 
 
 def dialect_of_startup_line(text: str) -> Dialect | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -26,6 +27,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
 from ...children import child_environment, owner_tag
+from ...image_files import TurnImages, write_turn_images
 from ...states import RunnerState
 from ...stop_sequences import StopScanner
 from ...thinking import ThinkSplitter
@@ -53,6 +55,8 @@ from .dialects import DIALECTS, Dialect
 from .output import (
     Banner,
     ContextUsed,
+    FrameLine,
+    ImageMarker,
     InputTokens,
     KvCache,
     LogLine,
@@ -79,6 +83,8 @@ from .planner import (
     continues,
     conversation_texts,
     fits,
+    image_tokens,
+    images_for_turn,
     line_texts,
     plan_turn,
     read_turn,
@@ -96,6 +102,10 @@ _RESET_TIMEOUT_S = 30.0
 # Tokens the runner's context count may differ from the tokenizer's by (an end token or two).
 _CONTEXT_SLACK = 2
 _TOKENIZER_CALL_TIMEOUT_S = 5.0
+# A vision runner's word that it could not read the image it was given (docs/vlm-runners.md §3).
+_IMAGE_NOT_READ = re.compile(r"image prompt\(.*\) not found")
+# The context a runner was built with, at start-up (a vision runner's is smaller than the card's 2048 default).
+_MAX_TOKEN_LEN = re.compile(r"max_token_len : (\d+)")
 # /api/show waits at most this long for a model's tokenizer server to start and say what it knows.
 _DESCRIBE_TIMEOUT_S = 20.0
 
@@ -202,6 +212,9 @@ class _TurnJob:
     markers_while_counting: int = 0
     # After an imitated end: the rest of the answer is taken from the tokenizer's account.
     text_from_tokenizer: bool = False
+    # The turn's images as files a vision runner reads (written and removed by the request).
+    images: TurnImages | None = None
+    frames_listed: int = 0  # the frames the runner said it read (a folder of frames)
 
     def deliver(self, item: Any) -> None:
         if self.delivered:
@@ -212,6 +225,11 @@ class _TurnJob:
             self.send.send_nowait(item)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             self.delivered = True  # the consumer is gone
+
+
+def _images_described(job: _TurnJob) -> str:
+    images = job.plan.images if job.plan is not None else ()
+    return "; ".join(image.describe() for image in images) or "none"
 
 
 class CardEngine(Engine):
@@ -249,6 +267,7 @@ class CardEngine(Engine):
         self._load_started: float | None = None
         self.last_load_duration: float | None = None
         self._context: tuple[int, int] | None = None  # (precompute_len, remaining)
+        self._runner_max_tokens: int | None = None  # its `max_token_len` at start-up
         self._held: tuple[ChatMessage, ...] | None = None  # the conversation the runner's context holds
         self._held_system: str | None = None
         self._held_raw = False  # the context was opened for raw prompts (empty)
@@ -322,8 +341,14 @@ class CardEngine(Engine):
     async def generate(self, request: GenerationRequest):
         send, receive = anyio.create_memory_object_stream(math.inf)
         job = _TurnJob(request=request, send=send, splitter=ThinkSplitter(), stops=StopScanner(request.options.stop))
-        self._post(job)
+        messages = [m for m in request.messages if m.role != "system"]
+        images = images_for_turn(messages)[0] if messages else ()
+        if images:
+            # Written before the owner sees the job and removed when the request ends, however
+            # it ends: the owner only passes the path (llm_service/image_files.py).
+            job.images = await anyio.to_thread.run_sync(write_turn_images, self.settings.data_dir, images, request.id)
         try:
+            self._post(job)
             async with receive:
                 async for item in receive:
                     if isinstance(item, BaseException):
@@ -334,6 +359,14 @@ class CardEngine(Engine):
         finally:
             if not job.delivered:
                 self._post(_Cancel(job))
+            if job.images is not None:
+                job.images.remove()
+
+    def accepts_images(self) -> bool:
+        dialect = self._dialect
+        if dialect is not None and dialect.image_marker is not None:
+            return True
+        return bool(self.model_facts().get("vision")) or self.config.dialect in ("vl", "vl_qwen")
 
     async def prompt_format(self) -> PromptFormat:
         """What the model's tokenizer server says (our server only): the one the runner talks
@@ -530,8 +563,12 @@ class CardEngine(Engine):
         form = prompt_format_of(caps)
         controls = caps.get("controls") or ()
         tools = caps.get("tools") if isinstance(caps.get("tools"), dict) else {}
+        dialect = self._dialect or DIALECTS["b"]
+        context_size = self.spec.context_size
+        if dialect.image_marker is not None and self._runner_max_tokens:
+            context_size = min(context_size, self._runner_max_tokens)  # a VLM build's own, smaller context
         return Runner(
-            self._dialect or DIALECTS["b"], self._supports_reset, self._our_tokenizer, self.spec.context_size,
+            dialect, self._supports_reset, self._our_tokenizer, context_size,
             raw=form.raw, infill=form.infill, model=self.spec.name,
             tools=("template" if tools.get("definitions") == "template" else "system_prompt") if "tools" in controls else None,
             turn_control="turn" in controls,
@@ -719,6 +756,10 @@ class CardEngine(Engine):
             await self._on_text(event.text)
         elif isinstance(event, LogLine):
             self.logs.append(f"[{event.level}][{event.function}][{event.line}]: {event.message}")
+            if state is S.INITIALIZING and (match := _MAX_TOKEN_LEN.fullmatch(event.message.strip())):
+                self._runner_max_tokens = int(match.group(1))
+            elif job is not None and job.images is not None and job.images.frames and event.function == "Encode":
+                self._check_frames(job)
         elif isinstance(event, ContextUsed):
             if state in (S.INITIALIZING, S.RESETTING):
                 # The system prompt prefilled at start-up already occupies the context.
@@ -757,6 +798,11 @@ class CardEngine(Engine):
                 job.context_after = None
         elif isinstance(event, RunnerError):
             self.logs.append(f"[error:{event.kind}] {event.message}")
+            if job is not None and job.images is not None and _IMAGE_NOT_READ.search(event.message):
+                job.error = BadRequest(
+                    f"the runner of {self.spec.name} could not read the image ({_images_described(job)}): it said "
+                    f"\"{event.message}\" and would have answered the text alone; send it as JPEG or PNG"
+                )
             if job is not None and event.kind in ("context_overflow", "prompt_too_long"):
                 job.error = BadRequest(
                     f"the prompt does not fit the model's context of {self.spec.context_size} tokens (the runner "
@@ -765,11 +811,19 @@ class CardEngine(Engine):
                 self._held = None  # what the runner holds now is not reliable
         elif isinstance(event, Marker):
             await self._on_marker()
+        elif isinstance(event, ImageMarker):
+            self._on_image_marker()
+        elif isinstance(event, FrameLine):
+            self.logs.append(f"[frame] {event.path}")
+            if job is not None:
+                job.frames_listed += 1
 
     async def _on_marker(self) -> None:
         state = self._machine.state
         if self._parser is not None and self._dialect_name is None:
             self._dialect_name = self._parser.dialect
+            if self._dialect_name == "vl" and self.model_facts().get("image_directories"):
+                self._dialect_name = "vl_qwen"  # a Qwen-VL build: its script sets the encoder's size
         if state is S.INITIALIZING:
             self.last_load_duration = time.monotonic() - (self._load_started or time.monotonic())
             self._load_stall_at = self._load_cap_at = None
@@ -792,6 +846,23 @@ class CardEngine(Engine):
             self._job.markers_while_counting += 1  # the end its count is checking may not be the last
         # Otherwise a marker at READY is the runner re-printing it (after an empty line): nothing to do.
 
+    def _check_frames(self, job: _TurnJob) -> None:
+        """At the encoder's line: did the runner read every frame of the folder it was given?"""
+        assert job.images is not None
+        if job.frames_listed != job.images.count and job.error is None:
+            job.error = BadRequest(
+                f"the runner of {self.spec.name} read {job.frames_listed} of the {job.images.count} images "
+                f"({_images_described(job)}); it would have answered without the others: send them as JPEG or PNG"
+            )
+
+    def _on_image_marker(self) -> None:
+        """A vision runner reads the turn's image path now: the file's, or an empty line."""
+        job = self._job
+        if self._runner is None:
+            return
+        path = job.images.path if job is not None and job.phase == "prompting" and job.images is not None else ""
+        self._runner.write_line(path)
+
     async def _on_text(self, text: str) -> None:
         job = self._job
         if job is None or job.phase != "prompting":
@@ -806,8 +877,8 @@ class CardEngine(Engine):
         if job.text_from_tokenizer:
             return  # the runner's copy of text the tokenizer's account already holds
         job.answer.append(text)
-        if job.interrupted:
-            return  # draining after SIGINT: nothing more reaches the client
+        if job.interrupted or job.error is not None:
+            return  # draining after SIGINT, or a failed turn: nothing more reaches the client
         await self._relay(job, text)
 
     async def _relay(self, job: _TurnJob, text: str) -> None:
@@ -870,7 +941,12 @@ class CardEngine(Engine):
         """The plan when no count needs the tokenizer (bytes prove a fit, or there is no
         tokenizer to ask), else None. Raises BadRequest when the turn cannot fit."""
         line_tokens = conversation_tokens = None
-        if runner.dialect.keeps_context:
+        if not runner.dialect.keeps_context and turn.images:  # a vision turn: does it fit with its images?
+            conversation_tokens = self._count_without_tokenizer(
+                conversation_texts(turn), runner.context_size - CONTEXT_MARGIN - image_tokens(turn), runner)
+            if conversation_tokens is None:
+                return None
+        elif runner.dialect.keeps_context:
             if continues(turn, held):
                 line_tokens = self._count_without_tokenizer(line_texts(turn), held.remaining - CONTEXT_MARGIN, runner)
                 if line_tokens is None:
@@ -904,7 +980,12 @@ class CardEngine(Engine):
         """Child task: count with the tokenizer what bytes could not prove, then install the
         tokenizer settings the plan needs."""
         try:
-            if plan is None:
+            if plan is None and not runner.dialect.keeps_context:  # a vision turn (see _plan_without_tokenizer)
+                conversation_tokens = await self._count_tokens(
+                    conversation_texts(turn), runner.context_size - CONTEXT_MARGIN - image_tokens(turn))
+                plan = plan_turn(turn, held, runner, conversation_tokens=conversation_tokens)
+                changes = self._settings_to_install(plan)
+            elif plan is None:
                 line_tokens = conversation_tokens = None
                 if continues(turn, held):
                     line_tokens = await self._count_tokens(line_texts(turn), held.remaining - CONTEXT_MARGIN)
@@ -1039,11 +1120,16 @@ class CardEngine(Engine):
     def _write_prompt(self, job: _TurnJob) -> None:
         assert job.plan is not None and self._parser is not None and self._runner is not None
         job.phase = "prompting"
-        self._parser.begin_turn()
         if self._our_tokenizer:
             self._tokenizer_config["history"] = []  # the runner's /encode for this line consumes it
             self._tokenizer_config["turn"] = []  # … and a tool round's messages
         self._set_state(S.PROCESSING, "prompt sent", request=job.request.id)
+        dialect = self._dialect
+        frames = (job.images.path + "/").encode() if job.images is not None and job.images.frames else None
+        marker = dialect.image_marker if dialect is not None else None
+        if marker is not None and self.model_facts().get("video"):
+            marker = b"video >> "  # a Qwen-VL build started with --video 1 (docs/vlm-runners.md §3)
+        self._parser.begin_turn(marker, frames)
         job.context_before = self._context[0] if self._context else None
         job.prompt_written_at = time.monotonic()
         self._hang_at = job.prompt_written_at + self._hang_s

@@ -55,6 +55,20 @@ class Marker:
 
 
 @dataclass(frozen=True, slots=True)
+class ImageMarker:
+    """A vision runner's second marker (`image >> `): it reads the image's path now."""
+
+    marker: str
+
+
+@dataclass(frozen=True, slots=True)
+class FrameLine:
+    """A Qwen-VL runner's list of the frames it read from a directory: one path."""
+
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
 class Text:
     text: str
 
@@ -113,7 +127,7 @@ class RunnerError:
     message: str
 
 
-Event = (LogLine | Progress | InitOk | Marker | Text | Ttft | TurnEnd | KvCache | ContextUsed | InputTokens
+Event = (LogLine | Progress | InitOk | Marker | ImageMarker | FrameLine | Text | Ttft | TurnEnd | KvCache | ContextUsed | InputTokens
          | BosEos | Uid | Banner | PlainLine | RunnerError)
 
 # ---------------------------------------------------------------------------------------------
@@ -290,6 +304,13 @@ class RunnerOutputParser:
         # The turn's text has begun: from then on the runner prints no log line but its end
         # (`hit eos`), so any other "log line" is the model's text.
         self._text_seen = False
+        # A vision runner's second marker, expected at the start of the turn, and its bytes seen so far.
+        self._image_marker: bytes | None = None
+        self._image_marker_seen = 0
+        # Lines the runner prints after it, before its log lines: the frames of a directory,
+        # one path a line, each starting with this prefix (the directory's path and "/").
+        self._frame_prefix: bytes | None = None
+        self._frame_line = bytearray()
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     @property
@@ -304,10 +325,16 @@ class RunnerOutputParser:
         self._strip_ansi(data)
         return self._take_events()
 
-    def begin_turn(self) -> None:
-        """The daemon wrote a prompt line: from now until TurnEnd, non-log bytes are answer text."""
+    def begin_turn(self, image_marker: bytes | None = None, frame_prefix: bytes | None = None) -> None:
+        """The daemon wrote a prompt line: from now until TurnEnd, non-log bytes are answer text.
+        `image_marker`: a vision runner's second marker, which comes first (an ImageMarker event);
+        `frame_prefix`: the runner then lists the frames of this directory, one a line (dropped)."""
         if self._turn_open:
             return
+        self._image_marker = image_marker
+        self._image_marker_seen = 0
+        self._frame_prefix = frame_prefix if image_marker is not None else None
+        self._frame_line.clear()
         if self._line:  # not expected after a marker; keep it rather than mix it into the answer
             self._complete_line(self._take_line())
         self._flush_banner()
@@ -427,7 +454,11 @@ class RunnerOutputParser:
     def _plain(self, segment: bytes) -> None:
         position = 0
         while position < len(segment):
-            if self._turn_open:
+            if self._turn_open and self._image_marker is not None:
+                position = self._image_marker_bytes(segment, position)
+            elif self._turn_open and self._frame_prefix is not None:
+                position = self._frame_bytes(segment, position)
+            elif self._turn_open:
                 position = self._turn_bytes(segment, position)
             else:
                 position = self._outside_bytes(segment, position)
@@ -464,6 +495,43 @@ class RunnerOutputParser:
             if self._dialect not in candidates:  # keep what earlier lines showed, if the marker agrees
                 self._dialect = candidates[0]
         self._emit(Marker(marker.decode()))
+
+    def _image_marker_bytes(self, segment: bytes, position: int) -> int:
+        """The turn's first bytes, while they may still be the second marker."""
+        marker = self._image_marker
+        assert marker is not None
+        seen = self._image_marker_seen
+        take = segment[position:position + len(marker) - seen]
+        if marker[seen:seen + len(take)] == take:
+            self._image_marker_seen += len(take)
+            if self._image_marker_seen == len(marker):
+                self._image_marker = None
+                self._emit(ImageMarker(marker.decode()))
+            return position + len(take)
+        # Not the marker after all: what was held is the turn's output.
+        self._image_marker = None
+        if seen:
+            self._turn_bytes(marker[:seen], 0)
+        return position
+
+    def _frame_bytes(self, segment: bytes, position: int) -> int:
+        """After the image marker: lines naming the frames of the directory given are dropped."""
+        prefix = self._frame_prefix
+        assert prefix is not None
+        newline = segment.find(b"\n", position)
+        end = newline if newline >= 0 else len(segment)
+        self._frame_line += segment[position:end]
+        line = bytes(self._frame_line)
+        if not (line.startswith(prefix) or prefix.startswith(line)) or (newline >= 0 and not line.startswith(prefix)):
+            self._frame_prefix = None  # not a frame line: the turn's output goes on as usual
+            self._frame_line.clear()
+            self._turn_bytes(line, 0)
+            return end
+        if newline < 0:
+            return end
+        self._frame_line.clear()
+        self._emit(FrameLine(line.decode("utf-8", errors="replace")))
+        return newline + 1
 
     def _turn_bytes(self, segment: bytes, position: int) -> int:
         newline = segment.find(b"\n", position)

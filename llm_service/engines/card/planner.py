@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokenizer_service.prompt_escape import escape_prompt_line
 from tokenizer_service.tool_prompt import as_text_messages, assistant_text, responses_text, tools_block, with_tools
@@ -33,12 +33,19 @@ from ...tools import call_key, choice_instruction, template_message, tools_for_m
 from ..base import BadRequest, ChatMessage, GenerationRequest, Infill
 from .dialects import Dialect
 
+if TYPE_CHECKING:
+    from ...images import ImageInput
+
 # Options the card fixes at launch (post_config.json); accepted per request but not applied.
 FIXED_AT_LAUNCH = ("temperature", "top_p", "top_k", "seed", "repeat_penalty")
 # Tokens kept free in the context for the template around a new message.
 CONTEXT_MARGIN = 32
 # Template tokens a message costs beyond its text, at most.
 TOKENS_PER_MESSAGE = 8
+# The prompt tokens of one image on the card's VLM runners: 256 placeholders for a 448x448
+# encoder, whatever the picture's own size (docs/vlm-runners.md §5; 144 on a 384x384 Qwen3-VL
+# build: 256 is the most), plus the tokens around them.
+TOKENS_PER_IMAGE = 256 + 4
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,7 @@ class Turn:
     messages: tuple[ChatMessage, ...] = ()
     tools: list[dict[str, Any]] | None = None  # the definitions given to the model
     instruction: str | None = None  # what a required tool_choice adds (system prompt or line)
+    images: tuple[ImageInput, ...] = ()  # what the runner reads at its image marker this turn
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,7 @@ class Plan:
     warnings: tuple[str, ...]
     raw: bool = False  # a raw turn: what the runner holds after it is no conversation to continue
     tools: list[dict[str, Any]] | None = None  # the definitions the conversation holds after the turn
+    images: tuple[ImageInput, ...] = ()  # the turn's images (a vision runner's image marker)
 
 
 def read_turn(request: GenerationRequest, default_system: str | None, runner: Runner) -> Turn:
@@ -124,10 +133,10 @@ def read_turn(request: GenerationRequest, default_system: str | None, runner: Ru
             f"num_ctx {num_ctx}: the model's context on the card is {runner.context_size} tokens, fixed when "
             f"the model was converted; the request runs with {runner.context_size}"
         )
-    start = len(messages) - 1
-    while messages[-1].role == "tool" and start > 0 and messages[start - 1].role == "tool":
-        start -= 1
+    start = turn_start(messages)
     turn_messages = tuple(messages[start:])
+    images, image_warnings = turn_images(messages, start, runner)
+    warnings.extend(image_warnings)
     line = responses_text(m.content for m in turn_messages) if messages[-1].role == "tool" else messages[-1].content
     tools = tools_for_model(request)
     if tools:
@@ -171,7 +180,57 @@ def read_turn(request: GenerationRequest, default_system: str | None, runner: Ru
         messages=turn_messages,
         tools=tools,
         instruction=instruction,
+        images=images,
     )
+
+
+def turn_start(messages: list[ChatMessage]) -> int:
+    """Where the turn's new messages begin (system messages left out): the last user message,
+    or a tool round's results."""
+    start = len(messages) - 1
+    while messages[-1].role == "tool" and start > 0 and messages[start - 1].role == "tool":
+        start -= 1
+    return start
+
+
+def images_for_turn(messages: list[ChatMessage]) -> tuple[tuple[ImageInput, ...], int | None]:
+    """The images the runner reads this turn (`messages` without system messages): the new
+    messages' own; where they have none, the latest earlier message's that has some (the runner
+    keeps nothing between turns, so a follow-up question about a picture needs it again), with
+    that message's index; None: the new messages' own (or no image at all)."""
+    start = turn_start(messages)
+    new = tuple(image for m in messages[start:] for image in m.images)
+    if new:
+        return new, None
+    for index in range(start - 1, -1, -1):
+        if messages[index].images:
+            return messages[index].images, index
+    return (), None
+
+
+def turn_images(messages: list[ChatMessage], start: int, runner: Runner) -> tuple[tuple[ImageInput, ...], list[str]]:
+    """The images the runner reads this turn (`images_for_turn`: one image a turn, or several as
+    frames where the runner takes a folder), and warnings for the others: an earlier message's
+    images cannot reach it beside the turn's (it reads one path a turn, and keeps nothing)."""
+    total = sum(len(m.images) for m in messages)
+    if not total:
+        return (), []
+    if runner.dialect.image_marker is None:
+        raise BadRequest(f"{runner.model} does not support images: its runner takes text only (send the "
+                         "images to a vision-language model, one whose run script names an image encoder)")
+    images, carried = images_for_turn(messages)
+    where = "the last message" if carried is None else f"messages[{carried}]"
+    if len(images) > 1 and not runner.dialect.image_directories:
+        raise BadRequest(f"{len(images)} images in {where}: {runner.model}'s runner reads one image a turn; send "
+                         "one image (or one request per image)")
+    warnings = []
+    if carried is not None:
+        warnings.append(f"images: the runner keeps nothing between turns, so the image(s) of an earlier message "
+                        f"({len(images)}) went with this turn again")
+    if total > len(images):
+        warnings.append(f"images of earlier messages not sent ({total - len(images)}): the runner reads one "
+                        "message's images a turn and keeps nothing between turns; their messages' text was sent")
+    return images, warnings
 
 
 def _tools_warnings(runner: Runner) -> list[str]:
@@ -277,6 +336,10 @@ def token_guess(texts: list[str]) -> int:
     return sum(len(t.encode("utf-8", "surrogatepass")) for t in texts) // 3 + TOKENS_PER_MESSAGE * len(texts)
 
 
+def image_tokens(turn: Turn) -> int:
+    return TOKENS_PER_IMAGE * len(turn.images)
+
+
 def fits(tokens: int, room: int | None) -> bool:
     return room is None or tokens + CONTEXT_MARGIN <= room
 
@@ -294,6 +357,12 @@ def plan_turn(
     system = turn.system
     if not runner.dialect.keeps_context:
         # Legacy runners start every turn from a clean context: nothing to reset.
+        if turn.images:  # a vision runner: the whole conversation and the images, every turn
+            needed = _given(conversation_tokens, "conversation_tokens") + image_tokens(turn)
+            if not fits(needed, runner.context_size):
+                raise BadRequest(too_long_message(needed, runner.context_size, bool(turn.history))
+                                 + f"; the {len(turn.images)} image(s) take {image_tokens(turn)} of these tokens, "
+                                 "whatever their size: send fewer images")
         if history and not ours:
             warnings.append("history not sent: the stock tokenizer script cannot take it")
             history = ()
@@ -383,6 +452,7 @@ def _plan(
         warnings=tuple(warnings),
         raw=turn.raw,
         tools=turn.tools,
+        images=turn.images,
     )
 
 
