@@ -11,7 +11,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__, image_files
-from .api import models, ollama, openai, serverless, services, status
+from .api import async_jobs, models, ollama, openai, serverless, services, status
 from .api.errors import install_error_handlers
 from .api.hot_routes import HotRoutesMiddleware
 from .api.openai import batches
@@ -131,6 +131,7 @@ def create_app(settings: Any) -> FastAPI:
     app.include_router(services.router)
     app.include_router(batches.router)
     app.include_router(serverless.router)
+    app.include_router(async_jobs.router)
     install_error_handlers(app)
     # Innermost of ours, so that keys, body limits and the HTTP metrics apply to it as to the rest.
     app.add_middleware(HotRoutesMiddleware, routers=[ollama.router, openai.router], exception_handlers=app.exception_handlers)

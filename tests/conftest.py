@@ -136,6 +136,7 @@ def anyio_backend() -> str:
 # its own to whichever worker is free (a module fixture it uses then starts once per worker).
 SHARED_FIXTURE_MODULES = {
     "tests/test_api_fuzz.py",  # the fuzzed daemon and its schema
+    "tests/test_async_jobs.py",  # the daemon whose async jobs the tests submit
     "tests/test_apps_api.py",  # the daemon with coder, stock and upstream models
     "tests/test_batches_api.py",  # the daemon with the batch models
     "tests/test_cli.py",  # the status server

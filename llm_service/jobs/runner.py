@@ -287,6 +287,7 @@ class JobRunner:
             self.wake()
 
     async def _run_item(self, store: SqliteJobStore, item: ClaimedItem) -> None:
+        from ..api.ollama.routes import answer_body as ollama_answer_body
         from ..api.openai.routes import answer_body
         from ..services.run import SERVICE_ENDPOINT, service_answer
 
@@ -304,6 +305,9 @@ class JobRunner:
                         if item.endpoint == SERVICE_ENDPOINT and self.services is not None:
                             answer = await service_answer(self.manager, self.services, item.body,
                                                           f"{item.job_id}-{item.line}", deadline)
+                        elif item.endpoint in ("/api/generate", "/api/chat"):  # async Ollama requests
+                            answer = await ollama_answer_body(self.manager, self.settings, item.endpoint, item.body,
+                                                              priority="job", deadline=deadline)
                         else:
                             answer = await answer_body(self.manager, self.settings, item.endpoint, item.body,
                                                        priority="job", deadline=deadline)

@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 from fastapi import APIRouter, Request
+from pydantic import ValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from ... import __version__
@@ -126,14 +127,20 @@ async def generate(request: Request, body: GenerateBody) -> Response:
     images = wire.message_images(body.images, "images", limits_of(request.app.state.settings))
     if not body.prompt and not images:
         return await _load_or_unload(request, body.model, body.keep_alive, "generate")
+    gen_request = generate_request(request.app.state.settings, body, images)
+    return await _answer(request, body.model, gen_request, body.keep_alive, body.stream, GenerateShapes(body.model))
+
+
+def generate_request(settings: Any, body: GenerateBody, images: Any = ()) -> GenerationRequest:
+    """The generation request of an /api/generate body (the route and async jobs build it here)."""
     messages = []
     if body.system:
         messages.append(ChatMessage("system", body.system))
     messages.append(ChatMessage("user", body.prompt, images=images))
-    gen_request = _new_request(messages, body, "generate", request.app.state.settings.request_deadline_s)
+    gen_request = _new_request(messages, body, "generate", settings.request_deadline_s)
     gen_request.raw, gen_request.suffix = body.raw, body.suffix or None
     gen_request.structured = from_ollama_format(body.format)
-    return await _answer(request, body.model, gen_request, body.keep_alive, body.stream, GenerateShapes(body.model))
+    return gen_request
 
 
 @router.post("/api/chat")
@@ -143,11 +150,48 @@ async def chat(request: Request, body: ChatBody) -> Response:
     if body.messages[-1].role not in ("user", "tool"):
         raise BadRequest('the last message must have the role "user" or "tool"')
     check_image_count(request.app.state, body.model, sum(len(m.images or ()) for m in body.messages))
-    messages = wire.chat_messages(body.messages, limits_of(request.app.state.settings))
-    gen_request = _new_request(messages, body, "chat", request.app.state.settings.request_deadline_s)
+    gen_request = chat_request(request.app.state.settings, body)
+    return await _answer(request, body.model, gen_request, body.keep_alive, body.stream, ChatShapes(body.model))
+
+
+def chat_request(settings: Any, body: ChatBody) -> GenerationRequest:
+    """The generation request of an /api/chat body (the route and async jobs build it here)."""
+    messages = wire.chat_messages(body.messages, limits_of(settings))
+    gen_request = _new_request(messages, body, "chat", settings.request_deadline_s)
     gen_request.tools = parse_tools(body.tools)
     gen_request.structured = from_ollama_format(body.format)
-    return await _answer(request, body.model, gen_request, body.keep_alive, body.stream, ChatShapes(body.model))
+    return gen_request
+
+
+async def answer_body(manager: Any, settings: Any, endpoint: str, raw: dict[str, Any],
+                      priority: str = "interactive", deadline: float | None = None) -> tuple[int, str, dict[str, Any]]:
+    """(status code, request id, body) that /api/generate or /api/chat answers for `raw`, whole:
+    an async job's answer is the one the route gives with stream false; errors as Ollama's."""
+    request_id = new_request_id()
+    try:
+        try:
+            body = (GenerateBody if endpoint == "/api/generate" else ChatBody).model_validate(raw)
+        except ValidationError as exc:
+            return 400, request_id, {"error": f"invalid body: {exc.errors()[0].get('msg')} "
+                                              f"({'.'.join(map(str, exc.errors()[0].get('loc', ())))})"}
+        if endpoint == "/api/generate":
+            if not body.prompt and not body.images:
+                raise BadRequest("an async generate needs a prompt (loading and unloading are not jobs)")
+            gen_request = generate_request(settings, body, wire.message_images(body.images, "images", limits_of(settings)))
+            shapes: GenerateShapes | ChatShapes = GenerateShapes(body.model)
+        else:
+            if not body.messages or body.messages[-1].role not in ("user", "tool"):
+                raise BadRequest('an async chat needs messages, the last with the role "user" or "tool"')
+            gen_request = chat_request(settings, body)
+            shapes = ChatShapes(body.model)
+        gen_request.priority = priority
+        gen_request.deadline = deadline or gen_request.deadline
+        whole = await (structured_attempts.complete(manager, body.model, gen_request, body.keep_alive)
+                       if gen_request.structured is not None
+                       else manager.complete(body.model, gen_request, body.keep_alive))
+        return 200, gen_request.id, shapes.final(whole.result, whole.content, whole.thinking, whole.tool_calls)
+    except EngineError as exc:
+        return exc.status_code, request_id, {"error": exc.message}
 
 
 MIB = 1024 * 1024

@@ -201,11 +201,13 @@ SERVERLESS_KEY = "serverless"
 
 
 def _is_batch(job: Any) -> bool:
-    """Serverless jobs and prompt services run as jobs are kept in the same store, not batches."""
+    """Serverless jobs, prompt services run as jobs and async requests share the store; they are
+    not batches."""
     from ...services.run import SERVICE_JOB_KEY
+    from ..async_jobs import ASYNC_JOB_KEY
 
     metadata = job.metadata or {}
-    return SERVERLESS_KEY not in metadata and SERVICE_JOB_KEY not in metadata
+    return not {SERVERLESS_KEY, SERVICE_JOB_KEY, ASYNC_JOB_KEY} & metadata.keys()
 
 
 async def _batch(runner: JobRunner, batch_id: str) -> Any:
