@@ -84,3 +84,29 @@ def test_the_runner_knows_the_stores_file_name_without_importing_it():
 def test_store_errors_have_their_statuses(error, status, code):
     translated_error = translated(error)
     assert (translated_error.status_code, translated_error.code) == (status, code)
+
+
+def test_a_full_disk_refuses_uploads_and_the_interactive_api_keeps_serving(tmp_path):
+    """The daemon may write no file over 1.5 MB (as on a full disk: EFBIG, the write fails; Python
+    ignores SIGXFSZ): a bigger upload is a 507, what was stored before is intact, and generation
+    goes on."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_500_000, 1_500_000))
+
+    entry = scripted_model(tmp_path, "echo", reply_words=WORDS, fields={"run_on_startup": "true"})
+    with running_daemon(tmp_path, [entry], preexec=limit) as daemon:
+        oai = openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        line = json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+                           "body": {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}})
+        kept = oai.files.create(file=("small.jsonl", io.BytesIO(line.encode())), purpose="batch")
+        filler = "\n".join(line.replace('"a"', f'"f{i}"') for i in range(12_000)).encode()  # ~2 MB
+        assert len(filler) > 1_500_000
+        with pytest.raises(openai.APIStatusError) as full:
+            oai.files.create(file=("big.jsonl", io.BytesIO(filler)), purpose="batch")
+        assert full.value.status_code == 507, full.value
+        assert oai.files.retrieve(kept.id).bytes == len(line)
+        assert oai.files.content(kept.id).text == line
+        answer = oai.chat.completions.create(model="echo", messages=[{"role": "user", "content": "still here"}])
+        assert answer.choices[0].message.content.startswith("You said: still here.")

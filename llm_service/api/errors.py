@@ -6,9 +6,12 @@ middleware (401, 413), the exception handlers and the routes all give a client t
 """
 from __future__ import annotations
 
+import errno
+
 import logging
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -64,6 +67,19 @@ def readable_validation_error(exc: RequestValidationError) -> tuple[str, str | N
     return "invalid request: " + "; ".join(parts), param
 
 
+async def drain_body(request: Request, limit_s: float = 10.0) -> None:
+    """Read and drop what is left of a request's body (bounded in time)."""
+    with anyio.move_on_after(limit_s):
+        while True:
+            message = await request.receive()
+            if message["type"] != "http.request" or not message.get("more_body"):
+                return
+
+
+# A write that failed for want of room: the device is full, a quota or the file size limit.
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every error a route raises, in its client's dialect; never a 500 for bad input."""
 
@@ -84,5 +100,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            # Receiving a body (an upload spooled to disk) or writing a file ran out of room.
+            log.error("no space on %s: %s", request.url.path, exc)
+            message = f"insufficient storage: the box has no room to take this request ({exc.strerror})"
+            return JSONResponse(error_body(request.url.path, message, 507, "insufficient_storage"), status_code=507)
         log.exception("unexpected error on %s", request.url.path)
         return JSONResponse(error_body(request.url.path, f"internal error: {exc!r}", 500, "internal_error"), status_code=500)

@@ -389,7 +389,7 @@ class SqliteJobStore:
                     f"the job store {self.path} is damaged ({doing}): {error}") from None
             raise StoreUnavailable(f"the job store {self.path} failed ({doing}): {error}") from None
         except OSError as error:
-            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 raise StoreFull(f"no space left for the job store in {self.directory} ({doing})") from None
             raise StoreUnavailable(
                 f"the job store's folder {self.directory} failed ({doing}): {error}") from None

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from ...jobs.runner import JobRunner, JobsError
+from ..errors import DISK_FULL, drain_body
 
 router = APIRouter()
 
@@ -90,7 +91,15 @@ async def create_file(request: Request) -> Response:
                         "invalid_request")
     limit = request.app.state.settings.job_file_max_bytes
     # python-multipart is imported here, by the first upload (the daemon's idle memory).
-    async with request.form(max_files=1, max_fields=8) as form:
+    try:
+        form = await request.form(max_files=1, max_fields=8)
+    except OSError as exc:  # spooling the upload to disk ran out of room
+        if exc.errno not in DISK_FULL:
+            raise
+        await drain_body(request)  # the client then reads this answer, not a reset connection
+        raise JobsError(f"insufficient storage: no room to receive the upload ({exc.strerror})", 507,
+                        "insufficient_storage") from None
+    try:
         purpose = form.get("purpose")
         upload = form.get("file")
         if not isinstance(purpose, str) or purpose not in UPLOAD_PURPOSES:
@@ -105,6 +114,8 @@ async def create_file(request: Request) -> Response:
         source.seek(0)
         chunks = iter(lambda: source.read(1024 * 1024), b"")
         stored = await runner.call("add_file", purpose, filename, chunks)
+    finally:
+        await form.close()
     return JSONResponse(file_object(stored))
 
 
