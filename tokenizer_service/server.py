@@ -95,6 +95,10 @@ class ApiError(Exception):
 
 # tokenizer_class values AutoTokenizer maps to the generic fast tokenizer class.
 GENERIC_FAST_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
+# Which library a server's tokenizer runs on (`--engine`, `engine` in /capabilities): `tokenizers`
+# (tokenizer_service.lite_tokenizer: tokenizers + Jinja2, without transformers) or `transformers`;
+# `auto` takes the first where the files allow it and transformers where they do not.
+ENGINES = ("auto", "tokenizers", "transformers")
 
 
 def names_generic_fast_class(folder: Path) -> bool:
@@ -105,7 +109,7 @@ def names_generic_fast_class(folder: Path) -> bool:
     return isinstance(config, dict) and config.get("tokenizer_class") in GENERIC_FAST_CLASSES
 
 
-def load_tokenizer(source: Path) -> Any:
+def load_transformers_tokenizer(source: Path) -> Any:
     """A transformers tokenizer from a tokenizer folder or a .gguf file (local files only)."""
     # Slow imports, only where needed. AutoTokenizer imports AutoConfig and, through it, torch
     # when installed (over a second); a folder naming the generic fast class loads the same
@@ -123,15 +127,55 @@ def load_tokenizer(source: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(source), local_files_only=True)
 
 
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim). Loading a
+    tokenizer.json parses megabytes of JSON into structures a fraction of that size; the
+    allocator keeps the difference (about 16 MB for SmolLM2's) unless told to let it go."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def load_tokenizer(source: Path, engine: str = "auto", template_from: Path | None = None) -> tuple[Any, str | None]:
+    """The tokenizer of `source` (a folder or a .gguf file), with the chat template of
+    `template_from` if given, and why it runs on transformers (None where it does not).
+
+    `auto` loads it without transformers (tokenizer_service.lite_tokenizer) where the files
+    allow it: a folder with tokenizer.json naming the generic fast class, whose chat template
+    compiles; else with transformers, imported only then."""
+    reason = None
+    if engine != "transformers":
+        from tokenizer_service.lite_tokenizer import LiteTokenizer, LiteUnsupported
+
+        try:
+            tokenizer = LiteTokenizer(source)
+            if template_from is not None:
+                tokenizer.chat_template = LiteTokenizer(template_from).chat_template
+            return tokenizer, None
+        except LiteUnsupported as exc:
+            if engine == "tokenizers":
+                raise
+            reason = str(exc)
+    tokenizer = load_transformers_tokenizer(source)
+    if template_from is not None:
+        tokenizer.chat_template = load_transformers_tokenizer(template_from).chat_template
+    return tokenizer, reason or "--engine transformers"
+
+
 class ChatTokenizer:
-    """The transformers tokenizer behind one lock.
+    """The tokenizer (a transformers one or tokenizer_service.lite_tokenizer's) behind one lock.
 
     Fast tokenizers are not safe to call from several threads at once ("Already borrowed"),
     and each call takes well under a millisecond, so serializing them costs nothing.
     """
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, fallback_reason: str | None = None) -> None:
         self._tokenizer = tokenizer
+        self.engine = getattr(tokenizer, "engine", "transformers")
+        self.fallback_reason = fallback_reason
         self._lock = threading.Lock()
         template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
         self.chat_template = template
@@ -172,6 +216,9 @@ class ChatTokenizer:
         """What `/capabilities` tells about the tokenizer: its chat template, the texts that end
         a reply, its fill-in-the-middle tokens (None: it has none)."""
         return {
+            # The library the tokenizer runs on, and why it is transformers where it is.
+            "engine": self.engine,
+            "engine_fallback": self.fallback_reason if self.engine == "transformers" else None,
             "chat_template": self.chat_template or None,
             "stop": list(self.stop),
             "infill": self.infill,
@@ -717,6 +764,9 @@ def main(argv: list[str] | None = None) -> int:
                         "that serves no POST /reset)")
     parser.add_argument("--chat-template-from", type=Path, help="render with the chat template of this tokenizer "
                         "folder (a stock script that encodes with one tokenizer and renders with another's)")
+    parser.add_argument("--engine", choices=ENGINES, default="auto", help="the library the tokenizer runs on: "
+                        "tokenizers (with Jinja2, no transformers), transformers, or auto: tokenizers where "
+                        "the files allow it (default: %(default)s)")
     parser.add_argument("--check-template", action="store_true", help="exit with status "
                         f"{EXIT_UNUSABLE} unless the tokenizer loads and its chat template renders a conversation")
     args = parser.parse_args(argv)
@@ -726,10 +776,8 @@ def main(argv: list[str] | None = None) -> int:
     defaults = StockDefaults(args.default_system_prompt, args.user_suffix, args.generation_prompt_cut,
                              args.ignore_runner_system_prompt)
     try:
-        loaded = load_tokenizer(args.tokenizer)
-        if args.chat_template_from is not None:
-            loaded.chat_template = load_tokenizer(args.chat_template_from).chat_template
-        tokenizer = ChatTokenizer(loaded)
+        tokenizer = ChatTokenizer(*load_tokenizer(args.tokenizer, args.engine, args.chat_template_from))
+        release_free_memory()
         if args.check_template:
             tokenizer.render([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}], True, None)
     except Exception as exc:  # whatever fails here, these files cannot serve the runner
