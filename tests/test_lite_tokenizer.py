@@ -5,6 +5,7 @@ transformers, falling back to transformers where the files need it."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -14,11 +15,12 @@ import pytest
 
 from harness import net
 from harness.models import QWEN25_TOOLS_TEMPLATE, infill_tokenizer, tools_tokenizer, vision_tokenizer
-from harness.net import free_port, wait_http
+from harness.daemon import write_descriptor
+from harness.net import free_port, wait_http, wait_until
 from harness.paths import REPO_ROOT
 from tokenizer_service.lite_tokenizer import LiteTokenizer, LiteUnsupported, why_not
 from tokenizer_service.server import ChatTokenizer, load_tokenizer
-from tokenizer_support import SMOLLM2_TOKENIZER, tokenizer_server
+from tokenizer_support import SMOLLM2_TOKENIZER, tokenizer_entry, tokenizer_server
 
 # A template that uses what transformers' environment offers beyond plain Jinja2: namespace,
 # loop controls, raise_exception, tojson with options and non-ASCII, dict(), strftime_now,
@@ -349,3 +351,37 @@ def test_the_server_answers_alike_on_either_engine():
             answers.append(seen)
     assert answers[0] == answers[1]
     assert len(answers[0][1]["token_ids"]) > 20
+
+
+@pytest.mark.parametrize("setting, engine", [(None, "tokenizers"), ("transformers", "transformers")])
+def test_the_tokenizer_service_setting_chooses_the_engine_of_its_servers(tmp_path, setting, engine):
+    """`engine` of the tokenizer service (AXM1_TOKENIZER_SERVICE_ENGINE) reaches the servers it
+    starts: auto (the default) runs them on tokenizers, transformers on transformers."""
+    folder = tmp_path / "smollm2"
+    folder.mkdir()
+    (folder / "smollm2_tokenizer_uid.py").write_text(
+        "import sys\nfrom tokenizer_service.server import main\n"
+        f"sys.exit(main(['--tokenizer', {str(SMOLLM2_TOKENIZER)!r}, *sys.argv[1:]]))\n")
+    tokenizer_port, service_port = free_port(), free_port()
+    descriptor = tmp_path / "model-descriptor.json"
+    write_descriptor(descriptor, [tokenizer_entry(folder, "smollm2", "smollm2_tokenizer_uid.py", tokenizer_port)])
+    secret = "test-secret-0123456789abcdef"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("AXM1_")}
+    env["AXM1_TOKENIZER_SERVICE_SECRET"] = secret
+    if setting is not None:
+        env["AXM1_TOKENIZER_SERVICE_ENGINE"] = setting
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tokenizer_service.service", "--host", "127.0.0.1", "--port", str(service_port),
+         "--descriptor", str(descriptor), "--data-dir", str(tmp_path / "data")],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{service_port}/health", process=process)
+        with net.client(base_url=f"http://127.0.0.1:{service_port}", timeout=30.0,
+                        headers={"Authorization": f"Bearer {secret}"}) as http:
+            assert http.post("/tokenizers/smollm2/start").status_code == 200
+            wait_until(lambda: http.get("/tokenizers/smollm2").json()["state"] == "running", 60, "running")
+        capabilities = net.get(f"http://127.0.0.1:{tokenizer_port}/capabilities", timeout=5.0).json()
+        assert capabilities["engine"] == engine
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -79,6 +79,8 @@ TURN_ROLES = ("user", "tool")
 DEFAULT_SESSION_IDLE_SECONDS = 24 * 3600.0
 # The tokenizer service passes its session lifetime here, since stock script command lines are fixed.
 SESSION_IDLE_ENV = "AXM1_TOKENIZER_SESSION_IDLE_SECONDS"
+# ... and its engine setting (`--engine`'s default).
+ENGINE_ENV = "AXM1_TOKENIZER_ENGINE"
 # The exit status of a server whose tokenizer files do not load or render (`--check-template`): the
 # tokenizer service then runs the folder's own script where the descriptor lets it choose (`auto`).
 EXIT_UNUSABLE = 3
@@ -764,9 +766,10 @@ def main(argv: list[str] | None = None) -> int:
                         "that serves no POST /reset)")
     parser.add_argument("--chat-template-from", type=Path, help="render with the chat template of this tokenizer "
                         "folder (a stock script that encodes with one tokenizer and renders with another's)")
-    parser.add_argument("--engine", choices=ENGINES, default="auto", help="the library the tokenizer runs on: "
-                        "tokenizers (with Jinja2, no transformers), transformers, or auto: tokenizers where "
-                        "the files allow it (default: %(default)s)")
+    parser.add_argument("--engine", choices=ENGINES, default=os.environ.get(ENGINE_ENV) or "auto",
+                        help="the library the tokenizer runs on: tokenizers (with Jinja2, no transformers), "
+                        f"transformers, or auto: tokenizers where the files allow it (default: ${ENGINE_ENV} "
+                        "or auto)")
     parser.add_argument("--check-template", action="store_true", help="exit with status "
                         f"{EXIT_UNUSABLE} unless the tokenizer loads and its chat template renders a conversation")
     args = parser.parse_args(argv)
