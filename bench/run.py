@@ -27,6 +27,7 @@ from bench.harness import (
     read_probe, rss_mb, timed_request,
 )
 from bench.http_path import http_path_bench, http_path_table
+from bench.memory import memory_bench, memory_table
 from bench.worker_path import worker_bench, worker_table
 from harness.daemon import running_daemon
 from harness.net import free_port
@@ -445,7 +446,7 @@ def scripted_runner(root: Path, daemon_env: dict[str, str]) -> dict[str, Any]:
     return results
 
 
-PARTS = ("runner", "http", "managed", "worker", "real")
+PARTS = ("runner", "http", "managed", "worker", "real", "memory")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -453,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-real", action="store_true", help="skip the SmolLM2 parts (the card's transformers engine and the worker)")
     parser.add_argument("--only", choices=PARTS,
                         help="run one part: the scripted runner, the HTTP engine path, the same with the "
-                        "upstream launched by the daemon, our transformers worker, or SmolLM2 on the card")
+                        "upstream launched by the daemon, our transformers worker, SmolLM2 on the card, or the "
+                        "memory of the daemon and its tokenizer servers")
     parser.add_argument("--daemon-source", type=Path, metavar="DIR",
                         help="measure the daemon of another checkout (DIR goes first on the daemon's PYTHONPATH)")
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
@@ -478,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
         if "real" in parts:
             print("real model (SmolLM2, transformers engine) ...", file=sys.stderr, flush=True)
             results["real_model"] = real_model(root / "real", daemon_env)
+        if "memory" in parts:
+            results["memory"] = memory_bench(root / "memory", daemon_env)
         finished = True
     finally:
         if finished:
@@ -491,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
         tables.append(worker_table(results["worker"]))
     if "managed_http_path" in results:
         tables.append("managed upstream (launched by the daemon)\n" + http_path_table(results["managed_http_path"]))
+    if "memory" in results:
+        tables.append(memory_table(results["memory"]))
     print("\n\n".join(tables))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")
