@@ -184,6 +184,9 @@ class TemplateNamespace(jinja2.utils.Namespace):
 
 
 def template_environment() -> ImmutableSandboxedEnvironment:
+    if tuple(int(part) for part in jinja2.__version__.split(".")[:3] if part.isdigit()) < (3, 1, 6):
+        # Older sandboxes have known escapes, and chat templates come from model folders.
+        raise LiteUnsupported(f"Jinja2 {jinja2.__version__} is older than 3.1.6")
     environment = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, jinja2.ext.loopcontrols]
     )
