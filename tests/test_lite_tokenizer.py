@@ -255,6 +255,8 @@ def test_the_templates_exercise_what_they_are_meant_to(pairs):
     assert ids == reference.encode(text, add_special_tokens=False)
     assert added.convert_tokens_to_ids("<|sep|>") in ids and added.convert_tokens_to_ids("<|extra_one|>") in ids
     assert added.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True) == "ab c"
+    with pytest.raises(ValueError, match="adds no special tokens"):  # not silently unlike transformers
+        added.encode(text, add_special_tokens=True)
 
 
 @pytest.mark.parametrize("folder", FOLDERS)

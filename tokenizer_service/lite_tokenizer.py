@@ -331,8 +331,14 @@ class LiteTokenizer:
 
     # -- ids ------------------------------------------------------------------------------
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """The ids of `text`, special tokens written in it included, none added: what the server
+        encodes (renders, whose template writes the special tokens, and raw text). Adding them
+        (bos/eos by `add_bos_token`, the post-processor) is not done here: transformers rebuilds
+        the post-processor from the config for that, and nothing here needs it."""
+        if add_special_tokens:
+            raise ValueError("the lite tokenizer adds no special tokens; the chat template writes them")
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         text = self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
