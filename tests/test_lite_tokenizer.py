@@ -93,6 +93,21 @@ def added_tokens_tokenizer(folder: Path) -> Path:
     return folder
 
 
+def retagged_tokenizer(folder: Path) -> Path:
+    """A config whose added_tokens_decoder says otherwise than tokenizer.json about two of its
+    tokens (transformers re-adds them with the config's flags) and adds one of its own."""
+    thinking_tokenizer(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    entry = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+    config["added_tokens_decoder"] = {
+        "0": {**entry, "content": "<|endoftext|>", "special": False},
+        "3": {**entry, "content": "<repo_name>", "lstrip": True, "rstrip": True},
+        "49152": {**entry, "content": "<|only_in_the_config|>"},
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
 FOLDERS = {
     "smollm2": lambda root: SMOLLM2_TOKENIZER,
     "infill-qwen": lambda root: infill_tokenizer(root / "infill-qwen", "qwen"),
@@ -106,6 +121,7 @@ FOLDERS = {
         {"name": "default", "template": FEATURES_TEMPLATE}, {"name": "tool_use", "template": QWEN25_TOOLS_TEMPLATE}]),
     "jinja-file": lambda root: jinja_file_tokenizer(root / "jinja-file"),
     "added-tokens": lambda root: added_tokens_tokenizer(root / "added-tokens"),
+    "retagged": lambda root: retagged_tokenizer(root / "retagged"),
 }
 
 WEATHER = {"type": "function", "function": {
@@ -255,6 +271,18 @@ def test_the_templates_exercise_what_they_are_meant_to(pairs):
     assert ids == reference.encode(text, add_special_tokens=False)
     assert added.convert_tokens_to_ids("<|sep|>") in ids and added.convert_tokens_to_ids("<|extra_one|>") in ids
     assert added.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True) == "ab c"
+    retagged, reference = pairs["retagged"]
+    text = "a<|endoftext|>b <repo_name> c<|only_in_the_config|>"
+    ids = retagged.encode(text)
+    assert ids == reference.encode(text, add_special_tokens=False)
+    assert retagged.convert_tokens_to_ids("<|only_in_the_config|>") == 49152 and 49152 in ids
+    # <repo_name> now takes the spaces around it: the config's flags count, not tokenizer.json's.
+    plain = pairs["smollm2"][0].encode(text)
+    assert ids == [plain[0], 0, plain[2], 3, 83, 49152]  # a <|endoftext|> b <repo_name> c <|only_...|>
+    assert plain[3:6] == [216, 3, 265]  # SmolLM2's own: " " <repo_name> " c"
+    for skip in (False, True):
+        assert retagged.decode(ids, skip_special_tokens=skip) == reference.decode(ids, skip_special_tokens=skip)
+    assert retagged.decode(ids) == "a<|endoftext|>b<repo_name>c<|only_in_the_config|>"
     with pytest.raises(ValueError, match="adds no special tokens"):  # not silently unlike transformers
         added.encode(text, add_special_tokens=True)
 

@@ -103,6 +103,10 @@ def added_token(value: Any, special: bool | None = None) -> AddedToken:
                       **flags)
 
 
+def flags(token: AddedToken) -> tuple[Any, ...]:
+    return (token.content, token.special, token.single_word, token.lstrip, token.rstrip, token.normalized)
+
+
 def chat_templates(folder: Path, config: dict[str, Any]) -> str | dict[str, str] | None:
     """The folder's chat template: one string, or named templates (transformers' precedence:
     the .jinja files over tokenizer_config.json)."""
@@ -255,25 +259,26 @@ class LiteTokenizer:
         self.chat_template = chat_templates(folder, config)
 
     def _add_missing_tokens(self, config: dict[str, Any]) -> None:
-        """Tokens the config names that the vocabulary's added tokens lack, added as transformers
-        adds them: the `added_tokens_decoder` entries with their flags, then the special tokens."""
-        present = {token.content for token in self._tokenizer.get_added_tokens_decoder().values()}
+        """Tokens the config names as transformers adds them to the vocabulary's: an
+        `added_tokens_decoder` entry unlike the added token of its text (absent, or other flags:
+        re-adding it sets them), then the special tokens whose text is no added token (special)."""
+        present = {flags(token) for token in self._tokenizer.get_added_tokens_decoder().values()}
         to_add: list[AddedToken] = []
         decoder = config.get("added_tokens_decoder") or {}
         for _, value in sorted(decoder.items(), key=lambda item: int(item[0])):
-            content = token_content(value)
-            if content is not None and content not in present:
-                to_add.append(added_token(value))
-                present.add(content)
+            if token_content(value) is not None and flags(token := added_token(value)) not in present:
+                to_add.append(token)
+        contents = {token.content for token in self._tokenizer.get_added_tokens_decoder().values()}
+        contents |= {token.content for token in to_add}
         named = [config.get(name) for name in SPECIAL_TOKEN_NAMES]
         extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
         if isinstance(extra, dict):
             extra = list(extra.values())
         for value in [*named, *extra]:
             content = token_content(value)
-            if content is not None and content not in present:
+            if content is not None and content not in contents:
                 to_add.append(added_token(value, special=True))
-                present.add(content)
+                contents.add(content)
         if to_add:
             self._tokenizer.add_tokens(to_add)
 
