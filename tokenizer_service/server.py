@@ -165,12 +165,12 @@ def load_tokenizer(source: Path, engine: str = "auto", template_from: Path | Non
     compiles; else with transformers, imported only then."""
     reason = None
     if engine != "transformers":
-        from tokenizer_service.lite_tokenizer import LiteTokenizer, LiteUnsupported
+        from tokenizer_service.lite_tokenizer import LiteTokenizer, LiteUnsupported, chat_templates, read_config
 
         try:
             tokenizer = LiteTokenizer(source)
-            if template_from is not None:
-                tokenizer.chat_template = LiteTokenizer(template_from).chat_template
+            if template_from is not None:  # its template only (the files' precedence), not its vocabulary
+                tokenizer.chat_template = chat_templates(template_from, read_config(template_from))
             return tokenizer, None
         except LiteUnsupported as exc:
             if engine == "tokenizers":
