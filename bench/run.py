@@ -29,6 +29,7 @@ from bench.harness import (
     read_probe, rss_mb, timed_request,
 )
 from bench.http_path import http_path_bench, http_path_table
+from bench.memory import memory_bench, memory_table
 from bench.worker_path import worker_bench, worker_table
 from harness.daemon import running_daemon
 from harness.net import free_port
@@ -447,7 +448,7 @@ def scripted_runner(root: Path, daemon_env: dict[str, str]) -> dict[str, Any]:
     return results
 
 
-PARTS = ("runner", "http", "managed", "worker", "real", "replicas", "jobs", "services")
+PARTS = ("runner", "http", "managed", "worker", "real", "replicas", "jobs", "memory", "services")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -455,12 +456,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-real", action="store_true", help="skip the SmolLM2 parts (the card's transformers engine and the worker)")
     parser.add_argument("--only", choices=PARTS,
                         help="run one part: the scripted runner, the HTTP engine path, the same with the "
-                        "upstream launched by the daemon, our transformers worker, or SmolLM2 on the card")
+                        "upstream launched by the daemon, our transformers worker, SmolLM2 on the card, or the "
+                        "memory of the daemon and its tokenizer servers")
     parser.add_argument("--daemon-source", type=Path, metavar="DIR",
                         help="measure the daemon of another checkout (DIR goes first on the daemon's PYTHONPATH)")
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args(argv)
-    parts = [args.only] if args.only else [part for part in PARTS if not (part in ("real", "worker") and args.skip_real)]
+    # The services demo runs SmolLM2 for many minutes: only when asked for (--only services).
+    parts = [args.only] if args.only else [part for part in PARTS if part != "services"
+                                           and not (part in ("real", "worker") and args.skip_real)]
     daemon_env = daemon_source_env(args.daemon_source)
     results: dict[str, Any] = {"machine": machine(), "daemon_llm_service": daemon_package_file(daemon_env)}
     print(f"daemon code: {results['daemon_llm_service']}", file=sys.stderr, flush=True)
@@ -487,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
             results["jobs"] = jobs_bench(root / "jobs", daemon_env)
         if "services" in parts:
             results["services"] = services_demo(root / "services", daemon_env)
+        if "memory" in parts:
+            results["memory"] = memory_bench(root / "memory", daemon_env)
         finished = True
     finally:
         if finished:
@@ -504,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
         tables.append(throughput_table(results))
     if "services" in results:
         tables.append(services_table(results["services"]))
+    if "memory" in results:
+        tables.append(memory_table(results["memory"]))
     print("\n\n".join(tables))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")

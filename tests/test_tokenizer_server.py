@@ -236,6 +236,9 @@ def test_capabilities_and_tokenize(client, tokenizer):
         "server": "axm1-tokenizer",
         "newline_escape": "backslash",
         "controls": ["system_prompt", "thinking", "history", "raw", "tools", "turn"],
+        # A folder with tokenizer.json naming the generic fast class runs without transformers.
+        "engine": "tokenizers",
+        "engine_fallback": None,
         # What the daemon shows in /api/show: the tokenizer's own template, the texts that end a
         # reply, and no fill-in-the-middle tokens (SmolLM2-Instruct's vocabulary has none).
         "chat_template": tokenizer.chat_template,

@@ -79,6 +79,8 @@ TURN_ROLES = ("user", "tool")
 DEFAULT_SESSION_IDLE_SECONDS = 24 * 3600.0
 # The tokenizer service passes its session lifetime here, since stock script command lines are fixed.
 SESSION_IDLE_ENV = "AXM1_TOKENIZER_SESSION_IDLE_SECONDS"
+# ... and its engine setting (`--engine`'s default).
+ENGINE_ENV = "AXM1_TOKENIZER_ENGINE"
 # The exit status of a server whose tokenizer files do not load or render (`--check-template`): the
 # tokenizer service then runs the folder's own script where the descriptor lets it choose (`auto`).
 EXIT_UNUSABLE = 3
@@ -95,6 +97,10 @@ class ApiError(Exception):
 
 # tokenizer_class values AutoTokenizer maps to the generic fast tokenizer class.
 GENERIC_FAST_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
+# Which library a server's tokenizer runs on (`--engine`, `engine` in /capabilities): `tokenizers`
+# (tokenizer_service.lite_tokenizer: tokenizers + Jinja2, without transformers) or `transformers`;
+# `auto` takes the first where the files allow it and transformers where they do not.
+ENGINES = ("auto", "tokenizers", "transformers")
 
 
 def names_generic_fast_class(folder: Path) -> bool:
@@ -105,7 +111,7 @@ def names_generic_fast_class(folder: Path) -> bool:
     return isinstance(config, dict) and config.get("tokenizer_class") in GENERIC_FAST_CLASSES
 
 
-def load_tokenizer(source: Path) -> Any:
+def load_transformers_tokenizer(source: Path) -> Any:
     """A transformers tokenizer from a tokenizer folder or a .gguf file (local files only)."""
     # Slow imports, only where needed. AutoTokenizer imports AutoConfig and, through it, torch
     # when installed (over a second); a folder naming the generic fast class loads the same
@@ -123,15 +129,70 @@ def load_tokenizer(source: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(source), local_files_only=True)
 
 
+def _libc() -> Any:
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: its allocator's knobs do not apply
+        return None
+
+
+def one_malloc_arena() -> None:
+    """All threads allocate from one heap (glibc's M_ARENA_MAX = 1). This server makes a thread
+    per connection and serializes the tokenizer's work behind a lock anyway; with an arena per
+    thread, eight concurrent clients grew it by ~9 MB, with one by ~4 MB. Before any thread."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(-8, 1)  # M_ARENA_MAX
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim). Loading a
+    tokenizer.json parses megabytes of JSON into structures a fraction of that size; the
+    allocator keeps the difference (about 16 MB for SmolLM2's) unless told to let it go."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def load_tokenizer(source: Path, engine: str = "auto", template_from: Path | None = None) -> tuple[Any, str | None]:
+    """The tokenizer of `source` (a folder or a .gguf file), with the chat template of
+    `template_from` if given, and why it runs on transformers (None where it does not).
+
+    `auto` loads it without transformers (tokenizer_service.lite_tokenizer) where the files
+    allow it: a folder with tokenizer.json naming the generic fast class, whose chat template
+    compiles; else with transformers, imported only then."""
+    reason = None
+    if engine != "transformers":
+        from tokenizer_service.lite_tokenizer import LiteTokenizer, LiteUnsupported, chat_templates, read_config
+
+        try:
+            tokenizer = LiteTokenizer(source)
+            if template_from is not None:  # its template only (the files' precedence), not its vocabulary
+                tokenizer.chat_template = chat_templates(template_from, read_config(template_from))
+            return tokenizer, None
+        except LiteUnsupported as exc:
+            if engine == "tokenizers":
+                raise
+            reason = str(exc)
+    tokenizer = load_transformers_tokenizer(source)
+    if template_from is not None:
+        tokenizer.chat_template = load_transformers_tokenizer(template_from).chat_template
+    return tokenizer, reason or "--engine transformers"
+
+
 class ChatTokenizer:
-    """The transformers tokenizer behind one lock.
+    """The tokenizer (a transformers one or tokenizer_service.lite_tokenizer's) behind one lock.
 
     Fast tokenizers are not safe to call from several threads at once ("Already borrowed"),
     and each call takes well under a millisecond, so serializing them costs nothing.
     """
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, fallback_reason: str | None = None) -> None:
         self._tokenizer = tokenizer
+        self.engine = getattr(tokenizer, "engine", "transformers")
+        self.fallback_reason = fallback_reason
         self._lock = threading.Lock()
         template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
         self.chat_template = template
@@ -172,6 +233,9 @@ class ChatTokenizer:
         """What `/capabilities` tells about the tokenizer: its chat template, the texts that end
         a reply, its fill-in-the-middle tokens (None: it has none)."""
         return {
+            # The library the tokenizer runs on, and why it is transformers where it is.
+            "engine": self.engine,
+            "engine_fallback": self.fallback_reason if self.engine == "transformers" else None,
             "chat_template": self.chat_template or None,
             "stop": list(self.stop),
             "infill": self.infill,
@@ -717,6 +781,10 @@ def main(argv: list[str] | None = None) -> int:
                         "that serves no POST /reset)")
     parser.add_argument("--chat-template-from", type=Path, help="render with the chat template of this tokenizer "
                         "folder (a stock script that encodes with one tokenizer and renders with another's)")
+    parser.add_argument("--engine", choices=ENGINES, default=os.environ.get(ENGINE_ENV) or "auto",
+                        help="the library the tokenizer runs on: tokenizers (with Jinja2, no transformers), "
+                        f"transformers, or auto: tokenizers where the files allow it (default: ${ENGINE_ENV} "
+                        "or auto)")
     parser.add_argument("--check-template", action="store_true", help="exit with status "
                         f"{EXIT_UNUSABLE} unless the tokenizer loads and its chat template renders a conversation")
     args = parser.parse_args(argv)
@@ -725,11 +793,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     defaults = StockDefaults(args.default_system_prompt, args.user_suffix, args.generation_prompt_cut,
                              args.ignore_runner_system_prompt)
+    one_malloc_arena()
     try:
-        loaded = load_tokenizer(args.tokenizer)
-        if args.chat_template_from is not None:
-            loaded.chat_template = load_tokenizer(args.chat_template_from).chat_template
-        tokenizer = ChatTokenizer(loaded)
+        tokenizer = ChatTokenizer(*load_tokenizer(args.tokenizer, args.engine, args.chat_template_from))
+        release_free_memory()
         if args.check_template:
             tokenizer.render([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}], True, None)
     except Exception as exc:  # whatever fails here, these files cannot serve the runner

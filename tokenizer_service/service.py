@@ -49,7 +49,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from llm_service.children import child_environment, die_with_parent, owner_tag
 from llm_service.descriptor import load_descriptor
 from llm_service.discovery import this_host
-from tokenizer_service.server import EXIT_UNUSABLE, SESSION_IDLE_ENV
+from tokenizer_service.server import ENGINE_ENV, EXIT_UNUSABLE, SESSION_IDLE_ENV
 from tokenizer_service.settings import TokenizerServiceSettings
 from tokenizer_service.stock_script import CannotChoose, ServerChoice, choose_server, folder_facts, server_arguments
 
@@ -316,8 +316,10 @@ class TokenizerSupervisor:
         owner: str = "",
         child_env: list[str] | tuple[str, ...] = (),
         discover_host: str | None = None,
+        engine: str = "auto",
     ) -> None:
         self.descriptor = descriptor
+        self.engine = engine
         self.discover_host = discover_host
         self.python = python
         self.session_idle_seconds = session_idle_seconds
@@ -428,6 +430,7 @@ class TokenizerSupervisor:
         env = child_environment(self.owner, self.child_env)
         if self.session_idle_seconds is not None:
             env[SESSION_IDLE_ENV] = str(self.session_idle_seconds)
+        env[ENGINE_ENV] = self.engine
         server.process = await asyncio.create_subprocess_exec(
             *spec.command(self.python),
             cwd=spec.folder,
@@ -555,6 +558,7 @@ def create_app(settings: TokenizerServiceSettings) -> FastAPI:
         owner=owner_tag(settings.data_dir),
         child_env=settings.child_env,
         discover_host=this_host(settings.host_kind) if settings.discover_models else None,
+        engine=settings.engine,
     )
 
     @contextlib.asynccontextmanager

@@ -30,6 +30,10 @@ class TokenizerServiceSettings(FileConfiguredSettings):
         description="Python interpreter that runs each model's tokenizer script "
         "(needs transformers)",
     )
+    engine: Literal["auto", "transformers"] = Field(
+        "auto", description="the library our tokenizer servers run on: auto (tokenizers and Jinja2, "
+        "without transformers, where the folder's files allow it; else transformers) or transformers"
+    )
     session_idle_s: float = Field(
         24 * 3600.0, gt=0, description="a tokenizer server frees a uid session unused for this long"
     )
