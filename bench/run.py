@@ -22,7 +22,7 @@ from typing import Any
 
 from ax_emulator.scripted import reply_text
 from bench.services_demo import services_demo, services_table
-from bench.throughput import jobs_bench, replicas_bench, throughput_table
+from bench.throughput import jobs_bench, replicas_bench, shared_queue_bench, throughput_table
 from bench.figures import fmt, ms, pct, render_table, summary
 from bench.harness import (
     BENCH_DAEMON, RawRunner, cpu_seconds, daemon_package_file, daemon_source_env, heavy_libraries, probed_model,
@@ -448,7 +448,7 @@ def scripted_runner(root: Path, daemon_env: dict[str, str]) -> dict[str, Any]:
     return results
 
 
-PARTS = ("runner", "http", "managed", "worker", "real", "replicas", "jobs", "memory", "services")
+PARTS = ("runner", "http", "managed", "worker", "real", "replicas", "jobs", "shared-queue", "memory", "services")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -489,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
         if "jobs" in parts:
             print("jobs ...", file=sys.stderr, flush=True)
             results["jobs"] = jobs_bench(root / "jobs", daemon_env)
+        if "shared-queue" in parts:
+            results["shared_queue"] = shared_queue_bench(root / "shared-queue", daemon_env)
         if "services" in parts:
             results["services"] = services_demo(root / "services", daemon_env)
         if "memory" in parts:
@@ -506,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         tables.append(worker_table(results["worker"]))
     if "managed_http_path" in results:
         tables.append("managed upstream (launched by the daemon)\n" + http_path_table(results["managed_http_path"]))
-    if "replicas" in results or "jobs" in results:
+    if "replicas" in results or "jobs" in results or "shared_queue" in results:
         tables.append(throughput_table(results))
     if "services" in results:
         tables.append(services_table(results["services"]))

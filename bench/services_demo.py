@@ -83,7 +83,7 @@ def _run(url: str, service: str, transcript: str) -> dict[str, Any]:
             "warnings": answer.get("warnings", [])}
 
 
-def services_demo(root: Path, daemon_env: dict[str, str], words: int = 2600) -> dict[str, Any]:
+def services_demo(root: Path, daemon_env: dict[str, str], words: int = 1500) -> dict[str, Any]:
     entries = json.loads((REPO_ROOT / "model" / "model-descriptor.json").read_text())
     demo = next(e for e in entries if e["model_name"] == "smollm2-135m")
     for key in ("model_path", "tokenizer_path"):
@@ -97,6 +97,7 @@ def services_demo(root: Path, daemon_env: dict[str, str], words: int = 2600) -> 
         for service in ("meeting-summary", "transcript-cleanup"):
             print(f"services: {service} ...", file=sys.stderr, flush=True)
             results[service] = _run(daemon.url, service, transcript)
+            print(json.dumps({service: results[service]}, indent=1), file=sys.stderr, flush=True)  # kept if stopped later
     return results
 
 

@@ -4,6 +4,7 @@ delay of an interactive request while a batch runs.
 
     ./run bench --only replicas
     ./run bench --only jobs
+    ./run bench --only shared-queue
 """
 from __future__ import annotations
 
@@ -128,6 +129,45 @@ def _run_batch(client: openai.OpenAI, model: str, prompts: list[str]) -> float:
     return time.monotonic() - started
 
 
+def shared_queue_bench(root: Path, daemon_env: dict[str, str], items: int = 120) -> dict[str, Any]:
+    """Batch items per second drained from one PostgreSQL job store by one daemon, then by two
+    (each with one card, the scripted model at a fixed decode speed)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from postgres_support import PostgresCluster
+
+    cluster = PostgresCluster()
+    cluster.start()
+    results: dict[str, Any] = {"items": items, "words": 6, "tokens_per_second": TOKENS_PER_SECOND}
+    try:
+        for boxes in (1, 2):
+            url = cluster.create_database()
+            flags = ("--jobs-url", url, "--job-poll-s", "0.2")
+            contexts, daemons = [], []
+            try:
+                for n in range(boxes):
+                    folder = root / f"{boxes}-{n}"
+                    folder.mkdir(parents=True)
+                    entry = scripted_model(folder, "bench-pg", reply_words=6, tokens_per_second=TOKENS_PER_SECOND,
+                                           fields={"run_on_startup": "true"})
+                    context = running_daemon(folder, [entry], *flags, fast_restarts=False, faults=False,
+                                             extra_env=daemon_env)
+                    contexts.append(context)
+                    daemons.append(context.__enter__())
+                for daemon in daemons:
+                    daemon.wait_state("bench-pg", "ready", timeout=60)
+                print(f"shared queue: {boxes} daemon(s) ...", file=sys.stderr, flush=True)
+                client = openai.OpenAI(base_url=f"{daemons[0].url}/v1", api_key="none", max_retries=0)
+                seconds = _run_batch(client, "bench-pg", [f"pg {i}" for i in range(items)])
+                results[f"{boxes}_daemons"] = {"s": round(seconds, 2), "items_per_s": round(items / seconds, 2)}
+            finally:
+                for context in reversed(contexts):
+                    context.__exit__(None, None, None)
+    finally:
+        cluster.remove()
+    results["speedup"] = round(results["2_daemons"]["items_per_s"] / results["1_daemons"]["items_per_s"], 2)
+    return results
+
+
 def throughput_table(results: dict[str, Any]) -> str:
     rows = []
     if "replicas" in results:
@@ -147,4 +187,9 @@ def throughput_table(results: dict[str, Any]) -> str:
         t = j["interactive_ttft_during_batch_s"]
         rows.append(f"  interactive first token during a batch: p50 {t['p50']} s, max {t['max']} s "
                     f"(one item takes {j['slow_item_s']} s: goal max <= one item)")
+    if "shared_queue" in results:
+        q = results["shared_queue"]
+        rows.append(f"one PostgreSQL job queue ({q['items']} items, {q['words']} words at {q['tokens_per_second']} tok/s)")
+        rows.append(f"  1 daemon {q['1_daemons']['items_per_s']} items/s, 2 daemons {q['2_daemons']['items_per_s']} "
+                    f"items/s: {q['speedup']}x")
     return "\n".join(rows)

@@ -115,7 +115,8 @@ def test_children_get_a_minimal_environment_without_the_daemons_secrets(tmp_path
         for pid in children:
             env = environ(pid)
             # Only what the daemon sets for them on purpose: the owner tag, our server's session idle time.
-            assert {k for k in env if k.startswith("AXM1_")} <= {"AXM1_OWNER", "AXM1_TOKENIZER_SESSION_IDLE_SECONDS"}, (pid, sorted(env))
+            assert {k for k in env if k.startswith("AXM1_")} <= {"AXM1_OWNER", "AXM1_TOKENIZER_SESSION_IDLE_SECONDS",
+                                                                      "AXM1_TOKENIZER_ENGINE"}, (pid, sorted(env))
             assert "UNRELATED_TOKEN" not in env and "s3cret" not in json.dumps(env)
             assert env["AXM1_OWNER"] == daemon.marker and "PATH" in env
 

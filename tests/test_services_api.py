@@ -180,7 +180,7 @@ def test_swagger_documents_the_routes_with_their_bodies(daemon):
     assert post_op["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/ServiceBody")
     assert post_op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/ServiceAnswer")
     assert "/api/services" in schema["paths"]
-    assert set(schema["components"]["schemas"]["ServiceBody"]["properties"]) == {"fields", "flavor", "stream"}
+    assert set(schema["components"]["schemas"]["ServiceBody"]["properties"]) == {"fields", "flavor", "stream", "job"}
 
 
 # ---- errors --------------------------------------------------------------------------------

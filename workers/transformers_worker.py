@@ -310,6 +310,9 @@ def unsupported_field(body: dict[str, Any]) -> ApiError | None:
 
 
 def _text_of(message: OpenAIMessage) -> str:
+    if isinstance(message.content, list) and any(part.type == "image_url" for part in message.content):
+        raise ApiError(400, "image_url parts are not supported: this worker's model takes text only",
+                       "unsupported_parameter", "messages")
     try:
         return message_text(message)
     except BadRequest as exc:  # the daemon's check, in this worker's error shape
