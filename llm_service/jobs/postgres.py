@@ -86,12 +86,13 @@ from .store import (
     ModelProgress,
     NotFound,
     PurgeCounts,
-    RequestCounts,
     StoredFile,
     StoreFull,
     StoreUnavailable,
+    JOB_COLUMNS,
     _loads,
     _new_id,
+    job_from_row,
 )
 
 CHUNK_BYTES = 1024 * 1024
@@ -827,26 +828,13 @@ class PostgresJobStore:
             self._settle(db, job_id, now)
 
     def _job(self, db: psycopg.Connection, job_id: str, lock: bool = False) -> Job:
-        row = db.execute(
-            "SELECT id, model, endpoint, input_file_id, status, completion_window, created_at, "
-            "expires_at, outcome, in_progress_at, finalizing_at, cancelling_at, finished_at, "
-            "output_file_id, error_file_id, errors, metadata FROM jobs WHERE id = %s"
-            + (" FOR UPDATE" if lock else ""), (job_id,)).fetchone()
+        row = db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = %s" + (" FOR UPDATE" if lock else ""),
+                         (job_id,)).fetchone()
         if row is None:
             raise NotFound(f"no batch {job_id!r}")
         by_state = dict(db.execute(
             "SELECT state, COUNT(*) FROM items WHERE job_id = %s GROUP BY state", (job_id,)).fetchall())
-        counts = RequestCounts(
-            total=sum(by_state.values()), completed=by_state.get(DONE, 0),
-            failed=by_state.get(ITEM_FAILED, 0), pending=by_state.get(PENDING, 0),
-            running=by_state.get(RUNNING, 0), cancelled=by_state.get(ITEM_CANCELLED, 0),
-            expired=by_state.get(ITEM_EXPIRED, 0))
-        (id_, model, endpoint, input_file_id, status, window, created_at, expires_at, outcome,
-         in_progress_at, finalizing_at, cancelling_at, finished_at, output_file_id, error_file_id,
-         errors, metadata) = row
-        return Job(id_, model, endpoint, input_file_id, status, window, created_at, expires_at,
-                   counts, outcome, in_progress_at, finalizing_at, cancelling_at, finished_at,
-                   output_file_id, error_file_id, tuple(_loads(errors) or ()), _loads(metadata) or {})
+        return job_from_row(row, by_state)
 
     def _move(self, db: psycopg.Connection, job: Job, target: str) -> None:
         """Over a job read with `lock=True`."""

@@ -315,6 +315,27 @@ def _new_id(prefix: str) -> str:
     return prefix + uuid.uuid4().hex
 
 
+# A job's columns in the order `job_from_row` reads them (both stores' jobs tables).
+JOB_COLUMNS = ("id, model, endpoint, input_file_id, status, completion_window, created_at, expires_at, outcome, "
+               "in_progress_at, finalizing_at, cancelling_at, finished_at, output_file_id, error_file_id, errors, "
+               "metadata")
+
+
+def job_from_row(row: Sequence[Any], by_state: dict[str, int]) -> Job:
+    """A job from its row (JOB_COLUMNS) and its items counted by state. Pure."""
+    counts = RequestCounts(
+        total=sum(by_state.values()), completed=by_state.get(DONE, 0),
+        failed=by_state.get(ITEM_FAILED, 0), pending=by_state.get(PENDING, 0),
+        running=by_state.get(RUNNING, 0), cancelled=by_state.get(ITEM_CANCELLED, 0),
+        expired=by_state.get(ITEM_EXPIRED, 0))
+    (id_, model, endpoint, input_file_id, status, window, created_at, expires_at, outcome,
+     in_progress_at, finalizing_at, cancelling_at, finished_at, output_file_id, error_file_id,
+     errors, metadata) = row
+    return Job(id_, model, endpoint, input_file_id, status, window, created_at, expires_at,
+               counts, outcome, in_progress_at, finalizing_at, cancelling_at, finished_at,
+               output_file_id, error_file_id, tuple(_loads(errors) or ()), _loads(metadata) or {})
+
+
 class SqliteJobStore:
     """The job store in `<directory>/jobs.sqlite3`, the files' bytes in `<directory>/files/`."""
 
@@ -777,26 +798,12 @@ class SqliteJobStore:
     # -- inside a transaction -----------------------------------------------------------------
 
     def _job(self, db: sqlite3.Connection, job_id: str) -> Job:
-        row = db.execute(
-            "SELECT id, model, endpoint, input_file_id, status, completion_window, created_at, "
-            "expires_at, outcome, in_progress_at, finalizing_at, cancelling_at, finished_at, "
-            "output_file_id, error_file_id, errors, metadata FROM jobs WHERE id = ?",
-            (job_id,)).fetchone()
+        row = db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
             raise NotFound(f"no batch {job_id!r}")
         by_state = dict(db.execute(
             "SELECT state, COUNT(*) FROM items WHERE job_id = ? GROUP BY state", (job_id,)).fetchall())
-        counts = RequestCounts(
-            total=sum(by_state.values()), completed=by_state.get(DONE, 0),
-            failed=by_state.get(ITEM_FAILED, 0), pending=by_state.get(PENDING, 0),
-            running=by_state.get(RUNNING, 0), cancelled=by_state.get(ITEM_CANCELLED, 0),
-            expired=by_state.get(ITEM_EXPIRED, 0))
-        (id_, model, endpoint, input_file_id, status, window, created_at, expires_at, outcome,
-         in_progress_at, finalizing_at, cancelling_at, finished_at, output_file_id, error_file_id,
-         errors, metadata) = row
-        return Job(id_, model, endpoint, input_file_id, status, window, created_at, expires_at,
-                   counts, outcome, in_progress_at, finalizing_at, cancelling_at, finished_at,
-                   output_file_id, error_file_id, tuple(_loads(errors) or ()), _loads(metadata) or {})
+        return job_from_row(row, by_state)
 
     def _move(self, db: sqlite3.Connection, job: Job, target: str) -> None:
         if target not in JOB_TRANSITIONS[job.status]:
