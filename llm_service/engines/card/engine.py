@@ -202,6 +202,9 @@ class _TurnJob:
     runner_ttft_ms: float | None = None
     runner_tps: float | None = None
     interrupted: str | None = None  # why we sent SIGINT: cancel | stop | length | hang
+    # SIGINT went out before the runner's first text: it may have landed while the runner had not
+    # yet read the prompt line, where a Ctrl-C stops nothing; it is sent again at the first text.
+    interrupted_before_text: bool = False
     error: EngineError | None = None
     delivered: bool = False  # the final record or an error has been sent
     # The turn's accounting, to tell the runner's end-of-turn lines from an answer that imitates
@@ -871,6 +874,10 @@ class CardEngine(Engine):
             return
         if self._machine.state is S.PROCESSING:
             self._set_state(S.OUTPUTTING, "first text from the runner")
+            if job.interrupted and job.interrupted_before_text and self._runner is not None:
+                job.interrupted_before_text = False
+                self._interrupt_at = time.monotonic() + self.settings.stop_grace_s
+                self._runner.signal_runner(signal.SIGINT)  # it is generating now: this one counts
         if job.first_text_at is None:
             job.first_text_at = time.monotonic()
         job.flushes += 1
@@ -1274,6 +1281,7 @@ class CardEngine(Engine):
         if job.interrupted or self._runner is None:
             return
         job.interrupted = why
+        job.interrupted_before_text = self._machine.state is S.PROCESSING
         self._interrupt_at = time.monotonic() + self.settings.stop_grace_s
         self._runner.signal_runner(signal.SIGINT)
 
