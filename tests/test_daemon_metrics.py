@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from harness import net
 from harness.daemon import Daemon, running_daemon, write_descriptor
 from harness.models import scripted_model
-from harness.net import wait_until
+from harness.net import WaitFailed, wait_until
 from llm_service.metrics import RESTART_REASONS
 from metrics_support import assert_promtool_clean, running_node_exporter, samples
 
@@ -297,7 +297,18 @@ def test_node_exporter_serves_the_daemons_files_while_requests_run(tmp_path: Pat
         stop.set()
         scraper.join(15)
         assert not scraper.is_alive()
-        final = exporter.scrape()
+        # The files are written off the event loop, a moment after the last answer: the final
+        # scrape is the first that shows every answer's tokens (bounded wait; checked below).
+        expected = sum(a["eval_count"] for m in names for a in answers[m] if a.get("done"))
+
+        def settled() -> str | None:
+            text = exporter.scrape()
+            got = sum(value(samples(text), "axm1_llm_generation_tokens_total", model=m) for m in names)
+            return text if got == expected else None
+        try:
+            final = wait_until(settled, 10, "the metric files to show every answer")
+        except WaitFailed:
+            final = exporter.scrape()  # the assertions below say what is missing
 
     assert len(scrapes) >= 10, len(scrapes)
     for text in scrapes + [final]:
