@@ -67,6 +67,10 @@ class UidTokenizer(HttpTokenizer):
     def decode(self, token_ids: list[int]) -> str:
         return self.request("POST", "/decode", {"uid": self.uid, "token_ids": token_ids})["text"]
 
+    def tokenize(self, text: str) -> list[int]:
+        # With the uid: a server serving several models on this port knows whose tokenizer it is.
+        return self.request("POST", "/tokenize", {"text": text, "uid": self.uid})["token_ids"]
+
 
 class StatelessTokenizer(HttpTokenizer):
     """A generation: no session; the server wraps every text in its fixed chat template."""

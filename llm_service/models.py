@@ -46,7 +46,7 @@ from .states import SERVING_STATES
 from .model_files import folder_size
 from .names import matches, resolve_name
 from .timestamps import rfc3339, rfc3339_in
-from .tokenizer_client import TokenizerClient
+from .tokenizer_client import TokenizerClient, TokenizerUnavailable
 from .tool_stream import answer_stream
 from .tools import client_texts
 
@@ -332,6 +332,8 @@ class ModelManager:
         sharing = [e for e in self._entries.values() if e is not entry and tokenizer_port_of(e.spec) == port]
         if not sharing:
             return
+        if any(e.engine.is_loaded for e in sharing) and await self._serve_beside(entry, port[0]):
+            return
         try:
             while busy := [e for e in sharing if e.engine.is_loaded and not (e.admission.idle and not e.engine.is_busy)]:
                 entry.waiting_for = f"port {port[1]} is held by {busy[0].spec.name}"
@@ -345,6 +347,17 @@ class ModelManager:
                 log.info("unloading %s: %s needs the tokenizer port %d", other.spec.name, entry.spec.name, port[1])
                 await other.engine.stop(f"tokenizer port {port[1]} needed by {entry.spec.name}")
             await self.tokenizers.stop_server(other.spec.name, port[0])
+
+    async def _serve_beside(self, entry: ModelEntry, tokenizer_ip: str) -> bool:
+        """Can this model's tokenizer serve beside those loaded on its port? The tokenizer service
+        starts it there when our server runs them all and their runners speak the uid protocol
+        (tokenizer_service.server.PortModels); it refuses otherwise, and they are swapped."""
+        try:
+            await self.tokenizers.start_server(entry.spec.name, tokenizer_ip)
+        except TokenizerUnavailable as exc:
+            log.info("%s cannot share its tokenizer port: %s", entry.spec.name, exc)
+            return False
+        return True
 
     async def _make_room(self, entry: ModelEntry, deadline: float | None = None) -> None:
         """Stop least recently used idle models until this one fits in each device's memory, and

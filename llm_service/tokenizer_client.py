@@ -14,6 +14,7 @@ best-effort call (capabilities, counts) returns None.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -25,8 +26,15 @@ class TokenizerUnavailable(Exception):
     """A tokenizer server or the tokenizer service did not do what was asked."""
 
 
+def _model(name: str | None) -> dict[str, str]:
+    return {"model": name} if name is not None else {}
+
+
 class TokenizerClient:
     def __init__(self, service_port: int, service_url: str | None = None, secret: str | None = None) -> None:
+        # One runner start at a time per tokenizer port: our server gives the next /get_uid on
+        # a port to the model announced last (see `runner_turn`).
+        self._turns: dict[tuple[str, int], anyio.Semaphore] = {}
         self._service_port = service_port
         self._service_url = service_url.rstrip("/") if service_url else None
         self._service_headers = {"Authorization": f"Bearer {secret}"} if secret else {}
@@ -108,10 +116,11 @@ class TokenizerClient:
             await anyio.sleep(0.1)
         raise TokenizerUnavailable(f"tokenizer server on {host}:{port} did not answer within {timeout:.0f}s ({last!r})")
 
-    async def capabilities(self, host: str, port: int) -> dict[str, Any] | None:
-        """Our server's extensions, or None for a stock tokenizer script."""
+    async def capabilities(self, host: str, port: int, model: str | None = None) -> dict[str, Any] | None:
+        """Our server's extensions, or None for a stock tokenizer script. `model` names the
+        model meant where several share the port (our server ignores it where one is alone)."""
         try:
-            reply = await self._http.get(f"http://{host}:{port}/capabilities")
+            reply = await self._http.get(f"http://{host}:{port}/capabilities", params=_model(model))
             data = reply.json()
         except (httpx.HTTPError, ValueError):
             return None
@@ -119,18 +128,18 @@ class TokenizerClient:
             return None
         return data
 
-    async def configure(self, host: str, port: int, **settings: Any) -> None:
+    async def configure(self, host: str, port: int, model: str | None = None, **settings: Any) -> None:
         url = f"http://{host}:{port}/config"
         try:
-            reply = await self._http.post(url, json=settings)
+            reply = await self._http.post(url, json=settings, params=_model(model))
         except httpx.HTTPError as exc:
             raise TokenizerUnavailable(f"{url} unreachable: {exc!r}") from exc
         if reply.status_code >= 400:
             raise TokenizerUnavailable(f"{url} answered {reply.status_code}: {reply.text.strip()}")
 
-    async def tokenize(self, host: str, port: int, text: str) -> list[int] | None:
+    async def tokenize(self, host: str, port: int, text: str, model: str | None = None) -> list[int] | None:
         try:
-            reply = await self._http.post(f"http://{host}:{port}/tokenize", json={"text": text})
+            reply = await self._http.post(f"http://{host}:{port}/tokenize", json={"text": text}, params=_model(model))
             ids = reply.json().get("token_ids")
         except (httpx.HTTPError, ValueError, AttributeError):
             return None
@@ -143,3 +152,32 @@ class TokenizerClient:
         except (httpx.HTTPError, ValueError):
             return None
         return data if reply.status_code == 200 and isinstance(data, dict) and "reply_tokens" in data else None
+
+    async def runner_turn(self, host: str, port: int, model: str) -> Callable[[], None]:
+        """Wait for this port's turn, then tell our server that the next runner to call
+        `/get_uid` there is `model`'s. Runners sharing a port (the 12345 every published run
+        script hard-codes) are told apart by their uid, and a runner asks for its uid as it
+        starts: the caller calls the returned release once its runner has started (or failed),
+        and not before, so no other runner of the port takes that uid."""
+        turn = self._turns.setdefault((host, port), anyio.Semaphore(1))
+        await turn.acquire()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                turn.release()
+
+        url = f"http://{host}:{port}/next_runner"
+        try:
+            reply = await self._http.post(url, params=_model(model))
+            if reply.status_code >= 400:
+                raise TokenizerUnavailable(f"{url} answered {reply.status_code}: {reply.text.strip()}")
+        except httpx.HTTPError as exc:
+            release()
+            raise TokenizerUnavailable(f"{url} unreachable: {exc!r}") from exc
+        except BaseException:
+            release()
+            raise
+        return release

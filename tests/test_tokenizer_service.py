@@ -393,7 +393,7 @@ def test_auto_runs_our_server_on_the_files_the_stock_script_loads_and_stock_runs
     assert caps["server"] == "axm1-tokenizer"
     assert caps["stock_defaults"] == {"system_prompt": QWEN_SYSTEM, "user_suffix": " /no_think", "generation_prompt_cut": 3,
                                       "ignore_runner_system_prompt": False}  # its POST /reset takes the runner's
-    assert "tokenizer_service.server" in cmdline_of(ours["pid"])
+    assert "tokenizer_service.host" in cmdline_of(ours["pid"]) and ours["process"] == "shared"
 
     for name, why in (("stock", "stock: the descriptor asks for the folder's own script"),
                       ("bare", "stock: the folder's own script runs: the script loads 'smollm2_tokenizer', not a folder "
@@ -421,7 +421,8 @@ def test_auto_runs_the_script_when_our_server_cannot_render_the_files_and_builti
         config["chat_template"] = "{{ raise_exception('this template renders nothing') }}"
         config_file.write_text(json.dumps(config))
     service.models(auto, builtin)
-    assert service.start("auto").json()["server"].startswith("builtin: on smollm2_tokenizer/")
+    # The shared host checks the files as it adds the model: the start's reply has the fallback already.
+    assert service.start("auto").json()["server"].startswith("stock: the folder's own script runs: ")
     running = service.wait_state("auto", "running")
     assert running["server"].startswith("stock: the folder's own script runs: our server cannot use smollm2_tokenizer/ "
                                         "(cannot use the tokenizer files in ")
@@ -433,3 +434,45 @@ def test_auto_runs_the_script_when_our_server_cannot_render_the_files_and_builti
     failing = wait_until(lambda: (e := service.entry("forced"))["restarts"] >= 1 and e, 60, "forced to be restarted")
     assert failing["last_exit"] == 3 and failing["server"].startswith("builtin: ")
     assert any("this template renders nothing" in line for line in failing["log_tail"])
+
+
+def test_one_host_process_serves_every_builtin_model_and_uid_models_share_a_port(service, tmp_path):
+    """Our server runs in one shared process for every model that has it: two B folders on one
+    port and a third on a port of its own have the same pid; a folder whose own script runs
+    cannot join their port (the daemon swaps it in instead). Killing the host restarts it for
+    all; stopping the last model ends it."""
+    port = free_port()
+    first = published_model(tmp_path, "first", tokenizer_port=port)
+    second = published_model(tmp_path, "second", tokenizer_port=port)
+    alone = published_model(tmp_path, "alone")
+    stock = published_model(tmp_path, "stock", tokenizer_server="stock", tokenizer_port=port)
+    service.models(first, second, alone, stock)
+    for name in ("first", "second", "alone"):
+        assert service.start(name).status_code == 200, name
+    running = {name: service.wait_state(name, "running") for name in ("first", "second", "alone")}
+    pids = {entry["pid"] for entry in running.values()}
+    assert len(pids) == 1 and all(entry["process"] == "shared" for entry in running.values())
+    host = pids.pop()
+    assert "tokenizer_service.host" in cmdline_of(host)
+    refused = service.start("stock")
+    assert refused.status_code == 400
+    assert refused.json()["error"] == (f"port {port} is already used by tokenizer 'first': only our tokenizer server "
+                                       "serves several models on one port, and a folder's own script runs here")
+    # Both models answer on the shared port, each its own session.
+    uids = [net.get(f"http://127.0.0.1:{port}/get_uid", timeout=5) for _ in range(2)]
+    assert [u.status_code for u in uids] == [409, 409]  # nobody announced whose runner asks
+    assert net.post(f"http://127.0.0.1:{port}/next_runner?model=second", timeout=5).json() == {"ok": True}
+    uid = net.get(f"http://127.0.0.1:{port}/get_uid", timeout=5).json()["uid"]
+    assert net.get(f"http://127.0.0.1:{port}/get_uid", timeout=5).status_code == 409  # one announcement, one uid
+    assert net.get(f"http://127.0.0.1:{port}/bos_id?uid={uid}", timeout=5).status_code == 200
+
+    os.kill(host, signal.SIGKILL)
+    restarted = {name: wait_until(lambda n=name: (e := service.entry(n))["state"] == "running" and e["pid"] != host
+                                  and e, 60, f"{name} back") for name in ("first", "second", "alone")}
+    assert len({e["pid"] for e in restarted.values()}) == 1
+    assert all(e["restarts"] >= 1 for e in restarted.values())
+    new_host = restarted["first"]["pid"]
+    for name in ("first", "second", "alone"):
+        assert service.http.post(f"/tokenizers/{name}/stop").status_code == 200
+    wait_until(lambda: not pid_alive(new_host), 30, "the host to exit with its last model")
+    assert not answers(port)

@@ -438,6 +438,11 @@ class TokenizerServer:
         return [{**m, "content": self._with_suffix(m["content"], thinking)} if m["role"] == "user" else m
                 for m in messages]
 
+    def knows(self, uid: Any) -> bool:
+        """Does this model hold the session `uid` (a port's router asks each model it serves)?"""
+        with self._sessions_lock:
+            return isinstance(uid, str) and uid in self._sessions
+
     def session(self, uid: Any) -> Session:
         now = time.monotonic()
         with self._sessions_lock:
@@ -643,6 +648,70 @@ def parse_tools(value: Any) -> list[dict[str, Any]] | None:
     return value or None
 
 
+class PortModels:
+    """The models one port serves, and which of them a call is for.
+
+    Published run scripts hard-code one tokenizer port, so several uid-protocol (B) runners may
+    share it. A call naming a model (`?model=`, the daemon's extension calls) goes to it; one
+    carrying a uid to the model holding that session; `/get_uid` and any other call to the model
+    the daemon announced (`POST /next_runner?model=`) before starting that model's runner — the
+    daemon starts runners sharing a port one at a time. With one model, every call is its own.
+    """
+
+    def __init__(self) -> None:
+        self._apps: dict[str, TokenizerServer] = {}
+        self._next: str | None = None  # announced: whose runner calls /get_uid next
+        self._lock = threading.Lock()
+
+    def add(self, name: str, app: TokenizerServer) -> None:
+        with self._lock:
+            self._apps[name] = app
+
+    def remove(self, name: str) -> bool:
+        """Forget a model; True while others remain."""
+        with self._lock:
+            self._apps.pop(name, None)
+            if self._next == name:
+                self._next = None
+            return bool(self._apps)
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._apps)
+
+    def announce(self, name: str | None) -> None:
+        with self._lock:
+            if len(self._apps) == 1:
+                return  # every call is the one model's (a server of its own does not know its name)
+            if name not in self._apps:
+                raise ApiError(HTTPStatus.NOT_FOUND, f"no model {name!r} on this port (it serves {', '.join(self._apps)})")
+            self._next = name
+
+    def pick(self, model: str | None, uid: Any, path: str) -> TokenizerServer:
+        with self._lock:
+            apps = dict(self._apps)
+            announced = self._next
+            if path == "/get_uid" and len(apps) > 1:
+                self._next = None  # one announcement, one runner
+        if not apps:
+            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "this port serves no model")
+        if len(apps) == 1:
+            return next(iter(apps.values()))
+        if model is not None:
+            if model not in apps:
+                raise ApiError(HTTPStatus.NOT_FOUND, f"no model {model!r} on this port (it serves {', '.join(apps)})")
+            return apps[model]
+        if uid is not None and path != "/get_uid":
+            holder = next((app for app in apps.values() if app.knows(uid)), None)
+            if holder is not None:
+                return holder
+            raise ApiError(HTTPStatus.NOT_FOUND, f"unknown uid: {uid}")
+        if announced is None:
+            raise ApiError(HTTPStatus.CONFLICT, f"{len(apps)} models share this port ({', '.join(apps)}) and none "
+                           "was announced: the daemon announces a model (POST /next_runner?model=) before its runner starts")
+        return apps[announced]
+
+
 class RequestHandler(BaseHTTPRequestHandler):
     # Headers and body leave in separate writes: without TCP_NODELAY a kept-alive client waits
     # for the delayed ACK (~40 ms) on every call.
@@ -682,7 +751,11 @@ class RequestHandler(BaseHTTPRequestHandler):
         return body
 
     def _route(self, method: str, path: str, query: dict[str, str], body: dict[str, Any]) -> dict[str, Any]:
-        app = self.server.app
+        uid = query.get("uid", body.get("uid"))
+        if path == "/next_runner" and method == "POST":
+            self.server.models.announce(query.get("model"))
+            return {"ok": True}
+        app = self.server.models.pick(query.get("model"), uid, path)
         # /reset takes GET too: the Qwen2.5-era scripts serve `GET /reset?uid=U` (reply: success).
         get_routes = {"/get_uid", "/bos_id", "/eos_id", "/img_start_token", "/img_context_token",
                       "/capabilities", "/stats", "/reset"}
@@ -694,7 +767,6 @@ class RequestHandler(BaseHTTPRequestHandler):
             raise ApiError(HTTPStatus.NOT_FOUND, f"unknown path: {path}")
         if (method == "GET") != (path in get_routes) and path != "/reset":
             raise ApiError(HTTPStatus.METHOD_NOT_ALLOWED, f"{path} does not accept {method}")
-        uid = query.get("uid", body.get("uid"))
         if path == "/get_uid":
             return {"uid": app.new_session()}
         if path in ("/bos_id", "/eos_id"):
@@ -749,12 +821,13 @@ class RequestHandler(BaseHTTPRequestHandler):
 class HTTPTokenizerServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], app: TokenizerServer) -> None:
-        self.app = app
+    def __init__(self, address: tuple[str, int], models: PortModels) -> None:
+        self.models = models
         super().__init__(address, RequestHandler)
 
 
-def main(argv: list[str] | None = None) -> int:
+def argument_parser() -> argparse.ArgumentParser:
+    """This server's options; the shared host (tokenizer_service.host) reads a model's with it too."""
     parser = argparse.ArgumentParser(description="Tokenizer server for AX-M1 runners (uid and stateless protocols).")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=12345)
@@ -787,13 +860,19 @@ def main(argv: list[str] | None = None) -> int:
                         "or auto)")
     parser.add_argument("--check-template", action="store_true", help="exit with status "
                         f"{EXIT_UNUSABLE} unless the tokenizer loads and its chat template renders a conversation")
-    args = parser.parse_args(argv)
+    return parser
+
+
+class UnusableTokenizer(Exception):
+    """The tokenizer files do not load, or their chat template does not render (`--check-template`)."""
+
+
+def build_app(args: argparse.Namespace) -> TokenizerServer:
+    """The protocol logic for one model from its options (tokenizer loaded, memory handed back)."""
     if not args.tokenizer.exists():
-        print(f"tokenizer not found: {args.tokenizer}", file=sys.stderr)
-        return 2
+        raise UnusableTokenizer(f"tokenizer not found: {args.tokenizer}")
     defaults = StockDefaults(args.default_system_prompt, args.user_suffix, args.generation_prompt_cut,
                              args.ignore_runner_system_prompt)
-    one_malloc_arena()
     try:
         tokenizer = ChatTokenizer(*load_tokenizer(args.tokenizer, args.engine, args.chat_template_from))
         release_free_memory()
@@ -802,12 +881,25 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # whatever fails here, these files cannot serve the runner
         if not args.check_template:
             raise
-        print(f"cannot use the tokenizer files in {args.tokenizer}: {type(exc).__name__}: {exc}",
-              file=sys.stderr, flush=True)
-        return EXIT_UNUSABLE
-    app = TokenizerServer(tokenizer, args.session_idle_seconds, stock=args.stock, defaults=defaults)
+        raise UnusableTokenizer(f"cannot use the tokenizer files in {args.tokenizer}: {type(exc).__name__}: {exc}") from exc
+    return TokenizerServer(tokenizer, args.session_idle_seconds, stock=args.stock, defaults=defaults)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argument_parser().parse_args(argv)
+    if not args.tokenizer.exists():
+        print(f"tokenizer not found: {args.tokenizer}", file=sys.stderr)
+        return 2
+    one_malloc_arena()
     try:
-        httpd = HTTPTokenizerServer((args.host, args.port), app)
+        app = build_app(args)
+    except UnusableTokenizer as exc:
+        print(exc, file=sys.stderr, flush=True)
+        return EXIT_UNUSABLE
+    models = PortModels()
+    models.add("", app)
+    try:
+        httpd = HTTPTokenizerServer((args.host, args.port), models)
     except OSError as exc:
         print(f"cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1

@@ -69,6 +69,8 @@ TCP_LISTEN = "0A"  # the `st` column of /proc/net/tcp for a listening socket
 CMDLINE_CHARS = 200
 # Reachable without the secret: liveness probes (Docker, systemd) carry no secrets.
 OPEN_PATHS = frozenset({"/health"})
+BUILTIN_MODULE = ("-m", "tokenizer_service.server")  # how server_arguments starts our server
+HOST_MODULE = ("-m", "tokenizer_service.host")
 
 
 class ServerState(StrEnum):
@@ -92,9 +94,24 @@ class ServerSpec:
     choice: str = ""
     # What runs instead when ours finds the files unusable (exits with EXIT_UNUSABLE): `auto`'s script.
     fallback: ServerSpec | None = None
+    # The folder's runner speaks the uid protocol (its script serves /get_uid): with our server,
+    # it may share its port with other such models (tokenizer_service.server.PortModels).
+    uid_protocol: bool = False
 
     def command(self, python: str) -> list[str]:
         return [python, *(self.arguments or (str(self.script),)), "--host", self.host, "--port", str(self.port)]
+
+    @property
+    def hosted(self) -> bool:
+        """Our server: it runs in the shared host process (tokenizer_service.host)."""
+        return self.arguments[:2] == BUILTIN_MODULE
+
+    @property
+    def server_options(self) -> list[str]:
+        return list(self.arguments[len(BUILTIN_MODULE):])
+
+    def may_share_port_with(self, other: ServerSpec) -> bool:
+        return self.hosted and other.hosted and self.uid_protocol and other.uid_protocol
 
 
 class RefusedStart(Exception):
@@ -134,7 +151,10 @@ def spec_from_descriptor(descriptor: Path, name: str, discover_host: str | None 
         choice = choose_server(config.tokenizer_server, facts)
     except CannotChoose as exc:
         raise RefusedStart(400, f"model {name!r}: {exc}") from None
-    stock = ServerSpec(folder, script, config.tokenizer_ip, config.tokenizer_port, (), choice.describe())
+    # The published uid scripts serve /get_uid (and are named *_uid.py); the stateless ones do not.
+    uid_protocol = "/get_uid" in text or script.name.endswith("_uid.py")
+    stock = ServerSpec(folder, script, config.tokenizer_ip, config.tokenizer_port, (), choice.describe(),
+                       uid_protocol=uid_protocol)
     if choice.server is not ServerChoice.BUILTIN:
         return stock
     assert facts.tokenizer_dir is not None
@@ -144,6 +164,13 @@ def spec_from_descriptor(descriptor: Path, name: str, discover_host: str | None 
         why = f"stock: the folder's own script runs: our server cannot use {facts.tokenizer_dir.name}/"
         fallback = replace(stock, choice=why)
     return replace(stock, arguments=arguments, fallback=fallback)
+
+
+def sharing_refusal(spec: ServerSpec, other: ServerSpec) -> str:
+    """Why two models cannot share their port (models the daemon then swaps on it)."""
+    if not (spec.hosted and other.hosted):
+        return ": only our tokenizer server serves several models on one port, and a folder's own script runs here"
+    return ": the runners do not both speak the uid protocol, whose uid tells their calls apart"
 
 
 # ---- who listens on a port (Linux /proc) ---------------------------------------------------------
@@ -290,6 +317,8 @@ class ManagedServer:
             "host": self.spec.host,
             "port": self.spec.port,
             "server": self.spec.choice,
+            # Our server runs in the one shared host process; a folder's script in its own.
+            "process": "shared" if self.spec.hosted else "own",
             "pid": self.process.pid if self.process and self.process.returncode is None else None,
             "state": self.state.value,
             "detail": self.detail,
@@ -302,6 +331,128 @@ class ManagedServer:
         if detail != self.detail:
             log.warning("tokenizer %s: %s", self.name, detail)
         self.state, self.detail = ServerState.BLOCKED, detail
+
+
+class HostGone(Exception):
+    """The shared host process exited before it answered."""
+
+
+class SharedHost:
+    """The one process running our server for every model that has it (tokenizer_service.host):
+    started when the first such model starts, stopped when the last one stops. Commands go one at
+    a time and are answered in order."""
+
+    def __init__(self, python: str, environment: Any, stop_grace_seconds: float) -> None:
+        self.python = python
+        self._environment = environment  # () -> the environment to start it with
+        self.stop_grace_seconds = stop_grace_seconds
+        self.process: asyncio.subprocess.Process | None = None
+        self.exited = asyncio.Event()
+        self.log_tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+        self.models: set[str] = set()
+        self._lock = asyncio.Lock()
+        self._reply: asyncio.Future[dict[str, Any]] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    async def _ensure_running(self) -> None:
+        if self.running:
+            return
+        self.exited = asyncio.Event()
+        self.models.clear()
+        self.process = await asyncio.create_subprocess_exec(
+            self.python, *HOST_MODULE, env=self._environment(), stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            start_new_session=True, preexec_fn=die_with_parent,
+        )
+        log.info("tokenizer host started: pid %s", self.process.pid)
+        process, exited = self.process, self.exited
+        self._tasks = [asyncio.create_task(self._read_replies(process)),
+                       asyncio.create_task(self._read_log(process)),
+                       asyncio.create_task(self._watch_exit(process, exited))]
+
+    async def _read_replies(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None
+        while line := await process.stdout.readline():
+            with contextlib.suppress(ValueError):
+                reply = json.loads(line)
+                if self._reply is not None and not self._reply.done():
+                    self._reply.set_result(reply)
+
+    async def _read_log(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stderr is not None
+        while line := await process.stderr.readline():
+            if text := line.decode("utf-8", errors="replace").rstrip():
+                self.log_tail.append(text)
+
+    async def _watch_exit(self, process: asyncio.subprocess.Process, exited: asyncio.Event) -> None:
+        code = await process.wait()
+        if self.models:
+            log.warning("tokenizer host (pid %s) exited with %s, serving %s", process.pid, code, ", ".join(sorted(self.models)))
+        exited.set()
+
+    async def command(self, payload: dict[str, Any]) -> dict[str, Any]:
+        async with self._lock:
+            if payload["op"] == "add":
+                await self._ensure_running()
+            elif not self.running:
+                return {"name": payload["name"], "ok": True}  # nothing to remove from
+            process, exited = self.process, self.exited
+            assert process is not None and process.stdin is not None
+            self._reply = asyncio.get_running_loop().create_future()
+            try:
+                process.stdin.write(json.dumps(payload).encode() + b"\n")
+                await process.stdin.drain()
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # it is exiting: the wait below says so
+            gone = asyncio.create_task(exited.wait())
+            await asyncio.wait({self._reply, gone}, return_when=asyncio.FIRST_COMPLETED)
+            gone.cancel()
+            if not self._reply.done():
+                tail = " | ".join(list(self.log_tail)[-3:])
+                raise HostGone(f"the tokenizer host exited ({process.returncode})" + (f": {tail}" if tail else ""))
+            reply = self._reply.result()
+            name = payload["name"]
+            if payload["op"] == "add" and reply.get("ok"):
+                self.models.add(name)
+            elif payload["op"] == "remove":
+                self.models.discard(name)
+                if not self.models:
+                    await self._stop()  # nobody left to serve: free its memory
+            return reply
+
+    async def close(self) -> None:
+        async with self._lock:
+            self.models.clear()
+            await self._stop()
+
+    async def _stop(self) -> None:
+        process = self.process
+        if process is None:
+            return
+        if process.returncode is None:
+            assert process.stdin is not None
+            process.stdin.close()  # it exits at the end of its input
+            try:
+                await asyncio.wait_for(process.wait(), self.stop_grace_seconds)
+            except TimeoutError:
+                pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.process = None
+
+
+class Outcome(StrEnum):
+    """How one run of a model's server ended, for its supervision loop."""
+
+    AGAIN = "again"  # go round at once (blocked port re-checked, or fell back to the script)
+    EXITED = "exited"  # it ended: back off, then start it again
+    STOPPED = "stopped"  # a stop was asked for
 
 
 class TokenizerSupervisor:
@@ -330,6 +481,7 @@ class TokenizerSupervisor:
         self._lock = asyncio.Lock()  # serializes start/stop requests
         self.owner = owner or owner_tag(Path("data"))
         self.child_env = tuple(child_env)
+        self.host = SharedHost(python, self._environment, stop_grace_seconds)
 
     def snapshots(self) -> list[dict[str, Any]]:
         return [server.snapshot() for server in self._servers.values()]
@@ -346,7 +498,9 @@ class TokenizerSupervisor:
                 return current.snapshot()
             for other in self._servers.values():
                 if other.name != name and other.spec.port == spec.port and other.state != ServerState.STOPPED:
-                    raise RefusedStart(400, f"port {spec.port} is already used by tokenizer {other.name!r}")
+                    if not spec.may_share_port_with(other.spec):
+                        raise RefusedStart(400, f"port {spec.port} is already used by tokenizer {other.name!r}"
+                                           f"{sharing_refusal(spec, other.spec)}")
             if current is not None:
                 await self._stop(current)
             server = ManagedServer(name, spec, requested=spec)
@@ -367,6 +521,7 @@ class TokenizerSupervisor:
     async def stop_all(self) -> None:
         async with self._lock:
             await asyncio.gather(*(self._stop(server) for server in self._servers.values()))
+            await self.host.close()
 
     async def _stop(self, server: ManagedServer) -> None:
         server.stop_requested.set()
@@ -377,30 +532,13 @@ class TokenizerSupervisor:
         backoff = self.backoff_min_seconds
         try:
             while not server.stop_requested.is_set():
-                # Before we spawn, whoever listens on the port is not ours.
-                _, taken = await asyncio.to_thread(inspect_port, server.spec.port, None)
-                if taken is not None:
-                    server.block(taken)
-                    server.first_attempt_done.set()
-                    await self._sleep_unless_stopped(server, BLOCKED_RECHECK_SECONDS)
-                    continue
-                server.detail = None
                 started = time.monotonic()
-                try:
-                    await self._spawn(server)
-                except OSError as exc:
-                    server.log_tail.append(f"cannot start {server.spec.script}: {exc}")
-                    server.last_exit = None
-                else:
-                    server.state = ServerState.STARTING
-                    server.first_attempt_done.set()
-                    await self._wait_exit_or_stop(server)
-                    if server.stop_requested.is_set():
-                        break
-                    server.last_exit = server.process.returncode
-                    if self._fall_back(server):
-                        continue
-                    log.warning("tokenizer %s exited with %s; restarting in %.1fs", server.name, server.last_exit, backoff)
+                run = self._run_hosted if server.spec.hosted else self._run_process
+                outcome = await run(server)
+                if outcome is Outcome.STOPPED:
+                    break
+                if outcome is Outcome.AGAIN:
+                    continue
                 if time.monotonic() - started >= STABLE_RUN_SECONDS:
                     backoff = self.backoff_min_seconds
                 server.state = ServerState.BACKOFF
@@ -409,9 +547,86 @@ class TokenizerSupervisor:
                 backoff = min(max(backoff * 2, MIN_RESTART_DELAY_SECONDS), self.backoff_max_seconds)
                 server.restarts += 1
         finally:
-            await self._terminate(server)
+            if server.spec.hosted:
+                with contextlib.suppress(HostGone):
+                    await self.host.command({"op": "remove", "name": server.name})
+                server.process = None
+            else:
+                await self._terminate(server)
             server.state = ServerState.STOPPED
             server.first_attempt_done.set()
+
+    async def _blocked(self, server: ManagedServer, session: int | None) -> bool:
+        """Does a process not of `session` listen on the server's port? (Then it is BLOCKED and
+        re-checked after a while.)"""
+        _, taken = await asyncio.to_thread(inspect_port, server.spec.port, session)
+        if taken is None:
+            server.detail = None
+            return False
+        server.block(taken)
+        server.first_attempt_done.set()
+        await self._sleep_unless_stopped(server, BLOCKED_RECHECK_SECONDS)
+        return True
+
+    async def _run_process(self, server: ManagedServer) -> Outcome:
+        """A server of its own (the folder's script): spawn it, and wait until it exits or is stopped."""
+        # Before we spawn, whoever listens on the port is not ours.
+        if await self._blocked(server, None):
+            return Outcome.AGAIN
+        try:
+            await self._spawn(server)
+        except OSError as exc:
+            server.log_tail.append(f"cannot start {server.spec.script}: {exc}")
+            server.last_exit = None
+            return Outcome.EXITED
+        server.state = ServerState.STARTING
+        server.first_attempt_done.set()
+        await self._wait_exit_or_stop(server)
+        if server.stop_requested.is_set():
+            return Outcome.STOPPED
+        server.last_exit = server.process.returncode
+        if self._fall_back(server):
+            return Outcome.AGAIN
+        log.warning("tokenizer %s exited with %s; restarting", server.name, server.last_exit)
+        return Outcome.EXITED
+
+    async def _run_hosted(self, server: ManagedServer) -> Outcome:
+        """Our server, in the shared host: add the model to it, and wait until it is stopped or
+        the host exits. Other models on the same port are the host's own listener, not a block."""
+        host, spec = self.host, server.spec
+        if await self._blocked(server, host.process.pid if host.running and host.process else None):
+            return Outcome.AGAIN
+        server.state = ServerState.STARTING
+        try:
+            reply = await host.command({"op": "add", "name": server.name, "host": spec.host, "port": spec.port,
+                                        "arguments": spec.server_options})
+        except HostGone as exc:
+            server.log_tail.append(str(exc))
+            server.last_exit = None
+            return Outcome.EXITED
+        if not reply.get("ok"):
+            server.log_tail.append(str(reply.get("error")))
+            server.last_exit = EXIT_UNUSABLE if reply.get("unusable") else 1
+            if self._fall_back(server):
+                return Outcome.AGAIN
+            log.warning("tokenizer %s: the host cannot serve it: %s", server.name, reply.get("error"))
+            return Outcome.EXITED
+        server.process, exited = host.process, host.exited
+        server.state, server.detail, server.ran = ServerState.RUNNING, None, True
+        server.first_attempt_done.set()
+        log.info("tokenizer %s is serving on port %s (shared host, pid %s)", server.name, spec.port,
+                 server.process.pid if server.process else None)
+        stop = asyncio.create_task(server.stop_requested.wait())
+        gone = asyncio.create_task(exited.wait())
+        await asyncio.wait({stop, gone}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        gone.cancel()
+        if server.stop_requested.is_set():
+            return Outcome.STOPPED
+        server.last_exit = server.process.returncode if server.process else None
+        server.process = None
+        log.warning("tokenizer %s: the shared host exited with %s; restarting", server.name, server.last_exit)
+        return Outcome.EXITED
 
     @staticmethod
     def _fall_back(server: ManagedServer) -> bool:
@@ -425,12 +640,16 @@ class TokenizerSupervisor:
         log.warning("tokenizer %s: %s", server.name, server.spec.choice)
         return True
 
-    async def _spawn(self, server: ManagedServer) -> None:
-        spec = server.spec
+    def _environment(self) -> dict[str, str]:
         env = child_environment(self.owner, self.child_env)
         if self.session_idle_seconds is not None:
             env[SESSION_IDLE_ENV] = str(self.session_idle_seconds)
         env[ENGINE_ENV] = self.engine
+        return env
+
+    async def _spawn(self, server: ManagedServer) -> None:
+        spec = server.spec
+        env = self._environment()
         server.process = await asyncio.create_subprocess_exec(
             *spec.command(self.python),
             cwd=spec.folder,

@@ -216,18 +216,20 @@ def _inside(root: Path, name: str) -> Path | None:
 
 def find_tokenizer_dir(folder: Path, script: ScriptFacts) -> tuple[Path | None, str]:
     """The folder the script loads (relative to its working directory, inside `folder`; the one
-    it encodes with first), else the one `*_tokenizer/` folder; with how it was found or why
-    none was."""
+    it encodes with first), else the one `*_tokenizer/` (or `tokenizer/`) folder; with how it
+    was found or why none was."""
     root = folder.resolve()
     names = dict.fromkeys([*([script.encode_folder] if script.encode_folder else []), *script.tokenizer_folders])
     for name in names:
         if (candidate := _inside(root, name)) is not None:
             return candidate, f"{candidate.name}/, which the script loads"
     named = ", ".join(f"{n!r}" for n in script.tokenizer_folders)
-    candidates = sorted(p for p in root.glob(f"*{TOKENIZER_FOLDER_SUFFIX}") if p.is_dir())
+    # `tokenizer/` too: the plain name a Hugging Face layout (and our demo folders) use.
+    candidates = sorted(p for p in [*root.glob(f"*{TOKENIZER_FOLDER_SUFFIX}"), root / "tokenizer"] if p.is_dir())
     if len(candidates) == 1:
         prefix = f"the script loads {named}, not a folder here; " if named else ""
-        return candidates[0], f"{prefix}{candidates[0].name}/, the folder's *{TOKENIZER_FOLDER_SUFFIX}/"
+        kind = f"*{TOKENIZER_FOLDER_SUFFIX}/" if candidates[0].name.endswith(TOKENIZER_FOLDER_SUFFIX) else "tokenizer folder"
+        return candidates[0], f"{prefix}{candidates[0].name}/, the folder's {kind}"
     if named:
         why = f"the script loads {named}, not a folder inside the model folder"
     else:

@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,6 +157,8 @@ class _TokenizerReady:
     applied: dict[str, Any]  # the settings /config installed
     error: str | None
     server: str | None = None  # which server the tokenizer service runs, and why
+    # Ends this runner's turn on its tokenizer port, once it has started (TokenizerClient.runner_turn).
+    release_turn: Callable[[], None] | None = None
 
 
 @dataclass(slots=True)
@@ -256,6 +259,7 @@ class CardEngine(Engine):
         self._banner_offers_reset = False
         self._uid: str | None = None
         self._tokenizer_caps: dict[str, Any] | None = None
+        self._release_turn: Callable[[], None] | None = None  # this runner's turn on its tokenizer port
         self._tokenizer_probed = False
         self._tokenizer_server: str | None = None  # the tokenizer service's word on what runs
         self._tokenizer_config: dict[str, Any] = {}  # what /config last set on the server
@@ -400,7 +404,7 @@ class CardEngine(Engine):
                     await self._tokenizers.wait_until_serving(host, port, min(timeout, 2.0))
             except TokenizerUnavailable:
                 return None
-            return await self._tokenizers.capabilities(host, port) or {}
+            return await self._tokenizers.capabilities(host, port, self.spec.name) or {}
         return None
 
     def model_facts(self) -> dict[str, Any]:
@@ -580,6 +584,10 @@ class CardEngine(Engine):
     def _set_state(self, to: RunnerState, reason: str, **details: Any) -> None:
         if to is not S.INITIALIZING:
             self._progress = None
+        if self._release_turn is not None and to not in (S.WAITING_FOR_TOKENIZER, S.STARTING, S.INITIALIZING):
+            # The runner has its uid (or is gone): another runner on the port may start.
+            self._release_turn()
+            self._release_turn = None
         super()._set_state(to, reason, **details)
 
     def _fail(self, reason: str, *, log_tail: bool = True, **details: Any) -> None:
@@ -662,6 +670,7 @@ class CardEngine(Engine):
         applied: dict[str, Any] = {}
         error: str | None = None
         server: str | None = None
+        release_turn: Callable[[], None] | None = None
         with scope:
             try:
                 if config.tokenizer_py:
@@ -674,19 +683,28 @@ class CardEngine(Engine):
                 else:
                     # No tokenizer_py: a tokenizer server someone else runs on this port.
                     await self._tokenizers.wait_until_serving(host, config.tokenizer_port, timeout)
-                caps = await self._tokenizers.capabilities(host, config.tokenizer_port)
+                caps = await self._tokenizers.capabilities(host, config.tokenizer_port, self.spec.name)
                 if caps is not None:
                     # The runner's init /reset picks up the system prompt the descriptor sets.
-                    await self._tokenizers.configure(host, config.tokenizer_port, **settings)
+                    await self._tokenizers.configure(host, config.tokenizer_port, self.spec.name, **settings)
                     applied = settings
+                    # Our server may serve other models on this port: it gives the runner about
+                    # to start its uid once the port's turn is this model's.
+                    release_turn = await self._tokenizers.runner_turn(host, config.tokenizer_port, self.spec.name)
             except TokenizerUnavailable as exc:
                 error = str(exc)
-        if not scope.cancel_called:
-            self._post(_TokenizerReady(generation, caps, applied, error, server))
+        if scope.cancel_called:
+            if release_turn is not None:
+                release_turn()
+            return
+        self._post(_TokenizerReady(generation, caps, applied, error, server, release_turn))
 
     async def _on_tokenizer_ready(self, message: _TokenizerReady) -> None:
-        if self._machine.state is not S.WAITING_FOR_TOKENIZER:
+        if self._machine.state is not S.WAITING_FOR_TOKENIZER or message.generation != self._generation:
+            if message.release_turn is not None:
+                message.release_turn()
             return
+        self._release_turn = message.release_turn
         if message.error:
             self._fail(f"tokenizer not available: {message.error}", log_tail=False)
             self._fail_all_jobs(ModelUnavailable(self._failure_message()))
@@ -1021,7 +1039,8 @@ class CardEngine(Engine):
         if bound <= room:
             return bound
         with anyio.move_on_after(_TOKENIZER_CALL_TIMEOUT_S):
-            ids = await self._tokenizers.tokenize(self._tokenizer_host, self.config.tokenizer_port, "\n".join(texts))
+            ids = await self._tokenizers.tokenize(self._tokenizer_host, self.config.tokenizer_port, "\n".join(texts),
+                                                  self.spec.name)
             if ids is not None:
                 return len(ids) + TOKENS_PER_MESSAGE * len(texts)
         return token_guess(texts)
@@ -1029,7 +1048,8 @@ class CardEngine(Engine):
     async def _configure_tokenizer(self, settings: dict[str, Any]) -> None:
         try:
             with anyio.fail_after(_TOKENIZER_CALL_TIMEOUT_S):
-                await self._tokenizers.configure(self._tokenizer_host, self.config.tokenizer_port, **settings)
+                await self._tokenizers.configure(self._tokenizer_host, self.config.tokenizer_port, self.spec.name,
+                                                 **settings)
         except TimeoutError:
             raise TokenizerUnavailable(f"/config took longer than {_TOKENIZER_CALL_TIMEOUT_S:.0f}s") from None
 
