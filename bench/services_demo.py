@@ -66,7 +66,7 @@ def _run(url: str, service: str, transcript: str) -> dict[str, Any]:
             if not line.strip():
                 continue
             event = json.loads(line)
-            if event.get("event") == "chunk_done" or event.get("type") == "chunk_done":
+            if event.get("event") == "chunk_done":
                 chunks.append(event)
                 print(f"  {service}: step {len(chunks)} done at {time.monotonic() - started:.1f} s", file=sys.stderr,
                       flush=True)

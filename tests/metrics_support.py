@@ -106,12 +106,7 @@ def running_node_exporter(textfile_dir: Path) -> Iterator[NodeExporter]:
             wait_http(exporter.url, START_TIMEOUT, process=process, output=exporter.log, ok_only=True)
             yield exporter
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=STOP_TIMEOUT)
+            _stop(process)
 
 
 @pytest.fixture
@@ -173,12 +168,17 @@ def running_prometheus(config: dict[str, Any], folder: Path) -> Iterator[Prometh
         wait_http(f"{server.url}/-/ready", START_TIMEOUT * 2, process=process, output=server.log, ok_only=True)
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=STOP_TIMEOUT)
+        _stop(process)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within STOP_TIMEOUT."""
+    process.terminate()
+    try:
+        process.wait(timeout=STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=STOP_TIMEOUT)
 
 
 def metric(daemon, name: str, **labels: str) -> float:

@@ -10,13 +10,14 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
 
 from harness.daemon import running_daemon
 from harness.models import scripted_model
-from harness.net import free_port
+from harness.net import free_port, wait_until
 from harness.paths import AXM1_LLM
 from llm_service.events import EventBus
 from llm_service.logging_setup import QuietPolling
@@ -102,9 +103,16 @@ def test_status_watch_refreshes_until_interrupted(tmp_path) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AXM1_")}
         watch = subprocess.Popen([str(AXM1_LLM), "status", "--url", daemon.url, "--watch", "--interval", "0.2"],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        time.sleep(1.5)
+        # Interrupted after its third table (a loaded machine may take a second to start it).
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(iter(watch.stdout.readline, "")), daemon=True)
+        reader.start()
+        wait_until(lambda: sum("MODEL  " in line for line in list(lines)) >= 3, 30, "three status tables")
         watch.send_signal(signal.SIGINT)
-        out, err = watch.communicate(timeout=10)
+        watch.wait(10)
+        reader.join(10)
+        err = watch.stderr.read()
+        out = "".join(lines)
     assert watch.returncode == 0, err
     tables = out.count("MODEL  ")
     assert tables >= 3, out
