@@ -109,16 +109,23 @@ class EventBus:
 
 
 class ModelEvents:
-    """The bus as one model's engine and requests publish on it."""
+    """The bus as one model's engine and requests publish on it; a replica's (one card of a
+    model served on several) name its card in every event (`device`)."""
 
-    __slots__ = ("_bus", "model")
+    __slots__ = ("_bus", "model", "device")
 
-    def __init__(self, bus: EventBus | None, model: str) -> None:
+    def __init__(self, bus: EventBus | None, model: str, device: int | None = None) -> None:
         self._bus = bus
         self.model = model
+        self.device = device
+
+    def on_device(self, device: int) -> ModelEvents:
+        return ModelEvents(self._bus, self.model, device)
 
     def publish(self, type: str, **data: Any) -> None:
         if self._bus is not None:
+            if self.device is not None:
+                data["device"] = self.device
             self._bus.publish(type, self.model, **data)
 
 

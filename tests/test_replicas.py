@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 
+import httpx
 import pytest
 
 from ax_emulator.scripted import reply_text
@@ -17,6 +18,7 @@ from harness.daemon import running_daemon
 from harness.models import scripted_model
 from harness.net import wait_until
 from llm_service.engines.replicas import model_state, script_for_device
+from metrics_support import metric
 
 MODEL = "twin"
 WORDS = 30
@@ -129,3 +131,26 @@ def test_replicas_need_a_card_flag_and_distinct_cards(tmp_path) -> None:
     entry = scripted_model(tmp_path, "bad", fields={"devices": [0, 0]})
     result = parse_descriptor(json.dumps([entry]), "d.json", tmp_path)
     assert "distinct card ids" in result.errors["bad"]
+
+
+def test_the_state_gauge_shows_the_models_state_and_events_name_the_card(daemon) -> None:
+    """While one card answers and the other is free, the model is `ready` (it takes a request at
+    once): its state gauge says so, not the state of whichever card moved last; each card's
+    transitions reach /api/events naming the card."""
+    busy = threading.Thread(target=ask, args=(daemon, "keep one card busy"))
+    busy.start()
+    wait_until(lambda: sorted(r["state"] for r in daemon.get(f"/api/status/{MODEL}")["replicas"])
+               == ["outputting", "ready"], 10, "one card answering, the other free")
+    gauge = {state: metric(daemon, "axm1_llm_runner_state", model=MODEL, state=state)
+             for state in ("ready", "outputting", "processing")}
+    busy.join(30)
+    assert gauge == {"ready": 1.0, "outputting": 0.0, "processing": 0.0}
+    devices = set()
+    with httpx.stream("GET", f"{daemon.url}/api/events", params={"model": MODEL, "types": "state"},
+                      headers={**daemon.headers, "Last-Event-ID": "0"}, timeout=httpx.Timeout(10, read=5)) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data: "):
+                devices.add(json.loads(line[6:]).get("device"))
+            if devices >= {0, 1}:
+                break
+    assert devices >= {0, 1}

@@ -318,6 +318,9 @@ class Engine(abc.ABC):
         self.settings = context.settings
         self.metrics = context.metrics
         self.events = context.events
+        # Where a transition goes besides the event stream: the model's state gauge. A replica
+        # (one card of a model on several) reports its model's combined state (engines/replicas.py).
+        self.report_state: Callable[[RunnerState], None] = lambda to: self.metrics.set_state(to.value)
         self.capabilities = EngineCapabilities()
         self.logs = LogRing(context.settings.runner_log_lines)
         self.last_error: dict[str, Any] | None = None
@@ -489,7 +492,7 @@ class Engine(abc.ABC):
             return
         move = self._machine.transition(to, reason, **details)
         log.info("model %s: %s (%s)", self.spec.name, to.value, reason)
-        self.metrics.set_state(to.value)
+        self.report_state(to)
         self.events.publish("state", **{k: v for k, v in move.as_dict().items() if k not in ("at", "at_epoch")})
         self._notify()
 

@@ -54,8 +54,8 @@ class _DeviceLog:
     def append(self, text: str) -> None:
         self._ring.append(self._prefix + text)
 
-    def __getattr__(self, name: str) -> Any:  # tail(), entries(), follow(): the shared ring's
-        return getattr(self._ring, name)
+    def tail(self, count: int | None = None) -> list[str]:  # the model's last lines, every card's
+        return self._ring.tail(count)
 
 
 class ReplicaEngine(Engine):
@@ -79,6 +79,9 @@ class ReplicaEngine(Engine):
             replica_spec = spec.model_copy(update={"config": config.model_copy(update={"command": command})})
             replica = CardEngine(replica_spec, context)
             replica.logs = _DeviceLog(self.logs, device)  # type: ignore[assignment]
+            replica.events = self.events.on_device(device)
+            # The model's state gauge shows the replicas' combined state, not the last one to move.
+            replica.report_state = lambda _: self.metrics.set_state(self.state)
             self.replicas.append(replica)
         self.capabilities = replace(self.replicas[0].capabilities, max_concurrency=len(self.replicas))
         self._busy: set[int] = set()  # replicas answering a request now (indexes)
