@@ -471,6 +471,32 @@ def test_cancel_stops_pending_items_at_once_and_waits_for_the_running_one(store)
     assert [i.state for i in store.job_items(job.id)] == ["done", "cancelled", "cancelled"]
 
 
+def test_an_item_given_back_in_a_cancelling_job_is_cancelled_and_the_job_finishes(store):
+    """A running item requeued while its job is cancelling (its model stopped) is cancelled:
+    pending in a cancelling job, nothing would ever claim it, and the job would never finish."""
+    job = started_job(store, "a", "b")
+    item = store.claim_next_item("m")
+    store.cancel_job(job.id)
+    assert store.requeue_item(job.id, item.line) is True
+    assert [i.state for i in store.job_items(job.id)] == ["cancelled", "cancelled"]
+    assert [j.id for j in store.jobs_to_finish()] == [job.id]
+    assert store.finish_job(job.id, None, "file-err").status == "cancelled"
+
+
+@sqlite_only
+def test_an_item_running_when_the_daemon_died_in_a_cancelling_job_is_cancelled(tmp_path, clock):
+    before = SqliteJobStore(tmp_path, clock=clock)
+    job = started_job(before, "a", "b")
+    before.claim_next_item("m")
+    before.cancel_job(job.id)
+    after = SqliteJobStore(tmp_path, clock=clock)  # the daemon was killed with "a" running
+    assert after.recover_running() == 1
+    assert [i.state for i in after.job_items(job.id)] == ["cancelled", "cancelled"]
+    assert [j.id for j in after.jobs_to_finish()] == [job.id]
+    before.close()
+    after.close()
+
+
 def test_cancel_with_nothing_running_is_ready_to_finish(store):
     job = started_job(store, "a")
     store.cancel_job(job.id)

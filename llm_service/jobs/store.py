@@ -694,9 +694,12 @@ class SqliteJobStore:
         """A running item given back unfinished (its model was stopped): pending again, and its
         job keeps its turn."""
         with self._writing("requeueing an item") as db:
-            return db.execute(
+            changed = db.execute(
                 "UPDATE items SET state = ?, started_at = NULL WHERE job_id = ? AND line = ? "
                 "AND state = ?", (PENDING, job_id, line, RUNNING)).rowcount > 0
+            if changed:
+                self._sweep(db)  # its job may be cancelling or expiring meanwhile
+            return changed
 
     def renew_lease(self, job_id: str, line: int) -> bool:
         """Whether the item still runs: an embedded store has no leases to renew (one daemon
@@ -740,8 +743,10 @@ class SqliteJobStore:
                        (ITEM_FAILED, error, now, RUNNING, max_attempts))
             for (job_id,) in given_up:
                 self._settle(db, job_id, now)
-            return db.execute("UPDATE items SET state = ?, started_at = NULL WHERE state = ?",
-                              (PENDING, RUNNING)).rowcount
+            recovered = db.execute("UPDATE items SET state = ?, started_at = NULL WHERE state = ?",
+                                   (PENDING, RUNNING)).rowcount
+            self._sweep(db)  # those of a job that was cancelling or expiring
+            return recovered
 
     def expire_due(self) -> list[str]:
         """Jobs past their completion window: pending items expire and the job heads for
@@ -809,6 +814,22 @@ class SqliteJobStore:
         if target not in JOB_TRANSITIONS[job.status]:
             raise JobStateError(f"batch {job.id} cannot go from {job.status} to {target}")
         db.execute("UPDATE jobs SET status = ? WHERE id = ?", (target, job.id))
+
+    def _sweep(self, db: sqlite3.Connection) -> None:
+        """Pending items of a job that is cancelling, or expiring, are cancelled or expired, and
+        the job settled. Only a running item given back (requeued, or recovered after a kill)
+        while its job was being cancelled or expired leaves one, and nothing would ever claim it:
+        the job would never finish."""
+        now = self._clock()
+        rows = db.execute(
+            "SELECT i.job_id, i.line, j.status FROM items i JOIN jobs j ON j.id = i.job_id "
+            "WHERE i.state = ? AND (j.status = ? OR (j.status = ? AND j.outcome = ?))",
+            (PENDING, CANCELLING, IN_PROGRESS, EXPIRED)).fetchall()
+        for job_id, line, status in rows:
+            db.execute("UPDATE items SET state = ?, finished_at = ? WHERE job_id = ? AND line = ?",
+                       (ITEM_CANCELLED if status == CANCELLING else ITEM_EXPIRED, now, job_id, line))
+        for job_id in sorted({job_id for job_id, _, _ in rows}):
+            self._settle(db, job_id, now)
 
     def _settle(self, db: sqlite3.Connection, job_id: str, now: float) -> None:
         """An in-progress job with nothing left to run goes to `finalizing`."""
