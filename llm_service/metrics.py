@@ -45,8 +45,11 @@ INTER_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 
 REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
                            50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 
-# Writes after an event wait this long, so a burst of state changes costs one write.
-WRITE_DELAY_S = 0.05
+# Writes after an event wait this long, so the events of that second cost one write: a write
+# renders every series of the model (milliseconds of CPU holding the GIL), and node_exporter
+# reads the files at its scrapes, seconds apart. At 50 ms, 47 short requests a second spent a
+# fifth of the daemon's busy time writing.
+WRITE_DELAY_S = 1.0
 BYTES_PER_MEGABYTE = 1024 * 1024  # the card counts its memory (CMM) in binary megabytes
 
 # The daemon's series and every model's carry the same HELP; the merge for /metrics insists on it.

@@ -1150,7 +1150,6 @@ class CardEngine(Engine):
         if self._our_tokenizer:
             self._tokenizer_config["history"] = []  # the runner's /encode for this line consumes it
             self._tokenizer_config["turn"] = []  # … and a tool round's messages
-        self._set_state(S.PROCESSING, "prompt sent", request=job.request.id)
         dialect = self._dialect
         frames = (job.images.path + "/").encode() if job.images is not None and job.images.frames else None
         marker = dialect.image_marker if dialect is not None else None
@@ -1161,6 +1160,8 @@ class CardEngine(Engine):
         job.prompt_written_at = time.monotonic()
         self._hang_at = job.prompt_written_at + self._hang_s
         self._runner.write_line(job.plan.line)
+        # After the write: the runner starts on the prompt while the state change is published.
+        self._set_state(S.PROCESSING, "prompt sent", request=job.request.id)
 
     async def _finish_turn(self) -> None:
         job = self._job
