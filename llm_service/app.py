@@ -1,6 +1,7 @@
 """The daemon's ASGI application: routes, error shapes, and the model manager's life cycle."""
 from __future__ import annotations
 
+import gc
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,10 @@ def create_app(settings: Any) -> FastAPI:
             await tg.start(service_folder.run)
             tg.start_soon(metrics_heartbeat)
             await tg.start(jobs.run)
+            # What start-up made (modules, routes, schemas, models) lives as long as the daemon:
+            # out of the collector's sight, a full collection no longer walks it. It did, in a
+            # 20–70 ms pause of the event loop every few seconds under load (requests stalled).
+            gc.freeze()
             try:
                 yield
             finally:
