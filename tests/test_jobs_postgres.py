@@ -374,16 +374,6 @@ def test_an_expiring_job_whose_box_died_mid_item_still_finalizes(boxes):
     assert other.finish_job(job.id, None, "file-err").status == "expired"
 
 
-def test_an_item_given_back_in_a_cancelling_job_is_cancelled(boxes):
-    store = boxes()
-    job = started_job(store, "a", "b")
-    item = store.claim_next_item("m")
-    store.cancel_job(job.id)
-    assert store.requeue_item(job.id, item.line) is True
-    assert [i.state for i in store.job_items(job.id)] == ["cancelled", "cancelled"]
-    assert [j.id for j in store.jobs_to_finish()] == [job.id]
-
-
 def test_the_last_items_recorded_at_once_by_two_boxes_finalize_the_job(boxes):
     """Each box's transaction sees the other's item still running until it commits: the job's
     row lock makes the second one see the first, or the job would stay in_progress forever."""

@@ -96,24 +96,31 @@ def test_in_a_log_file_no_progress_line(tmp_path) -> None:
     assert "model file-model: initializing" in log and "model file-model: ready" in log
 
 
+def watch_until(args: list[str], needle: str, count: int, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """`axm1-llm status --watch ARGS`, interrupted (SIGINT) once `needle` has shown on `count`
+    lines of its output: a loaded machine may take a second to start it, so no fixed sleep.
+    Returns its exit status, output and error output."""
+    watch = subprocess.Popen([str(AXM1_LLM), "status", "--watch", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(watch.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: sum(needle in line for line in list(lines)) >= count, 30, f"{count} lines with {needle!r}")
+    finally:
+        watch.send_signal(signal.SIGINT)
+        watch.wait(10)
+        reader.join(10)
+    return watch.returncode, "".join(lines), watch.stderr.read()
+
+
 def test_status_watch_refreshes_until_interrupted(tmp_path) -> None:
     entry = scripted_model(tmp_path, "watched", fields={"run_on_startup": "true"})
     with running_daemon(tmp_path, [entry]) as daemon:
         daemon.wait_state("watched", "ready")
         env = {k: v for k, v in os.environ.items() if not k.startswith("AXM1_")}
-        watch = subprocess.Popen([str(AXM1_LLM), "status", "--url", daemon.url, "--watch", "--interval", "0.2"],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        # Interrupted after its third table (a loaded machine may take a second to start it).
-        lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.extend(iter(watch.stdout.readline, "")), daemon=True)
-        reader.start()
-        wait_until(lambda: sum("MODEL  " in line for line in list(lines)) >= 3, 30, "three status tables")
-        watch.send_signal(signal.SIGINT)
-        watch.wait(10)
-        reader.join(10)
-        err = watch.stderr.read()
-        out = "".join(lines)
-    assert watch.returncode == 0, err
+        returncode, out, err = watch_until(["--url", daemon.url, "--interval", "0.2"], "MODEL  ", 3, env)
+    assert returncode == 0, err
     tables = out.count("MODEL  ")
     assert tables >= 3, out
     assert out.count("watched  ready") == tables
@@ -122,10 +129,7 @@ def test_status_watch_refreshes_until_interrupted(tmp_path) -> None:
 
 def test_status_watch_shows_an_unreachable_daemon_and_goes_on() -> None:
     url = f"http://127.0.0.1:{free_port()}"
-    watch = subprocess.Popen([str(AXM1_LLM), "status", "--url", url, "--watch", "--interval", "0.2", "--timeout", "1"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.2)
-    watch.send_signal(signal.SIGINT)
-    out, _ = watch.communicate(timeout=10)
-    assert watch.returncode == 0
+    returncode, out, err = watch_until(["--url", url, "--interval", "0.2", "--timeout", "1"],
+                                       f"cannot reach {url}/api/status", 2)
+    assert returncode == 0, err
     assert out.count(f"cannot reach {url}/api/status") >= 2
