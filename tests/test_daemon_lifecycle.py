@@ -150,6 +150,18 @@ def test_the_daemon_runs_on_uvloop(tmp_path):
         assert "uvloop" in maps, "the event loop is not uvloop's"
 
 
+def test_a_card_only_daemon_never_loads_the_http_engines_client(tmp_path):
+    """aiohttp (the HTTP engine's upstream client: 8 MB of RSS) is imported with the first HTTP
+    engine, so a daemon serving only the card never maps it; one with an upstream entry does."""
+    with running_daemon(tmp_path, [scripted_model(tmp_path, "m", reply_words=WORDS)]) as daemon:
+        assert _generate(daemon, "m", "hi").status_code == 200
+        assert "aiohttp" not in Path(f"/proc/{daemon.process.pid}/maps").read_text()
+    upstream = {"model_name": "remote", "engine": "openai-http", "base_url": "http://127.0.0.1:9"}
+    (tmp_path / "with-upstream").mkdir()
+    with running_daemon(tmp_path / "with-upstream", [upstream]) as daemon:
+        assert "aiohttp" in Path(f"/proc/{daemon.process.pid}/maps").read_text()
+
+
 def test_fresh_context_restarts_are_counted_apart_from_crashes(tmp_path):
     """A runner without `reset` restarts for every independent request: that is its normal
     service, not a fault, and must not look like one in the status (or trip the README's alert)."""
