@@ -476,3 +476,46 @@ def test_one_host_process_serves_every_builtin_model_and_uid_models_share_a_port
         assert service.http.post(f"/tokenizers/{name}/stop").status_code == 200
     wait_until(lambda: not pid_alive(new_host), 30, "the host to exit with its last model")
     assert not answers(port)
+
+
+def test_a_tokenizer_that_hangs_the_shared_host_runs_apart_and_the_others_go_on(tmp_path):
+    """A model whose tokenizer never finishes loading (here a template file that is a FIFO
+    nobody writes: a stuck mount looks the same) hangs the shared host's `add`. After
+    host_answer_timeout_s the host is taken as hung and restarted for the other models, and
+    the hanging model runs in a process of its own from then on, where it holds up only itself."""
+    port = free_port()
+    descriptor = tmp_path / "model-descriptor.json"
+    fine, stuck = published_model(tmp_path, "fine"), published_model(tmp_path, "stuck")
+    templates = Path(stuck["model_path"]) / "smollm2_tokenizer" / "additional_chat_templates"
+    templates.mkdir()
+    os.mkfifo(templates / "tool_use.jinja")
+    write_descriptor(descriptor, [fine, stuck])
+    env = dict(os.environ, AXM1_TOKENIZER_SERVICE_SECRET=SECRET, AXM1_TOKENIZER_SERVICE_HOST_ANSWER_TIMEOUT_S="3",
+               AXM1_TOKENIZER_SERVICE_RESTART_BACKOFF_MIN_S="0.2", AXM1_TOKENIZER_SERVICE_RESTART_BACKOFF_MAX_S="1")
+    process = subprocess.Popen(service_command(port, descriptor, tmp_path / "data"), cwd=REPO_ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    service = Service(process, f"http://127.0.0.1:{port}", descriptor)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", process=process)
+        assert service.start("fine").status_code == 200
+        first_host = service.wait_state("fine", "running")["pid"]
+        started = time.monotonic()
+        assert service.start("stuck").status_code == 200  # answered once the host was given up on
+        assert time.monotonic() - started >= 3
+        apart = wait_until(lambda: (e := service.entry("stuck"))["process"] == "own" and e["pid"] and e, 30,
+                           "the stuck model in a process of its own")
+        assert "in a process of its own: the tokenizer host did not answer add of stuck within 3s" in apart["server"]
+        assert apart["state"] == "starting"  # it hangs there too, alone
+        back = wait_until(lambda: (e := service.entry("fine"))["state"] == "running" and e["pid"] != first_host
+                          and e, 30, "fine served again by a new host")
+        assert back["process"] == "shared" and back["restarts"] >= 1 and back["pid"] != apart["pid"]
+        assert "tokenizer_service.host" in cmdline_of(back["pid"])
+        assert "tokenizer_service.server" in cmdline_of(apart["pid"])
+        assert answers(int(fine["tokenizer_port"]))
+        for name in ("fine", "stuck"):
+            assert service.http.post(f"/tokenizers/{name}/stop").status_code == 200
+        wait_until(lambda: not pid_alive(apart["pid"]) and not pid_alive(back["pid"]), 30, "both gone")
+    finally:
+        service.http.close()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=SERVICE_STOP_TIMEOUT)

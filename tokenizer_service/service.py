@@ -97,6 +97,8 @@ class ServerSpec:
     # The folder's runner speaks the uid protocol (its script serves /get_uid): with our server,
     # it may share its port with other such models (tokenizer_service.server.PortModels).
     uid_protocol: bool = False
+    # Ours, but in a process of its own: the shared host hung loading this model's tokenizer.
+    own_process: bool = False
 
     def command(self, python: str) -> list[str]:
         return [python, *(self.arguments or (str(self.script),)), "--host", self.host, "--port", str(self.port)]
@@ -104,7 +106,7 @@ class ServerSpec:
     @property
     def hosted(self) -> bool:
         """Our server: it runs in the shared host process (tokenizer_service.host)."""
-        return self.arguments[:2] == BUILTIN_MODULE
+        return self.arguments[:2] == BUILTIN_MODULE and not self.own_process
 
     @property
     def server_options(self) -> list[str]:
@@ -334,7 +336,11 @@ class ManagedServer:
 
 
 class HostGone(Exception):
-    """The shared host process exited before it answered."""
+    """The shared host process exited before it answered, or hung (`hung`) and was stopped."""
+
+    def __init__(self, message: str, hung: bool = False) -> None:
+        super().__init__(message)
+        self.hung = hung
 
 
 class SharedHost:
@@ -342,10 +348,13 @@ class SharedHost:
     started when the first such model starts, stopped when the last one stops. Commands go one at
     a time and are answered in order."""
 
-    def __init__(self, python: str, environment: Any, stop_grace_seconds: float) -> None:
+    def __init__(self, python: str, environment: Any, stop_grace_seconds: float, answer_timeout_seconds: float) -> None:
         self.python = python
         self._environment = environment  # () -> the environment to start it with
         self.stop_grace_seconds = stop_grace_seconds
+        # A tokenizer that never finishes loading (a file that blocks its reader, a hung disk)
+        # must not hold every other model's start behind this one's command.
+        self.answer_timeout_seconds = answer_timeout_seconds
         self.process: asyncio.subprocess.Process | None = None
         self.exited = asyncio.Event()
         self.log_tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
@@ -409,8 +418,17 @@ class SharedHost:
             except (BrokenPipeError, ConnectionResetError):
                 pass  # it is exiting: the wait below says so
             gone = asyncio.create_task(exited.wait())
-            await asyncio.wait({self._reply, gone}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({self._reply, gone}, timeout=self.answer_timeout_seconds,
+                               return_when=asyncio.FIRST_COMPLETED)
             gone.cancel()
+            if not self._reply.done() and not exited.is_set():
+                log.warning("tokenizer host (pid %s) did not answer %s %s within %.0fs: stopping it",
+                            process.pid, payload["op"], payload["name"], self.answer_timeout_seconds)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(process.pid, signal.SIGKILL)  # hung: no grace to wait out
+                await self._stop()
+                raise HostGone(f"the tokenizer host did not answer {payload['op']} of {payload['name']} within "
+                               f"{self.answer_timeout_seconds:.0f}s", hung=True)
             if not self._reply.done():
                 tail = " | ".join(list(self.log_tail)[-3:])
                 raise HostGone(f"the tokenizer host exited ({process.returncode})" + (f": {tail}" if tail else ""))
@@ -468,6 +486,7 @@ class TokenizerSupervisor:
         child_env: list[str] | tuple[str, ...] = (),
         discover_host: str | None = None,
         engine: str = "auto",
+        host_answer_timeout_seconds: float = 60.0,
     ) -> None:
         self.descriptor = descriptor
         self.engine = engine
@@ -481,7 +500,7 @@ class TokenizerSupervisor:
         self._lock = asyncio.Lock()  # serializes start/stop requests
         self.owner = owner or owner_tag(Path("data"))
         self.child_env = tuple(child_env)
-        self.host = SharedHost(python, self._environment, stop_grace_seconds)
+        self.host = SharedHost(python, self._environment, stop_grace_seconds, host_answer_timeout_seconds)
 
     def snapshots(self) -> list[dict[str, Any]]:
         return [server.snapshot() for server in self._servers.values()]
@@ -603,6 +622,13 @@ class TokenizerSupervisor:
         except HostGone as exc:
             server.log_tail.append(str(exc))
             server.last_exit = None
+            if exc.hung:
+                # Whatever hangs loading it would hang the host again, and every model with it:
+                # this one runs apart from now on (the host restarts for the others).
+                server.spec = replace(spec, own_process=True,
+                                      choice=f"{spec.choice} (in a process of its own: {exc})")
+                log.warning("tokenizer %s: %s", server.name, server.spec.choice)
+                return Outcome.AGAIN
             return Outcome.EXITED
         if not reply.get("ok"):
             server.log_tail.append(str(reply.get("error")))
@@ -778,6 +804,7 @@ def create_app(settings: TokenizerServiceSettings) -> FastAPI:
         child_env=settings.child_env,
         discover_host=this_host(settings.host_kind) if settings.discover_models else None,
         engine=settings.engine,
+        host_answer_timeout_seconds=settings.host_answer_timeout_s,
     )
 
     @contextlib.asynccontextmanager

@@ -43,6 +43,10 @@ class TokenizerServiceSettings(FileConfiguredSettings):
     restart_backoff_max_s: float = Field(
         30, ge=0, description="longest delay between restarts of a tokenizer server"
     )
+    host_answer_timeout_s: float = Field(
+        60, gt=0, description="the shared tokenizer host must add or remove a model within this long, "
+        "else it is taken as hung and restarted"
+    )
     data_dir: Path = Field(
         Path("data"), description="folder of the service's state; its tokenizer servers carry it as their owner tag"
     )
