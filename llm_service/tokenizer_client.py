@@ -30,11 +30,34 @@ def _model(name: str | None) -> dict[str, str]:
     return {"model": name} if name is not None else {}
 
 
+class PortTurn:
+    """Whose runners may start on one tokenizer port now: any number of one model's (the replicas
+    of a model on several cards start together), none of another's until they are all started."""
+
+    def __init__(self) -> None:
+        self.model: str | None = None
+        self.holders = 0
+        self._changed = anyio.Event()
+
+    async def acquire(self, model: str) -> None:
+        while self.holders and self.model != model:
+            await self._changed.wait()
+        self.model = model
+        self.holders += 1
+
+    def release(self) -> None:
+        self.holders -= 1
+        if not self.holders:
+            self.model = None
+            changed, self._changed = self._changed, anyio.Event()
+            changed.set()
+
+
 class TokenizerClient:
     def __init__(self, service_port: int, service_url: str | None = None, secret: str | None = None) -> None:
         # One runner start at a time per tokenizer port: our server gives the next /get_uid on
         # a port to the model announced last (see `runner_turn`).
-        self._turns: dict[tuple[str, int], anyio.Semaphore] = {}
+        self._turns: dict[tuple[str, int], PortTurn] = {}
         self._service_port = service_port
         self._service_url = service_url.rstrip("/") if service_url else None
         self._service_headers = {"Authorization": f"Bearer {secret}"} if secret else {}
@@ -158,9 +181,9 @@ class TokenizerClient:
         `/get_uid` there is `model`'s. Runners sharing a port (the 12345 every published run
         script hard-codes) are told apart by their uid, and a runner asks for its uid as it
         starts: the caller calls the returned release once its runner has started (or failed),
-        and not before, so no other runner of the port takes that uid."""
-        turn = self._turns.setdefault((host, port), anyio.Semaphore(1))
-        await turn.acquire()
+        and not before, so no other model's runner takes that uid (PortTurn)."""
+        turn = self._turns.setdefault((host, port), PortTurn())
+        await turn.acquire(model)
         released = False
 
         def release() -> None:

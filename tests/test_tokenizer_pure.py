@@ -80,3 +80,51 @@ def test_stop_tokens():
     assert stop_tokens("<|endoftext|>", chatml) == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     assert stop_tokens("</s>", "[INST] {{ message['content'] }} [/INST]") == ["</s>"]
     assert stop_tokens(None, "") == []
+
+
+def test_a_shared_port_gives_each_announced_runner_one_uid_of_its_model() -> None:
+    from tokenizer_service.server import ApiError, PortModels
+
+    models = PortModels()
+    first, second = object(), object()  # stand-ins: routing by announcement never asks the model
+    models.add("first", first)  # type: ignore[arg-type]
+    models.add("second", second)  # type: ignore[arg-type]
+    with pytest.raises(ApiError) as unannounced:
+        models.pick(None, None, "/get_uid")
+    assert unannounced.value.status == 409
+    models.announce("first")
+    models.announce("first")  # a model on two cards: two runners start together
+    assert [models.pick(None, None, "/get_uid") for _ in range(2)] == [first, first]
+    with pytest.raises(ApiError):
+        models.pick(None, None, "/get_uid")  # a third runner was not announced
+    models.announce("second")
+    assert models.pick(None, None, "/get_uid") is second
+    assert models.pick("first", None, "/capabilities") is first  # a call naming its model
+    with pytest.raises(ApiError) as unknown:
+        models.announce("third")
+    assert unknown.value.status == 404
+
+
+@pytest.mark.anyio
+async def test_a_port_turn_lets_one_models_runners_start_together_and_others_wait() -> None:
+    import anyio
+
+    from llm_service.tokenizer_client import PortTurn
+
+    turn, started = PortTurn(), []
+
+    async def start(model: str) -> None:
+        await turn.acquire(model)
+        started.append(model)
+
+    await turn.acquire("twin")
+    await turn.acquire("twin")  # its second card's runner does not wait for the first
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(start, "other")
+        await anyio.sleep(0.05)
+        assert started == []  # another model waits while twin's runners start
+        turn.release()
+        await anyio.sleep(0.05)
+        assert started == []
+        turn.release()
+    assert started == ["other"] and turn.model == "other"

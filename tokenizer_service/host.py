@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from tokenizer_service.server import (
@@ -38,7 +38,7 @@ from tokenizer_service.server import (
 class Listener:
     server: HTTPTokenizerServer
     thread: threading.Thread
-    models: PortModels = field(default_factory=PortModels)
+    models: PortModels
 
 
 class Host:

@@ -654,13 +654,15 @@ class PortModels:
     Published run scripts hard-code one tokenizer port, so several uid-protocol (B) runners may
     share it. A call naming a model (`?model=`, the daemon's extension calls) goes to it; one
     carrying a uid to the model holding that session; `/get_uid` and any other call to the model
-    the daemon announced (`POST /next_runner?model=`) before starting that model's runner — the
-    daemon starts runners sharing a port one at a time. With one model, every call is its own.
+    the daemon announced (`POST /next_runner?model=`) before starting that model's runner, once
+    per announcement — the daemon starts one model's runners at a time on a port (several at once
+    for a model on several cards). With one model, every call is its own.
     """
 
     def __init__(self) -> None:
         self._apps: dict[str, TokenizerServer] = {}
-        self._next: str | None = None  # announced: whose runner calls /get_uid next
+        self._next: str | None = None  # announced: whose runners call /get_uid next
+        self._announced = 0  # … and how many of them
         self._lock = threading.Lock()
 
     def add(self, name: str, app: TokenizerServer) -> None:
@@ -672,7 +674,7 @@ class PortModels:
         with self._lock:
             self._apps.pop(name, None)
             if self._next == name:
-                self._next = None
+                self._next, self._announced = None, 0
             return bool(self._apps)
 
     def names(self) -> list[str]:
@@ -685,14 +687,17 @@ class PortModels:
                 return  # every call is the one model's (a server of its own does not know its name)
             if name not in self._apps:
                 raise ApiError(HTTPStatus.NOT_FOUND, f"no model {name!r} on this port (it serves {', '.join(self._apps)})")
+            self._announced = self._announced + 1 if self._next == name else 1
             self._next = name
 
     def pick(self, model: str | None, uid: Any, path: str) -> TokenizerServer:
         with self._lock:
             apps = dict(self._apps)
             announced = self._next
-            if path == "/get_uid" and len(apps) > 1:
-                self._next = None  # one announcement, one runner
+            if path == "/get_uid" and len(apps) > 1 and announced is not None:
+                self._announced -= 1  # one announcement, one runner
+                if not self._announced:
+                    self._next = None
         if not apps:
             raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "this port serves no model")
         if len(apps) == 1:
