@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 OWNER_VARIABLE = "AXM1_OWNER"
 # What children need; glob patterns allowed. The daemon's own AXM1_* variables are never passed.
 PASSED_TO_CHILDREN = (
-    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "LC_*", "TZ", "TMPDIR", "TERM",
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "LC_*", "TZ", "TMPDIR", "TERM", "XDG_CACHE_HOME",
     "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV", "AXCL_*", "AX_EMU_*",
     "HF_*", "TRANSFORMERS_*", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES",
 )

@@ -39,12 +39,26 @@ def emulator_tokenizer():
     server.stop()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One XDG_CACHE_HOME for the session's processes, shared by its xdist workers: the GGUF cache
+    (workers/gguf_cache.py) converts SmolLM2 once for every worker, runner and upstream that loads
+    it (~20 s of CPU each otherwise), and never touches the user's own cache."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # <session>/popen-gwN -> <session>, common to the session's workers
+    cache = shared / "cache"
+    cache.mkdir(exist_ok=True)
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+    return cache
+
+
 @pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def checkpoint() -> Path:
     """SmolLM2 as a plain checkpoint for `transformers serve`, converted once for every worker."""
     from upstream_support import smollm2_checkpoint
 
-    return smollm2_checkpoint(tmp_path_factory)
+    return smollm2_checkpoint()
 
 
 @pytest.fixture(scope="session")

@@ -119,7 +119,7 @@ def sse_items(worker: Worker, body: dict[str, Any]) -> list[Any]:
 
 @pytest.mark.slow
 def test_health_models_and_info(smollm2):
-    # it listened at once, and said 503 while SmolLM2 loaded (tens of seconds from its GGUF)
+    # it listened at once, and said 503 while SmolLM2 loaded (from its GGUF's dense copy)
     assert (smollm2.first_health.status_code, smollm2.first_health.json()) == (503, {"status": "loading"})
     assert smollm2.get("/health") == {"status": "ok"}
     assert [m["id"] for m in smollm2.get("/v1/models")["data"]] == ["smollm2"]
@@ -128,7 +128,9 @@ def test_health_models_and_info(smollm2):
     assert (info["device"], info["dtype"], info["loaded"], info["adapters"]) == ("cpu", "float32", True, {})
     memory = info["memory"]
     assert 400 < memory["model_mib"] < 700  # 135M parameters in float32
-    assert memory["process_rss_mib"] > memory["model_mib"]
+    # torch and transformers alone take ~300 MiB; the weights are mapped from the GGUF cache's
+    # safetensors file, so the RSS counts only the pages read so far
+    assert 250 < memory["process_rss_mib"] < 4000
     assert 0 < memory["device_free_mib"] < memory["device_total_mib"]
     assert "listening on http://127.0.0.1:" in smollm2.log() and "model loaded in" in smollm2.log()
 

@@ -2,19 +2,15 @@
 
 - `transformers serve` (Hugging Face's server, from `transformers[serving]`) with SmolLM2-135M-
   Instruct on the CPU: a real third-party server. It cannot serve the packaged GGUF directly (the
-  GGUF config names no architecture and the GGUF-quantized model cannot be saved), so the weights
-  are dequantized once per test session (for all its xdist workers) into a plain checkpoint, in
-  a subprocess to keep torch out of the test process.
+  GGUF config names no architecture and the GGUF-quantized model cannot be saved), so it serves
+  the dense copy the workers' GGUF cache makes, once per test session for all its xdist workers.
 - `fake_upstreams.py`: the deliberately broken upstream (errors, malformed chunks, drops).
 """
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
 
 from harness import net
 from harness.net import free_port, wait_http
@@ -41,54 +36,19 @@ def smollm2_gguf() -> Path:
     return Path(spec.submodule_search_locations[0]) / GGUF_NAME
 
 
-def convert_gguf(gguf: Path, out_dir: Path) -> None:
-    """GGUF -> a plain float32 checkpoint with its tokenizer and chat template. Runs in a subprocess."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = loaded.config
-    del config.quantization_config  # the weights below are dense: nothing left to dequantize
-    config.architectures = [type(loaded).__name__]
-    dense = AutoModelForCausalLM.from_config(config)
-    dense.load_state_dict(loaded.state_dict())
-    dense.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out_dir)
-
-
-_checkpoint: Path | None = None
-
-
-def smollm2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The converted checkpoint, made once per test session (whichever module asks first) and,
-    under pytest-xdist, once for all workers: in the session's folder they share, named by the
-    GGUF's hash, converted by the first worker to take the lock while the others wait for it."""
-    global _checkpoint
-    if _checkpoint is None:
-        gguf = smollm2_gguf()
-        digest = hashlib.sha256(gguf.read_bytes()).hexdigest()[:16]  # ~100 MB: a fraction of a second
-        shared = tmp_path_factory.getbasetemp()
-        if os.environ.get("PYTEST_XDIST_WORKER"):
-            shared = shared.parent  # <session>/popen-gwN -> <session>, common to the session's workers
-        out_dir = shared / f"smollm2-135m-hf-{digest}"
-        with open(shared / f"{out_dir.name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not out_dir.is_dir():
-                partial = shared / f"{out_dir.name}.partial"
-                shutil.rmtree(partial, ignore_errors=True)
-                # the script imports `harness` from the checkout, as pytest does
-                path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-                converted = subprocess.run(
-                    [sys.executable, __file__, "convert", str(gguf), str(partial)],
-                    env={**os.environ, **OFFLINE, "PYTHONPATH": path},
-                    timeout=300,
-                    capture_output=True,
-                    text=True,
-                )
-                assert converted.returncode == 0, f"converting {gguf} failed:\n{converted.stderr[-3000:]}"
-                partial.rename(out_dir)  # complete or absent, never half written
-        _checkpoint = out_dir
-    return _checkpoint
+def smollm2_checkpoint() -> Path:
+    """SmolLM2 as a dense checkpoint: the workers' own GGUF cache (workers/gguf_cache.py), which
+    the session's XDG_CACHE_HOME (conftest.py) puts in a folder every xdist worker shares, so it
+    is converted once per session by whichever process asks first. Asked in a subprocess, to
+    keep torch out of the test process."""
+    path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    converted = subprocess.run(
+        [sys.executable, "-m", "workers.gguf_cache", str(smollm2_gguf())],
+        env={**os.environ, **OFFLINE, "PYTHONPATH": path, "TQDM_DISABLE": "1"},
+        cwd=REPO_ROOT, timeout=300, capture_output=True, text=True,
+    )
+    assert converted.returncode == 0, f"converting {smollm2_gguf()} failed:\n{converted.stderr[-3000:]}"
+    return Path(converted.stdout.strip())
 
 
 @dataclass
@@ -167,6 +127,3 @@ class FakeUpstream(UpstreamProcess):
     def records(self) -> dict[str, Any]:
         return net.get(self.base_url + "/_records", timeout=5).json()
 
-
-if __name__ == "__main__" and sys.argv[1:2] == ["convert"]:
-    convert_gguf(Path(sys.argv[2]), Path(sys.argv[3]))
