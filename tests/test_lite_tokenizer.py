@@ -162,18 +162,26 @@ VARIANTS = [  # (add_generation_prompt, extra template arguments, tools)
 ]
 
 
+class LoadedPairs(dict):
+    """`pairs[name]`: the folder loaded both ways, (lite, transformers), made on first use, so
+    that an xdist worker loads only the folders of the tests it runs."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, name: str):
+        from transformers import PreTrainedTokenizerFast  # here, not at collection
+
+        folder = FOLDERS[name](self.root)
+        assert why_not(folder) is None, (name, why_not(folder))
+        self[name] = (LiteTokenizer(folder), PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True))
+        return self[name]
+
+
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
-    """Each folder loaded both ways: (lite, transformers)."""
-    from transformers import PreTrainedTokenizerFast  # here, not at collection
-
-    root = tmp_path_factory.mktemp("lite")
-    loaded = {}
-    for name, make in FOLDERS.items():
-        folder = make(root)
-        assert why_not(folder) is None, (name, why_not(folder))
-        loaded[name] = (LiteTokenizer(folder), PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True))
-    return loaded
+    return LoadedPairs(tmp_path_factory.mktemp("lite"))
 
 
 def outcome(call):
