@@ -33,8 +33,13 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
+# Longer than this is forever: an expiry far past it is no date a timestamp can hold (year 9999).
+FOREVER_AFTER_S = 100 * 365.25 * 86400
+
+
 def parse_keep_alive(value: str | int | float | None) -> float | None:
-    """Seconds to keep a model loaded; None means forever (any negative value, or null).
+    """Seconds to keep a model loaded; None means forever (any negative value, null, or longer
+    than a century).
 
     Accepts a number of seconds (also as a numeric string) or a Go duration such as "5m".
     """
@@ -62,7 +67,7 @@ def parse_keep_alive(value: str | int | float | None) -> float | None:
         raise ValueError(f"keep_alive must be a duration string or a number, not {type(value).__name__}")
     if seconds != seconds:  # NaN
         raise ValueError("keep_alive must be a number, not NaN")
-    return None if seconds < 0 else seconds
+    return None if seconds < 0 or seconds > FOREVER_AFTER_S else seconds
 
 
 class FieldError(Exception):

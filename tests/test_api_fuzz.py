@@ -120,3 +120,18 @@ def test_invalid_keep_alive_is_a_400_not_a_500(fuzz_daemon, route, extra, keep_a
         reply = http.post(route, json={"model": "fz", "stream": False, "keep_alive": keep_alive, **extra})
     assert reply.status_code == 400, reply.text
     assert "keep_alive" in reply.json()["error"]
+
+
+@pytest.mark.parametrize("body", [b'{"keep_alive": 251605707415.0}', b'{"keep_alive": Infinity}', b'{"keep_alive": "99999999999h"}'])
+def test_a_keep_alive_past_any_date_is_forever_not_a_500(fuzz_daemon, body):
+    """Found by the fuzzing: a keep_alive of 8000 years (or JSON's Infinity, which Python's parser
+    takes) put the expiry past the last date a timestamp can hold, and the load and every status
+    answered 500. Longer than a century is forever, as a negative keep_alive is."""
+    with fuzz_daemon.client() as http:
+        reply = http.post("/api/models/fz/load", content=body, headers={"content-type": "application/json"})
+        assert reply.status_code == 200, reply.text
+        status = http.get("/api/status/fz")
+        assert status.status_code == 200, status.text
+        assert status.json()["expires_at"] is None
+        http.post("/api/models/fz/load", json={"keep_alive": "5m"}).raise_for_status()
+        assert http.get("/api/status/fz").json()["expires_at"] is not None  # the check above can fail

@@ -302,6 +302,7 @@ def test_huge_descriptor(tmp_path: Path) -> None:
     ("5m", 300.0), ("1h", 3600.0), ("30s", 30.0), ("1h30m", 5400.0), ("1.5h", 5400.0), ("300ms", 0.3),
     (30, 30.0), (2.5, 2.5), ("45", 45.0), ("0", 0.0), (0, 0.0),
     (-1, None), ("-1", None), ("-5m", None), (None, None),
+    ("876000h", 876000 * 3600.0), (251605707415.0, None), (float("inf"), None), ("99999999999h", None),
 ])
 def test_parse_keep_alive(value: object, seconds: float | None) -> None:
     assert parse_keep_alive(value) == seconds
