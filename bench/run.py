@@ -30,6 +30,7 @@ from bench.harness import (
 )
 from bench.http_path import http_path_bench, http_path_table
 from bench.memory import memory_bench, memory_table
+from bench.model_load import load_bench, load_table
 from bench.worker_path import worker_bench, worker_table
 from harness.daemon import running_daemon
 from harness.net import free_port
@@ -448,7 +449,7 @@ def scripted_runner(root: Path, daemon_env: dict[str, str]) -> dict[str, Any]:
     return results
 
 
-PARTS = ("runner", "http", "managed", "worker", "real", "replicas", "jobs", "shared-queue", "memory", "services")
+PARTS = ("runner", "http", "managed", "worker", "real", "replicas", "jobs", "shared-queue", "memory", "load", "services")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -457,14 +458,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=PARTS,
                         help="run one part: the scripted runner, the HTTP engine path, the same with the "
                         "upstream launched by the daemon, our transformers worker, SmolLM2 on the card, or the "
-                        "memory of the daemon and its tokenizer servers")
+                        "memory of the daemon and its tokenizer servers, or SmolLM2's load by the state of the GGUF cache")
     parser.add_argument("--daemon-source", type=Path, metavar="DIR",
                         help="measure the daemon of another checkout (DIR goes first on the daemon's PYTHONPATH)")
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args(argv)
     # The services demo runs SmolLM2 for many minutes: only when asked for (--only services).
     parts = [args.only] if args.only else [part for part in PARTS if part != "services"
-                                           and not (part in ("real", "worker") and args.skip_real)]
+                                           and not (part in ("real", "worker", "load") and args.skip_real)]
     daemon_env = daemon_source_env(args.daemon_source)
     results: dict[str, Any] = {"machine": machine(), "daemon_llm_service": daemon_package_file(daemon_env)}
     print(f"daemon code: {results['daemon_llm_service']}", file=sys.stderr, flush=True)
@@ -495,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
             results["services"] = services_demo(root / "services", daemon_env)
         if "memory" in parts:
             results["memory"] = memory_bench(root / "memory", daemon_env)
+        if "load" in parts:
+            results["model_load"] = load_bench(root / "load", daemon_env)
         finished = True
     finally:
         if finished:
@@ -514,6 +517,8 @@ def main(argv: list[str] | None = None) -> int:
         tables.append(services_table(results["services"]))
     if "memory" in results:
         tables.append(memory_table(results["memory"]))
+    if "model_load" in results:
+        tables.append(load_table(results["model_load"]))
     print("\n\n".join(tables))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")
