@@ -24,8 +24,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from referencing.exceptions import Unresolvable
-
 from ..json_text import StringScanner
 from .output import StructuredOutput
 
@@ -99,6 +97,8 @@ def problem_with(value: Any, spec: StructuredOutput) -> str | None:
         if not isinstance(value, dict):
             return f"the JSON is {_kind_of(value)}, not an object"
         return None
+    from referencing.exceptions import Unresolvable  # loaded with the schema's validator already
+
     try:
         errors = list(spec.validator.iter_errors(value))
     except Unresolvable as exc:

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from referencing import Registry
-from referencing.exceptions import Unresolvable
-from referencing.jsonschema import specification_with
-
 from ..engines.base import BadRequest
 from .answer import SchemaUnusable, problem_with
 from .output import StructuredOutput
@@ -130,6 +126,11 @@ def _check_refs(schema: dict[str, Any], cls: Any, where: str, param: str) -> Non
     walk(schema, True)
     if not refs or ids:
         return
+    # referencing comes with jsonschema, imported by the first schema (see above), not at start
+    from referencing import Registry
+    from referencing.exceptions import Unresolvable
+    from referencing.jsonschema import specification_with
+
     specification = specification_with(cls.META_SCHEMA.get("$schema", ""), default=None)
     if specification is None:
         return
