@@ -189,7 +189,11 @@ START_FIRST = (
     "tests/test_workers.py",
     "tests/test_api_fuzz.py",
     "tests/test_emulator_smollm2.py",
+    "tests/test_services_smollm2.py",
     "tests/test_tokenizer_server.py",
+    "tests/test_fleet_jobs.py",
+    "tests/test_batches_restart.py",
+    "tests/test_batches_api.py",
 )
 
 
