@@ -162,18 +162,19 @@ def test_a_card_only_daemon_never_loads_the_http_engines_client(tmp_path):
         assert "aiohttp" in Path(f"/proc/{daemon.process.pid}/maps").read_text()
 
 
-def test_the_daemon_never_imports_httpx_command_line_client():
+def test_the_daemon_start_imports_neither_httpx_command_line_client_nor_the_schema_checker():
     """httpx imports its CLI (rich, pygments) whenever they are installed, as they are here; the
-    daemon's package blocks that import, and its HTTP client works as before."""
+    daemon's package blocks that import, and its HTTP client works as before. jsonschema and
+    referencing wait for the first request with a schema."""
     import subprocess
     import sys
 
     code = ("import sys, llm_service.cli, llm_service.app, httpx; "
-            "print(sorted(m for m in ('rich', 'pygments', 'httpx._main') if sys.modules.get(m)), "
+            "print(sorted(m for m in ('rich', 'pygments', 'httpx._main', 'jsonschema', 'referencing') if sys.modules.get(m)), "
             "httpx.Client is not None)")
     ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert ran.returncode == 0 and ran.stdout.split() == ["[]", "True"], (ran.stdout, ran.stderr)
-    found = subprocess.run([sys.executable, "-c", "import rich, pygments"], capture_output=True, timeout=60)
+    found = subprocess.run([sys.executable, "-c", "import rich, pygments, jsonschema"], capture_output=True, timeout=60)
     assert found.returncode == 0  # installed: without the block httpx would import them
 
 

@@ -80,3 +80,21 @@ def test_a_cache_that_cannot_be_written_loads_the_gguf_itself(monkeypatch: pytes
     monkeypatch.setattr(gguf_cache, "convert", lambda *_: pytest.fail("converted into an unusable cache"))
     assert gguf_cache.dense_checkpoint(gguf, blocker / "gguf") is None
     assert "is not usable" in capfd.readouterr().err
+
+
+def test_a_file_that_cannot_be_converted_is_loaded_as_it_is(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                           capfd: pytest.CaptureFixture[str]) -> None:
+    """A GGUF transformers loads but the conversion trips on (an architecture it cannot rebuild
+    dense, say) must not stop the load: nothing is cached, and the next start tries again."""
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+
+    def failing_convert(source: Path, out_dir: Path) -> None:
+        out_dir.mkdir()
+        raise ValueError("no dense class for this architecture")
+
+    monkeypatch.setattr(gguf_cache, "convert", failing_convert)
+    root = tmp_path / "cache"
+    assert gguf_cache.dense_checkpoint(gguf, root) is None
+    assert "could not be converted" in capfd.readouterr().err
+    assert [p.name for p in root.iterdir()] == [f"{gguf_cache.cache_name(gguf)}.lock"]

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from harness import net
 from harness.net import free_port, wait_http
 from harness.paths import REPO_ROOT

@@ -71,7 +71,12 @@ def dense_checkpoint(gguf: Path, root: Path | None = None) -> Path | None:
                 partial = root / f"{out.name}.partial"
                 shutil.rmtree(partial, ignore_errors=True)  # left by a conversion that was killed
                 print(f"converting {gguf} once into {out} (later loads read the dense copy) …", file=sys.stderr, flush=True)
-                convert(gguf, partial)
+                try:
+                    convert(gguf, partial)
+                except Exception as exc:  # noqa: BLE001 - a file the cache cannot convert still loads without it
+                    shutil.rmtree(partial, ignore_errors=True)
+                    print(f"{gguf} could not be converted ({exc!r}); loading it itself", file=sys.stderr, flush=True)
+                    return None
                 partial.rename(out)
     except OSError as exc:
         print(f"the GGUF cache {root} is not usable ({exc}); loading {gguf} itself", file=sys.stderr, flush=True)
