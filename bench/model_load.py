@@ -12,36 +12,35 @@ the CPU of the runner (the emulator's transformers engine) at that moment, from
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from bench.figures import fmt, render_table
-from bench.harness import BENCH_DAEMON
+from bench.harness import BENCH_DAEMON, cpu_seconds
 from harness.daemon import running_daemon
 
 CASES = ("GGUF itself", "first start", "later start")
 
 
-def _runner_cpu_s(daemon_pid: int) -> float | None:
-    """utime+stime of the emulator process under the daemon (its run script's child)."""
+def _runner_cpu_s() -> float | None:
+    """The CPU of the emulator running the real model (the one such process: each run has one
+    daemon, and the bench runs nothing else)."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             command = (entry / "cmdline").read_bytes().split(b"\0")
             if b"--emu_engine" in command and b"transformers" in command:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                return cpu_seconds(int(entry.name))
         except OSError:
             continue
     return None
 
 
 def load_bench(root: Path, daemon_env: dict[str, str] | None = None) -> dict[str, Any]:
-    from bench.run import real_model_folder
+    from bench.run import real_model_entry  # run.py imports this module
 
     blocker = root / "not-a-folder"
     root.mkdir(parents=True, exist_ok=True)
@@ -51,19 +50,13 @@ def load_bench(root: Path, daemon_env: dict[str, str] | None = None) -> dict[str
     for index, case in enumerate(CASES):
         print(f"model load: {case} ...", file=sys.stderr, flush=True)
         run_root = root / f"run{index}"
-        folder, port = real_model_folder(run_root)
-        script = next(folder.glob("run_*.sh"))
-        entry = {
-            "model_name": "smollm2-135m", "run_cmd": "./" + script.name, "model_path": str(folder),
-            "include_thinking": "false", "run_on_startup": "true", "tokenizer_path": str(folder),
-            "tokenizer_py": "smollm2_tokenizer_uid.py", "tokenizer_ip": "127.0.0.1", "tokenizer_port": str(port),
-        }
+        entry = real_model_entry(run_root)
         env = {**(daemon_env or {}), "XDG_CACHE_HOME": str(caches[case])}
         started = time.monotonic()
         with running_daemon(run_root, [entry], "--load-stall-timeout-s", "300", extra_env=env, **BENCH_DAEMON) as daemon:
             daemon.wait_state("smollm2-135m", ("ready",), 300)
             ready_s = time.monotonic() - started
-            results[case] = {"ready_s": round(ready_s, 2), "runner_cpu_s": _runner_cpu_s(daemon.process.pid)}
+            results[case] = {"ready_s": round(ready_s, 2), "runner_cpu_s": _runner_cpu_s()}
     return results
 
 

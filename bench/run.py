@@ -281,6 +281,17 @@ def real_model_folder(root: Path) -> tuple[Path, int]:
     return folder, port
 
 
+def real_model_entry(root: Path) -> dict[str, Any]:
+    """The descriptor entry of a fresh copy of the demo's SmolLM2 folder in `root` (run_on_startup)."""
+    folder, port = real_model_folder(root)
+    script = next(folder.glob("run_*.sh"))
+    return {
+        "model_name": "smollm2-135m", "run_cmd": "./" + script.name, "model_path": str(folder),
+        "include_thinking": "false", "run_on_startup": "true", "tokenizer_path": str(folder),
+        "tokenizer_py": "smollm2_tokenizer_uid.py", "tokenizer_ip": "127.0.0.1", "tokenizer_port": str(port),
+    }
+
+
 def decode_speed(progress: list[tuple[int, int]]) -> float | None:
     """Tokens per second between the first and the last text chunk (3 tokens per chunk)."""
     if len(progress) < 2:
@@ -320,12 +331,7 @@ def real_model(root: Path, daemon_env: dict[str, str] | None = None) -> dict[str
             raw_speed.append(decode_speed(progress))
     finally:
         runner.close()
-    folder, port = real_model_folder(root / "daemon")
-    entry = {
-        "model_name": "smollm2-135m", "run_cmd": "./" + script.name, "model_path": str(folder),
-        "include_thinking": "false", "run_on_startup": "true", "tokenizer_path": str(folder),
-        "tokenizer_py": "smollm2_tokenizer_uid.py", "tokenizer_ip": "127.0.0.1", "tokenizer_port": str(port),
-    }
+    entry = real_model_entry(root / "daemon")
     ttft, speed, reported = [], [], []
     with running_daemon(root / "daemon", [entry], "--load-stall-timeout-s", "300", extra_env=daemon_env,
                         **BENCH_DAEMON) as daemon:
